@@ -1,0 +1,57 @@
+# One entry point for people and CI: `make up` runs the local stack, `make
+# test` runs every check and test. Both install what they need on first use.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PACKAGES := libs/protos libs/core libs/client libs/cli services/inference services/queue
+INSTALLED := $(VENV)/.installed
+
+.PHONY: install up test pytest check lint typecheck gen check-gen lock bench clean
+
+install: $(INSTALLED)
+
+# Everything is pinned in requirements.lock (`make lock`) and installed without
+# resolving again; the workspace packages are editable installs on top.
+$(INSTALLED): requirements.lock $(addsuffix /pyproject.toml,$(PACKAGES))
+	@$(PYTHON) -c 'import sys; sys.exit("sluice needs Python 3.11") if sys.version_info[:2] != (3, 11) else None'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=25"
+	$(PY) -m pip install --quiet --no-deps -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation $(addprefix -e ,$(PACKAGES))
+	touch $@
+
+up: install
+	$(VENV)/bin/sluice up
+
+test: check pytest
+
+pytest: install
+	$(PY) -m pytest
+
+check: lint typecheck check-gen
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+# Regenerate the protobuf stubs and the compose copy of Envoy's config.
+gen: install
+	$(PY) scripts/gen_protos.py
+	$(PY) -m sluice_cli.envoy_config
+
+check-gen: install
+	$(PY) scripts/gen_protos.py --check
+	$(PY) -m sluice_cli.envoy_config --check
+
+lock:
+	scripts/lock.sh
+
+bench: install
+	$(VENV)/bin/sluice bench
+
+clean:
+	rm -rf $(VENV) .sluice .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""The ``sluice`` command: generate, bench, the local stack and trace viewing."""

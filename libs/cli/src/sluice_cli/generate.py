@@ -1,0 +1,77 @@
+"""``sluice generate``: stream one completion to the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.generation.v1 import generation_pb2
+from sluice_client import GenerationClient, StreamError
+
+PRIORITIES = {"interactive": generation_pb2.PRIORITY_INTERACTIVE, "batch": generation_pb2.PRIORITY_BATCH}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt")
+    parser.add_argument("--target", default="127.0.0.1:8080", help="Envoy's edge listener (default %(default)s)")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    parser.add_argument("--ignore-eos", action="store_true", help="always generate max-tokens tokens")
+    parser.add_argument("--priority", choices=sorted(PRIORITIES), default="interactive")
+    parser.add_argument("--client-request-id", default="")
+    parser.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds (default %(default)s)")
+
+
+def build_request(args: argparse.Namespace) -> generation_pb2.GenerateRequest:
+    sampling = common_pb2.SamplingParams(max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos)
+    for name in ("temperature", "top_p", "top_k", "seed"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(sampling, name, value)
+    return generation_pb2.GenerateRequest(
+        prompt=args.prompt,
+        sampling=sampling,
+        priority=PRIORITIES[args.priority],
+        client_request_id=args.client_request_id,
+    )
+
+
+async def run(args: argparse.Namespace) -> int:
+    request = build_request(args)
+    out, err = sys.stdout, sys.stderr
+    start = time.perf_counter()
+    first: float | None = None
+    finished: generation_pb2.Finished | None = None
+    async with GenerationClient(args.target) as client:
+        stream = client.generate(request, timeout=args.timeout)
+        try:
+            async for event in stream:
+                kind = event.WhichOneof("event")
+                if kind == "queued":
+                    print(f"[queued: position {event.queued.position}]", file=err, flush=True)
+                elif kind == "delta":
+                    first = first if first is not None else time.perf_counter()
+                    out.write(event.delta.text)
+                    out.flush()
+                elif kind == "finished":
+                    finished = event.finished
+        except StreamError as exc:
+            print(f"\nerror: {exc.code.name}: {exc.error.message} trace_id={exc.trace_id}", file=err)
+            return 1
+    elapsed = time.perf_counter() - start
+    tokens = finished.usage.completion_tokens if finished is not None else 0
+    ttft_ms = (first - start) * 1e3 if first is not None else 0.0
+    reason = common_pb2.FinishReason.Name(finished.reason) if finished is not None else "NONE"
+    print(file=out, flush=True)
+    print(
+        f"ttft_ms={ttft_ms:.1f} tokens_per_s={tokens / elapsed:.1f} tokens={tokens} "
+        f"finish={reason.removeprefix('FINISH_REASON_').lower()} trace_id={stream.trace_id}",
+        file=err,
+    )
+    return 0

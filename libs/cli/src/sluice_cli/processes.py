@@ -1,0 +1,77 @@
+"""Starting and stopping the local stack's processes without leaving orphans.
+
+Each child runs in its own process group (vLLM's engine-core processes join
+its group), asks the kernel for SIGTERM if its parent dies, and is stopped
+with SIGTERM to the whole group, then SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec.
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Process:
+    """One child process, logging to a file."""
+
+    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log:
+            self._popen = subprocess.Popen(
+                list(argv),
+                env={**os.environ, **env},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        logger.debug("started %s (pid %d): %s", name, self._popen.pid, " ".join(argv))
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.poll()
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+    def signal_group(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._popen.pid, sig)
+
+    async def stop(self, grace_s: float) -> None:
+        """SIGTERM the group, wait up to ``grace_s``, then SIGKILL whatever is left of it."""
+        if self._popen.poll() is None:
+            self.signal_group(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self._popen.wait), grace_s)
+            except TimeoutError:
+                logger.warning("%s did not stop within %.0fs; killing it", self.name, grace_s)
+        # The leader may be gone while children of its group linger.
+        self.signal_group(signal.SIGKILL)
+        await asyncio.to_thread(self._popen.wait)

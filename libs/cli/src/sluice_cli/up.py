@@ -1,0 +1,60 @@
+"""``sluice up``: run the local stack until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from sluice_cli.stack import LocalStack, StackError, StackOptions
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state-dir", type=Path, default=Path(".sluice"), help="logs, traces, Envoy config")
+
+
+async def run(args: argparse.Namespace) -> int:
+    stack = LocalStack(StackOptions(state_dir=args.state_dir))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print("starting sluice: Envoy, 2 inference replicas (loading the model takes a minute), queue ...", flush=True)
+    try:
+        starting = asyncio.create_task(stack.start())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            return 130
+        starting.result()
+        ports = stack.ports
+        inference_metrics = ", ".join(f":{p}" for p in ports.inference_metrics)
+        print(
+            f"sluice is ready.\n"
+            f"  public API (gRPC, sluice.generation.v1.Generation): {stack.edge}\n"
+            f"  Envoy admin: http://127.0.0.1:{ports.admin}/clusters   traces: {stack.traces_path}\n"
+            f"  metrics: queue :{ports.queue_metrics}, inference {inference_metrics}\n"
+            f"  logs: {args.state_dir / 'logs'}\n"
+            f'try:  .venv/bin/sluice generate "The river"\n'
+            f"Ctrl-C stops everything.",
+            flush=True,
+        )
+        while not stop.is_set():
+            stack.check_alive()
+            try:
+                await asyncio.wait_for(stop.wait(), 1.0)
+            except TimeoutError:
+                pass
+        return 0
+    except StackError as exc:
+        print(f"error: {exc}", flush=True)
+        return 1
+    finally:
+        print("stopping ...", flush=True)
+        await stack.stop()
+        print("stopped.", flush=True)

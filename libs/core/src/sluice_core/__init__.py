@@ -1,0 +1,1 @@
+"""Code every sluice service shares: settings, logging, tracing, errors, server lifecycle, channels."""

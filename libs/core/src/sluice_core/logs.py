@@ -1,0 +1,53 @@
+"""Logging set-up: one handler on the root logger, text or JSON, with the trace id."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+from opentelemetry import trace
+
+
+class _TraceContextFilter(logging.Filter):
+    """Stamps each record with the current trace and span id, so a log line can be matched to a trace."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ctx = trace.get_current_span().get_span_context()
+        record.trace_id = f"{ctx.trace_id:032x}" if ctx.is_valid else ""
+        record.span_id = f"{ctx.span_id:016x}" if ctx.is_valid else ""
+        return True
+
+
+class _JsonFormatter(logging.Formatter):
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self._service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "service": self._service,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if getattr(record, "trace_id", ""):
+            entry["trace_id"] = record.trace_id  # type: ignore[attr-defined]
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(service: str, level: str = "INFO", fmt: str = "text") -> None:
+    """Configure the root logger for a service process; call once from ``main``."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_TraceContextFilter())
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter(service))
+    else:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)

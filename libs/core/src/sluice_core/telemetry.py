@@ -1,0 +1,50 @@
+"""Tracing: a tracer provider per process, OTLP export when configured, gRPC instrumentation.
+
+W3C ``traceparent`` travels in gRPC metadata: the instrumented server continues
+the caller's trace (Envoy's span, when the call came through Envoy) and every
+instrumented client call carries the current span on to the next hop.
+"""
+
+from __future__ import annotations
+
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient, GrpcAioInstrumentorServer
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+TRACE_ID_KEY = "x-trace-id"
+
+_provider: TracerProvider | None = None
+
+
+def setup_tracing(service: str, replica_id: str, otlp_endpoint: str | None) -> TracerProvider:
+    """Install the global tracer provider and instrument gRPC; call once, before creating servers or channels.
+
+    Spans are always recorded, so every request has a trace id to report back
+    to its caller, but only exported when ``otlp_endpoint`` is set.
+    """
+    global _provider
+    if _provider is not None:
+        return _provider
+    provider = TracerProvider(resource=Resource.create({"service.name": service, "service.instance.id": replica_id}))
+    if otlp_endpoint:
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True)))
+    trace.set_tracer_provider(provider)
+    GrpcAioInstrumentorServer().instrument()  # type: ignore[no-untyped-call]
+    GrpcAioInstrumentorClient().instrument()  # type: ignore[no-untyped-call]
+    _provider = provider
+    return provider
+
+
+def shutdown_tracing() -> None:
+    """Flush buffered spans; call last during shutdown."""
+    if _provider is not None:
+        _provider.shutdown()
+
+
+def current_trace_id() -> str:
+    """The current trace id as 32 hex digits, or "" outside a recorded span."""
+    ctx = trace.get_current_span().get_span_context()
+    return f"{ctx.trace_id:032x}" if ctx.is_valid else ""

@@ -1,0 +1,3 @@
+"""Model serving: one preloaded, warmed vLLM engine behind the streaming ``sluice.inference.v1`` API."""
+
+SERVICE_NAME = "sluice.inference.v1.Inference"

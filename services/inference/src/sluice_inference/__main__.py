@@ -1,0 +1,51 @@
+"""``sluice-inference``: serve one model replica."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from sluice.inference.v1 import inference_pb2_grpc
+from sluice_core.logs import setup_logging
+from sluice_core.server import GrpcServer
+from sluice_core.telemetry import setup_tracing, shutdown_tracing
+from sluice_inference import SERVICE_NAME
+from sluice_inference.host import ModelHost
+from sluice_inference.servicer import InferenceServicer
+from sluice_inference.settings import InferenceSettings
+
+
+async def serve(settings: InferenceSettings) -> None:
+    host = ModelHost(settings)
+    server = GrpcServer(settings, health_names=[SERVICE_NAME])
+    server.add(
+        inference_pb2_grpc.add_InferenceServicer_to_server, InferenceServicer(host, settings.replica_id), SERVICE_NAME
+    )
+    try:
+        async with server:
+            # Health answers NOT_SERVING while the model loads; Envoy sends nothing until SERVING.
+            if await server.until_stop(host.start()):
+                await server.set_serving(True)
+                watcher = asyncio.create_task(host.watch(lambda: server.set_serving(False)))
+                await server.wait_for_stop()
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+    finally:
+        await host.close()
+
+
+def main() -> None:
+    settings = InferenceSettings()
+    setup_logging("inference", settings.log_level, settings.log_format)
+    setup_tracing("sluice-inference", settings.replica_id, settings.otlp_endpoint)
+    try:
+        asyncio.run(serve(settings))
+    finally:
+        shutdown_tracing()
+
+
+# vLLM starts its engine core in spawned processes that import this module:
+# nothing may run on import.
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Everything that touches vLLM: building ``AsyncLLM``, warming it up, running a request.
+
+Importing vLLM takes seconds, so ``host.py`` imports this module only when
+it starts loading the model, after the gRPC server already answers health
+checks (NOT_SERVING).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from vllm import SamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.exceptions import GracefulHTTPError, VLLMValidationError
+from vllm.outputs import RequestOutput
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+from sluice_core.errors import InvalidArgument, ResourceExhausted, Unavailable
+from sluice_core.sampling import Sampling
+from sluice_inference.load import Load, ModelSpec
+from sluice_inference.prompts import HfPromptTokenizer
+from sluice_inference.requests import ValidRequest
+from sluice_inference.settings import InferenceSettings
+
+RETRY_AFTER_S = 1.0
+ENGINE_DEAD = "the model engine has stopped; this replica is out of service"
+
+
+class _KvCacheStats(StatLoggerBase):  # type: ignore[misc]  # vLLM is not type-checked here
+    """A vLLM stat logger that only keeps the latest KV-cache usage."""
+
+    def __init__(self, vllm_config: Any, engine_index: int = 0, *, load: Load) -> None:
+        self._load = load
+
+    def record(
+        self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0
+    ) -> None:
+        if scheduler_stats is not None:
+            self._load.kv_cache_usage = float(scheduler_stats.kv_cache_usage)
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+
+def engine_args(settings: InferenceSettings, model_dir: str) -> AsyncEngineArgs:
+    return AsyncEngineArgs(
+        model=model_dir,
+        served_model_name=settings.served_model_name,
+        dtype=settings.dtype,
+        max_model_len=settings.max_model_len,
+        max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        kv_cache_memory_bytes=settings.kv_cache_bytes,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        quantization=settings.quantization,
+        enable_prefix_caching=settings.enable_prefix_caching,
+        scheduling_policy=settings.scheduling_policy,
+        max_num_queued_reqs=settings.max_num_queued_reqs,
+        enforce_eager=settings.enforce_eager,
+        seed=settings.seed,
+        # Keeps per-request stats (queue time) on outputs and feeds vLLM's
+        # own Prometheus metrics, served on this process's /metrics.
+        disable_log_stats=False,
+    )
+
+
+def build(settings: InferenceSettings, model_dir: str, load: Load) -> AsyncLLM:
+    """Blocking: loads the weights and starts the engine-core process."""
+    return AsyncLLM.from_engine_args(
+        engine_args(settings, model_dir),
+        stat_loggers=[lambda config, index: _KvCacheStats(config, index, load=load)],
+    )
+
+
+def describe(engine: AsyncLLM) -> ModelSpec:
+    model_config = engine.vllm_config.model_config
+    return ModelSpec(
+        name=model_config.served_model_name,
+        max_model_len=model_config.max_model_len,
+        vocab_size=model_config.get_vocab_size(),
+        dtype=str(model_config.dtype).removeprefix("torch."),
+        slots=engine.vllm_config.scheduler_config.max_num_seqs,
+        quantization=model_config.quantization or "",
+        prefix_caching=bool(engine.vllm_config.cache_config.enable_prefix_caching),
+    )
+
+
+def tokenizer(engine: AsyncLLM) -> HfPromptTokenizer:
+    return HfPromptTokenizer(engine.get_tokenizer())
+
+
+def sampling_params(sampling: Sampling) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=sampling.max_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        min_p=sampling.min_p,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        repetition_penalty=sampling.repetition_penalty,
+        seed=sampling.seed,
+        stop=list(sampling.stop),
+        ignore_eos=sampling.ignore_eos,
+        min_tokens=sampling.min_tokens,
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+async def stream(engine: AsyncLLM, request: ValidRequest, priority: int) -> AsyncIterator[RequestOutput]:
+    """The engine's DELTA outputs; closing the iterator aborts the request in the engine."""
+    try:
+        async for output in engine.generate(
+            {"prompt_token_ids": request.prompt_token_ids},
+            sampling_params(request.sampling),
+            request_id=request.request_id,
+            priority=priority,
+        ):
+            yield output
+    except GracefulHTTPError as exc:
+        # The engine's queue is full (max_num_queued_reqs): shed, with a hint.
+        raise ResourceExhausted(f"this replica's engine queue is full: {exc}", retry_after_s=RETRY_AFTER_S) from exc
+    except VLLMValidationError as exc:
+        raise InvalidArgument.field(exc.parameter or "request", str(exc)) from exc
+    except EngineDeadError as exc:
+        raise Unavailable(ENGINE_DEAD) from exc
+
+
+async def warm_up(engine: AsyncLLM, prompt_tokenizer: HfPromptTokenizer, concurrency: int) -> None:
+    """Run the paths a first request takes (prefill, decode, greedy and random
+    sampling, a small batch) so that it is no slower than later ones."""
+
+    async def one(i: int) -> None:
+        sampling = Sampling(max_tokens=16, temperature=0.0 if i % 2 == 0 else 0.8, top_p=0.95, top_k=40, seed=i)
+        prompt = prompt_tokenizer.encode(f"Warm-up request {i}: the river runs to the sea.")
+        request = ValidRequest(f"warmup-{i}", prompt, sampling, priority=0)
+        async for _ in stream(engine, request, priority=0):
+            pass
+
+    await one(0)
+    await asyncio.gather(*(one(i) for i in range(1, concurrency + 1)))

@@ -1,0 +1,93 @@
+"""The model host: owns the engine for the life of the process.
+
+The engine is built in a worker thread (loading weights and profiling take
+seconds to minutes) so that the gRPC server keeps answering health checks,
+NOT_SERVING, the whole time; it is warmed up before any request may run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from sluice_core.errors import Unavailable
+from sluice_inference import tiny_model
+from sluice_inference.load import Load, ModelSpec
+from sluice_inference.prompts import HfPromptTokenizer
+from sluice_inference.requests import ValidRequest
+from sluice_inference.settings import InferenceSettings
+
+if TYPE_CHECKING:
+    from vllm.outputs import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+_WATCH_INTERVAL_S = 0.5
+
+
+class ModelHost:
+    def __init__(self, settings: InferenceSettings) -> None:
+        self._settings = settings
+        self._vllm: ModuleType | None = None  # sluice_inference.engine, imported on start
+        self._built: Any = None  # the AsyncLLM once built: it must be shut down
+        self._engine: Any = None  # the AsyncLLM once warm: requests may run
+        self.tokenizer: HfPromptTokenizer | None = None
+        self.spec: ModelSpec | None = None
+        self.load = Load()
+
+    async def start(self) -> None:
+        """Build the engine off the event loop, then warm it up."""
+        vllm = await asyncio.to_thread(importlib.import_module, "sluice_inference.engine")
+        self._vllm = vllm
+        model_dir = await asyncio.to_thread(self._model_dir)
+        logger.info("loading %s", model_dir)
+        self._built = engine = await asyncio.to_thread(vllm.build, self._settings, model_dir, self.load)
+        self.spec = vllm.describe(engine)
+        self.tokenizer = vllm.tokenizer(engine)
+        await vllm.warm_up(engine, self.tokenizer, self._settings.warmup_requests)
+        self._engine = engine
+        logger.info("serving %s", self.spec)
+
+    def _model_dir(self) -> str:
+        if self._settings.model:
+            return self._settings.model
+        return str(tiny_model.ensure(self._settings.tiny_model_dir))
+
+    def require_ready(self) -> tuple[ModelSpec, HfPromptTokenizer]:
+        """The model's spec and tokenizer; UNAVAILABLE while loading or once the engine died."""
+        if self._engine is None:
+            raise Unavailable("the model is still loading; retry shortly", retry_after_s=1.0)
+        if self._engine.errored:
+            raise Unavailable("the model engine has stopped; this replica is out of service")
+        assert self.spec is not None and self.tokenizer is not None
+        return self.spec, self.tokenizer
+
+    def generate(self, request: ValidRequest) -> AsyncGenerator[RequestOutput]:
+        """Stream the engine's outputs for a validated request."""
+        self.require_ready()
+        assert self._vllm is not None
+        priority = request.priority if self._settings.scheduling_policy == "priority" else 0
+        outputs: AsyncGenerator[RequestOutput] = self._vllm.stream(self._engine, request, priority)
+        return outputs
+
+    def unfinished_requests(self) -> int:
+        """Requests the engine itself still holds (0 once aborted ones are freed)."""
+        return int(self._engine.get_num_unfinished_requests()) if self._engine is not None else 0
+
+    async def watch(self, on_dead: Callable[[], Awaitable[None]]) -> None:
+        """Call ``on_dead`` once if the engine dies (its process crashed or was killed)."""
+        # vLLM offers no event for engine death, only the `errored` flag.
+        while self._engine is not None and not self._engine.errored:  # noqa: ASYNC110
+            await asyncio.sleep(_WATCH_INTERVAL_S)
+        logger.error("the model engine died; reporting NOT_SERVING")
+        await on_dead()
+
+    async def close(self) -> None:
+        self._engine = None
+        if self._built is not None:
+            engine, self._built = self._built, None
+            await asyncio.to_thread(engine.shutdown)

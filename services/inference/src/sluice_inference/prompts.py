@@ -1,0 +1,49 @@
+"""Turning prompts and chat messages into token ids with the model's own tokenizer.
+
+Chat messages use the model's chat template when it has one; otherwise
+sluice's plain template, one line per message and an open assistant turn::
+
+    System: You are terse.
+    User: Name a river.
+    Assistant:
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sluice.common.v1 import generation_pb2 as common_pb2
+
+ROLE_NAMES = {
+    common_pb2.ROLE_SYSTEM: "system",
+    common_pb2.ROLE_USER: "user",
+    common_pb2.ROLE_ASSISTANT: "assistant",
+}
+
+
+def render_plain(messages: Sequence[common_pb2.ChatMessage]) -> str:
+    """The plain chat template, for models without one of their own."""
+    lines = [f"{ROLE_NAMES[m.role].capitalize()}: {m.content}" for m in messages]
+    return "\n".join([*lines, "Assistant:"])
+
+
+class HfPromptTokenizer:
+    """Wraps a Hugging Face tokenizer (``transformers.PreTrainedTokenizerBase``)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=True)
+        return ids
+
+    def encode_chat(self, messages: Sequence[common_pb2.ChatMessage]) -> list[int]:
+        if not self.has_chat_template:
+            return self.encode(render_plain(messages))
+        conversation = [{"role": ROLE_NAMES[m.role], "content": m.content} for m in messages]
+        text: str = self._tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        # Chat templates write their own special tokens (BOS included).
+        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False)
+        return ids

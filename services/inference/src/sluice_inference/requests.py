@@ -1,0 +1,111 @@
+"""Validating a ``Generate`` request into what the engine runs.
+
+Every problem is collected and reported at once as INVALID_ARGUMENT, each
+naming its field, so a caller can fix a request in one round trip.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.inference.v1 import inference_pb2
+from sluice_core.errors import FieldViolation, InvalidArgument
+from sluice_core.sampling import Sampling, validate_sampling
+
+MAX_REQUEST_ID_LEN = 128
+
+
+@dataclass(frozen=True)
+class ValidRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: Sampling
+    priority: int
+
+
+class PromptTokenizer(Protocol):
+    """Turns the request's input into token ids (see ``prompts.py``)."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_chat(self, messages: Sequence[common_pb2.ChatMessage]) -> list[int]: ...
+
+
+def validate(
+    request: inference_pb2.GenerateRequest, tokenizer: PromptTokenizer, *, max_model_len: int, vocab_size: int
+) -> ValidRequest:
+    """Check a request against the model's limits; raise ``InvalidArgument`` naming every bad field."""
+    violations: list[FieldViolation] = []
+    request_id = request.request_id or uuid.uuid4().hex
+    if len(request_id) > MAX_REQUEST_ID_LEN:
+        violations.append(FieldViolation("request_id", f"at most {MAX_REQUEST_ID_LEN} characters"))
+    prompt = _prompt_token_ids(request, tokenizer, vocab_size, violations)
+    sampling = validate_sampling(request.sampling, violations) if request.HasField("sampling") else None
+    if sampling is None:
+        violations.append(FieldViolation("sampling.max_tokens", "required, at least 1"))
+    if prompt is not None:
+        if len(prompt) >= max_model_len:
+            violations.append(
+                FieldViolation(
+                    _input_field(request),
+                    f"the prompt is {len(prompt)} tokens; the model's context is {max_model_len} tokens, "
+                    "so the prompt must be shorter to leave room for at least one generated token",
+                )
+            )
+        elif sampling is not None and sampling.max_tokens > 0 and len(prompt) + sampling.max_tokens > max_model_len:
+            violations.append(
+                FieldViolation(
+                    "sampling.max_tokens",
+                    f"{sampling.max_tokens} does not fit: the prompt is {len(prompt)} tokens and the model's "
+                    f"context is {max_model_len}, so at most {max_model_len - len(prompt)}",
+                )
+            )
+    if violations:
+        raise InvalidArgument(violations)
+    assert prompt is not None and sampling is not None
+    return ValidRequest(request_id, prompt, sampling, request.priority)
+
+
+def _input_field(request: inference_pb2.GenerateRequest) -> str:
+    return request.WhichOneof("input") or "prompt"
+
+
+def _prompt_token_ids(
+    request: inference_pb2.GenerateRequest, tokenizer: PromptTokenizer, vocab_size: int, out: list[FieldViolation]
+) -> list[int] | None:
+    match request.WhichOneof("input"):
+        case "prompt":
+            if not request.prompt.strip():
+                out.append(FieldViolation("prompt", "must not be empty"))
+                return None
+            return tokenizer.encode(request.prompt)
+        case "messages":
+            messages = request.messages.messages
+            if not messages:
+                out.append(FieldViolation("messages", "must hold at least one message"))
+                return None
+            bad = [i for i, m in enumerate(messages) if m.role == common_pb2.ROLE_UNSPECIFIED]
+            for i in bad:
+                out.append(FieldViolation(f"messages.messages[{i}].role", "must be set"))
+            if not any(m.content.strip() for m in messages):
+                out.append(FieldViolation("messages", "every message is empty"))
+                return None
+            return None if bad else tokenizer.encode_chat(messages)
+        case "prompt_token_ids":
+            ids = list(request.prompt_token_ids.ids)
+            if not ids:
+                out.append(FieldViolation("prompt_token_ids", "must not be empty"))
+                return None
+            if max(ids) >= vocab_size:
+                out.append(
+                    FieldViolation("prompt_token_ids", f"token ids must be below the vocabulary size {vocab_size}")
+                )
+                return None
+            return ids
+        case _:
+            out.append(FieldViolation("prompt", "one of prompt, messages or prompt_token_ids is required"))
+            return None

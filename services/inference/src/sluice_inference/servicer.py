@@ -1,0 +1,143 @@
+"""The ``sluice.inference.v1.Inference`` servicer: protobuf in and out, the model host in between."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from opentelemetry import trace
+
+from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
+from sluice_core.metrics import RequestMetrics, StreamTimer
+from sluice_inference.host import ModelHost
+from sluice_inference.requests import validate
+
+if TYPE_CHECKING:
+    from vllm.outputs import RequestOutput
+
+METRICS = RequestMetrics("inference")
+_tracer = trace.get_tracer(__name__)
+
+_FINISH_REASONS = {
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "abort": common_pb2.FINISH_REASON_ABORT,
+}
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, host: ModelHost, replica_id: str) -> None:
+        self._host = host
+        self._replica_id = replica_id
+
+    async def Generate(
+        self, request: inference_pb2.GenerateRequest, context: Context
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        timer = METRICS.stream()
+        spec, tokenizer = self._host.require_ready()
+        valid = validate(request, tokenizer, max_model_len=spec.max_model_len, vocab_size=spec.vocab_size)
+        load = self._host.load
+        load.waiting += 1
+        running = False
+        outcome = "error"
+        last: RequestOutput | None = None
+        with _tracer.start_as_current_span("inference.generate") as span:
+            span.set_attribute("sluice.request_id", valid.request_id)
+            span.set_attribute("gen_ai.request.max_tokens", valid.sampling.max_tokens)
+            try:
+                async with aclosing(self._host.generate(valid)) as outputs:
+                    async for output in outputs:
+                        last = output
+                        completion = output.outputs[0]
+                        if completion.token_ids:
+                            if not running:
+                                running = True
+                                load.waiting -= 1
+                                load.running += 1
+                                span.add_event("first_token")
+                            timer.chunk(len(completion.token_ids))
+                            yield inference_pb2.GenerateResponse(
+                                delta=common_pb2.TokenDelta(text=completion.text, token_ids=completion.token_ids)
+                            )
+                        if output.finished:
+                            outcome = completion.finish_reason or "stop"
+                            yield inference_pb2.GenerateResponse(finished=self._finished(output, timer))
+            except (asyncio.CancelledError, GeneratorExit):
+                outcome = "cancelled"
+                raise
+            finally:
+                if running:
+                    load.running -= 1
+                else:
+                    load.waiting -= 1
+                queue_s = _queue_s(last)
+                timer.finish(outcome, queue_s)
+                _annotate(span, last, timer, queue_s, outcome)
+
+    def _finished(self, output: RequestOutput, timer: StreamTimer) -> inference_pb2.Finished:
+        completion = output.outputs[0]
+        queue_s = _queue_s(output)
+        return inference_pb2.Finished(
+            reason=_FINISH_REASONS.get(completion.finish_reason or "", common_pb2.FINISH_REASON_UNSPECIFIED),
+            stop_reason="" if completion.stop_reason is None else str(completion.stop_reason),
+            usage=common_pb2.Usage(
+                prompt_tokens=len(output.prompt_token_ids or ()),
+                completion_tokens=timer.tokens,
+                cached_tokens=output.num_cached_tokens or 0,
+            ),
+            timings=common_pb2.Timings(
+                queue_ms=(queue_s or 0.0) * 1e3,
+                time_to_first_token_ms=timer.ttft_s * 1e3,
+                total_ms=(time.perf_counter() - timer.start) * 1e3,
+                time_per_output_token_ms=timer.tpot_s * 1e3,
+            ),
+            replica_id=self._replica_id,
+        )
+
+    async def GetModelInfo(
+        self, request: inference_pb2.GetModelInfoRequest, context: Context
+    ) -> inference_pb2.ModelInfo:
+        spec, _ = self._host.require_ready()
+        return inference_pb2.ModelInfo(
+            model_name=spec.name,
+            max_model_len=spec.max_model_len,
+            dtype=spec.dtype,
+            slots=spec.slots,
+            replica_id=self._replica_id,
+            quantization=spec.quantization,
+            prefix_caching=spec.prefix_caching,
+        )
+
+    async def GetLoad(self, request: inference_pb2.GetLoadRequest, context: Context) -> inference_pb2.Load:
+        load = self._host.load
+        return inference_pb2.Load(
+            running=load.running, waiting=load.waiting, kv_cache_usage=load.kv_cache_usage, replica_id=self._replica_id
+        )
+
+
+def _queue_s(output: RequestOutput | None) -> float | None:
+    """Time the request waited in the engine's scheduler, when vLLM reported it."""
+    stats = output.metrics if output is not None else None
+    if stats is None or not getattr(stats, "scheduled_ts", 0.0):
+        return None
+    return max(0.0, float(stats.scheduled_ts - stats.queued_ts))
+
+
+def _annotate(
+    span: trace.Span, last: RequestOutput | None, timer: StreamTimer, queue_s: float | None, outcome: str
+) -> None:
+    span.set_attribute("sluice.outcome", outcome)
+    span.set_attribute("gen_ai.usage.completion_tokens", timer.tokens)
+    if last is not None:
+        span.set_attribute("gen_ai.usage.prompt_tokens", len(last.prompt_token_ids or ()))
+    if queue_s is not None:
+        span.set_attribute("gen_ai.latency.time_in_queue", queue_s)
+    span.set_attribute("gen_ai.latency.time_to_first_token", timer.ttft_s)
+    span.set_attribute("gen_ai.latency.e2e", timer.total_s)

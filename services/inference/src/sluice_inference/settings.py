@@ -1,0 +1,48 @@
+"""Inference settings, from ``SLUICE_INFERENCE_*`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from sluice_core.settings import ServiceSettings
+
+DEFAULT_TINY_MODEL_DIR = Path.home() / ".cache" / "sluice" / "tiny-model"
+
+
+class InferenceSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="SLUICE_INFERENCE_")
+
+    model: str | None = Field(
+        None,
+        description="A Hugging Face model directory. Unset serves sluice's tiny model, built on first use.",
+    )
+    tiny_model_dir: Path = Field(
+        DEFAULT_TINY_MODEL_DIR,
+        description="Where the tiny model is built when `model` is unset.",
+    )
+    served_model_name: str | None = Field(None, description="Name reported to callers; defaults to the model path.")
+    # bfloat16 crashes vLLM's CPU backend on some CPUs; float32 always runs.
+    # On GPUs use "auto" (the model's own dtype) or "bfloat16".
+    dtype: str = "float32"
+    max_model_len: int | None = Field(2048, gt=0, description="Context length; unset takes the model's.")
+    max_num_seqs: int = Field(32, gt=0, description="Sequences the engine runs at once: this replica's slots.")
+    max_num_batched_tokens: int | None = Field(None, gt=0)
+    kv_cache_bytes: int | None = Field(
+        256 * 1024 * 1024,
+        gt=0,
+        description="KV-cache size. Unset lets vLLM size it from gpu_memory_utilization.",
+    )
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    quantization: str | None = Field(None, description="vLLM quantization method, e.g. awq, gptq, fp8.")
+    enable_prefix_caching: bool = True
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    max_num_queued_reqs: int | None = Field(
+        256, gt=0, description="Requests waiting in the engine beyond which new ones get RESOURCE_EXHAUSTED."
+    )
+    enforce_eager: bool = Field(False, description="Skip torch.compile: starts faster, generates a little slower.")
+    seed: int = 0
+    warmup_requests: int = Field(4, ge=0, description="Concurrent warm-up generations before reporting SERVING.")

@@ -1,0 +1,103 @@
+"""Request validation: every bad field is named, all at once."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+
+from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.inference.v1 import inference_pb2
+from sluice_core.errors import InvalidArgument
+from sluice_inference.prompts import render_plain
+from sluice_inference.requests import validate
+
+
+class WordTokenizer:
+    """One token per word; a stand-in for the model's tokenizer at this boundary."""
+
+    def encode(self, text: str) -> list[int]:
+        return [len(word) for word in text.split()]
+
+    def encode_chat(self, messages: Sequence[common_pb2.ChatMessage]) -> list[int]:
+        return self.encode(render_plain(messages))
+
+
+def request(prompt: str = "the river runs", **sampling: object) -> inference_pb2.GenerateRequest:
+    params = common_pb2.SamplingParams(**{"max_tokens": 8, **sampling})  # type: ignore[arg-type]
+    return inference_pb2.GenerateRequest(prompt=prompt, sampling=params)
+
+
+def fields(req: inference_pb2.GenerateRequest, max_model_len: int = 16) -> list[str]:
+    with pytest.raises(InvalidArgument) as caught:
+        validate(req, WordTokenizer(), max_model_len=max_model_len, vocab_size=100)
+    return [v.field for v in caught.value.violations]
+
+
+def test_a_good_request_passes_with_its_sampling() -> None:
+    valid = validate(request(temperature=0.5, seed=7), WordTokenizer(), max_model_len=16, vocab_size=100)
+    assert valid.prompt_token_ids == [3, 5, 4]
+    assert valid.sampling.temperature == 0.5 and valid.sampling.seed == 7 and valid.sampling.top_p == 1.0
+    assert len(valid.request_id) == 32
+
+
+@pytest.mark.parametrize(
+    ("req", "field"),
+    [
+        (request(prompt="   "), "prompt"),
+        (request(max_tokens=0), "sampling.max_tokens"),
+        (request(temperature=-0.1), "sampling.temperature"),
+        (request(temperature=float("inf")), "sampling.temperature"),
+        (request(top_p=0.0), "sampling.top_p"),
+        (request(top_p=1.5), "sampling.top_p"),
+        (request(top_p=float("nan")), "sampling.top_p"),
+        (request(min_p=2.0), "sampling.min_p"),
+        (request(repetition_penalty=0.0), "sampling.repetition_penalty"),
+        (request(stop=[""]), "sampling.stop"),
+        (request(stop=[str(i) for i in range(17)]), "sampling.stop"),
+        (request(min_tokens=9), "sampling.min_tokens"),
+        (inference_pb2.GenerateRequest(prompt="hi"), "sampling.max_tokens"),
+        (inference_pb2.GenerateRequest(sampling=common_pb2.SamplingParams(max_tokens=1)), "prompt"),
+        (
+            inference_pb2.GenerateRequest(
+                prompt_token_ids=inference_pb2.TokenIds(ids=[1, 100]), sampling=common_pb2.SamplingParams(max_tokens=1)
+            ),
+            "prompt_token_ids",
+        ),
+    ],
+)
+def test_bad_input_names_its_field(req: inference_pb2.GenerateRequest, field: str) -> None:
+    assert fields(req) == [field]
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    assert fields(request(prompt="", max_tokens=0, top_p=2.0)) == ["prompt", "sampling.max_tokens", "sampling.top_p"]
+
+
+def test_prompt_longer_than_the_context_is_refused() -> None:
+    assert fields(request(prompt="a " * 16), max_model_len=16) == ["prompt"]
+
+
+def test_max_tokens_must_fit_beside_the_prompt() -> None:
+    # 3 prompt tokens + 14 > 16
+    with pytest.raises(InvalidArgument) as caught:
+        validate(request(max_tokens=14), WordTokenizer(), max_model_len=16, vocab_size=100)
+    assert caught.value.violations[0].field == "sampling.max_tokens"
+    assert "at most 13" in caught.value.violations[0].description
+    validate(request(max_tokens=13), WordTokenizer(), max_model_len=16, vocab_size=100)
+
+
+def test_chat_messages_need_a_role() -> None:
+    messages = common_pb2.ChatMessages(
+        messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content="hi"), common_pb2.ChatMessage(content="x")]
+    )
+    req = inference_pb2.GenerateRequest(messages=messages, sampling=common_pb2.SamplingParams(max_tokens=1))
+    assert fields(req) == ["messages.messages[1].role"]
+
+
+def test_plain_chat_template_ends_with_an_open_assistant_turn() -> None:
+    messages = [
+        common_pb2.ChatMessage(role=common_pb2.ROLE_SYSTEM, content="Be terse."),
+        common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content="Name a river."),
+    ]
+    assert render_plain(messages) == "System: Be terse.\nUser: Name a river.\nAssistant:"

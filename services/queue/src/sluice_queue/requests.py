@@ -1,0 +1,53 @@
+"""Checking a public ``Generate`` request and turning it into the internal one.
+
+What needs the model (prompt length, the context it leaves for max_tokens)
+is checked by inference; its INVALID_ARGUMENT reaches the caller unchanged,
+with the same field names.
+"""
+
+from __future__ import annotations
+
+from sluice.generation.v1 import generation_pb2
+from sluice.inference.v1 import inference_pb2
+from sluice_core.errors import FieldViolation, InvalidArgument, Unimplemented
+from sluice_core.sampling import validate_sampling
+
+MAX_CLIENT_REQUEST_ID_LEN = 128
+
+# The engine runs lower priority values first.
+ENGINE_PRIORITY = {
+    generation_pb2.PRIORITY_UNSPECIFIED: 0,
+    generation_pb2.PRIORITY_INTERACTIVE: 0,
+    generation_pb2.PRIORITY_BATCH: 1,
+}
+
+
+def to_inference(request: generation_pb2.GenerateRequest, request_id: str) -> inference_pb2.GenerateRequest:
+    violations: list[FieldViolation] = []
+    match request.WhichOneof("input"):
+        case "prompt" if not request.prompt.strip():
+            violations.append(FieldViolation("prompt", "must not be empty"))
+        case "messages" if not request.messages.messages:
+            violations.append(FieldViolation("messages", "must hold at least one message"))
+        case None:
+            violations.append(FieldViolation("prompt", "one of prompt or messages is required"))
+    if request.HasField("sampling"):
+        validate_sampling(request.sampling, violations)
+    else:
+        violations.append(FieldViolation("sampling.max_tokens", "required, at least 1"))
+    if request.priority not in ENGINE_PRIORITY:
+        violations.append(FieldViolation("priority", f"unknown priority {request.priority}"))
+    if len(request.client_request_id) > MAX_CLIENT_REQUEST_ID_LEN:
+        violations.append(FieldViolation("client_request_id", f"at most {MAX_CLIENT_REQUEST_ID_LEN} characters"))
+    if violations:
+        raise InvalidArgument(violations)
+    if request.conversation_id:
+        raise Unimplemented("conversation_id is not supported yet: stored conversations come with the datastore")
+    internal = inference_pb2.GenerateRequest(
+        request_id=request_id, sampling=request.sampling, priority=ENGINE_PRIORITY[request.priority]
+    )
+    if request.WhichOneof("input") == "prompt":
+        internal.prompt = request.prompt
+    else:
+        internal.messages.CopyFrom(request.messages)
+    return internal
