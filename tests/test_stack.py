@@ -1,0 +1,172 @@
+"""End to end through Envoy: public API -> queue -> Envoy -> two vLLM replicas, and back.
+
+The tests share one stack and run in file order: the first one starts the
+second replica and watches it load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.generation.v1 import generation_pb2
+from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
+from sluice_cli.stack import LocalStack
+from sluice_client import GenerationClient, StreamError
+from sluice_core.errors import InvalidArgument
+
+from .conftest import eventually, requests_served
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+
+def request(max_tokens: int = 16, prompt: str = "The river", **sampling: object) -> generation_pb2.GenerateRequest:
+    params = common_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True, **sampling)  # type: ignore[arg-type]
+    return generation_pb2.GenerateRequest(prompt=prompt, sampling=params)
+
+
+async def events(
+    stack: LocalStack, req: generation_pb2.GenerateRequest
+) -> tuple[list[generation_pb2.GenerateEvent], str]:
+    async with GenerationClient(stack.edge) as client:
+        stream = client.generate(req, timeout=60)
+        received = [event async for event in stream]
+    return received, stream.trace_id
+
+
+async def idle(stack: LocalStack, index: int) -> bool:
+    async with grpc.aio.insecure_channel(stack.inference_address(index)) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        load = await stub.GetLoad(inference_pb2.GetLoadRequest())
+    return bool(load.running == 0 and load.waiting == 0)
+
+
+async def test_a_replica_still_loading_gets_no_traffic(stack: LocalStack) -> None:
+    stack.start_inference(1)
+
+    async def answering_not_serving() -> bool:
+        return bool(await stack.replica_status(1) == health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    await eventually(answering_not_serving, 60, "replica 2 answers health checks while loading")
+    sent = 0
+    while await answering_not_serving():
+        received, _ = await events(stack, request(max_tokens=4))
+        assert received[-1].HasField("finished")
+        sent += 1
+    assert sent >= 5, "the replica loaded too fast to watch"
+    assert requests_served(stack, 1) == 0
+    await stack.wait_ready(replicas=2)
+
+
+async def test_tokens_stream_through_the_stack(stack: LocalStack) -> None:
+    received, trace_id = await events(stack, request(max_tokens=32))
+    kinds = [event.WhichOneof("event") for event in received]
+    assert kinds[0] == "started" and kinds[-1] == "finished"
+    assert kinds.count("delta") >= 2, "tokens must arrive as they are generated"
+    finished = received[-1].finished
+    assert finished.usage.completion_tokens == 32 == sum(len(e.delta.token_ids) for e in received)
+    assert finished.reason == common_pb2.FINISH_REASON_LENGTH
+    assert finished.request_id == received[0].started.request_id
+    assert 0 < finished.timings.time_to_first_token_ms <= finished.timings.total_ms
+    assert len(trace_id) == 32
+
+
+async def test_requests_spread_over_both_replicas(stack: LocalStack) -> None:
+    before = [requests_served(stack, i) for i in (0, 1)]
+    await asyncio.gather(*(events(stack, request(max_tokens=24)) for _ in range(16)))
+    after = [requests_served(stack, i) for i in (0, 1)]
+    served = [a - b for a, b in zip(after, before, strict=True)]
+    assert sum(served) == 16
+    assert min(served) >= 3, f"least-request balancing should use both replicas: {served}"
+
+
+async def test_cancelling_mid_stream_frees_both_replicas(stack: LocalStack) -> None:
+    async with GenerationClient(stack.edge) as client:
+        streams = [client.generate(request(max_tokens=1500), timeout=60) for _ in range(4)]
+        for stream in streams:
+            async for event in stream:
+                if event.HasField("delta"):
+                    break
+        for stream in streams:
+            stream.cancel()
+
+        async def both_idle() -> bool:
+            return all([await idle(stack, 0), await idle(stack, 1)])
+
+        assert await eventually(both_idle, 1.0, "both replicas back to 0 running") < 1.0
+
+
+async def test_an_expired_deadline_is_deadline_exceeded(stack: LocalStack) -> None:
+    async with GenerationClient(stack.edge) as client:
+        with pytest.raises(StreamError) as caught:
+            async for _ in client.generate(request(max_tokens=1500), timeout=0.5):
+                pass
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    async def both_idle() -> bool:
+        return all([await idle(stack, 0), await idle(stack, 1)])
+
+    await eventually(both_idle, 1.0, "the expired request no longer runs")
+
+
+async def test_bad_input_comes_back_with_the_field(stack: LocalStack) -> None:
+    with pytest.raises(StreamError) as caught:
+        await events(stack, request(prompt="river " * 3000))
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert isinstance(caught.value.error, InvalidArgument)
+    assert caught.value.error.violations[0].field == "prompt"
+    assert len(caught.value.trace_id) == 32
+
+
+async def test_one_trace_holds_envoy_queue_and_inference(stack: LocalStack) -> None:
+    _, trace_id = await events(stack, request(max_tokens=8))
+    assert stack.sink is not None
+    sink = stack.sink
+    wanted = {"sluice-envoy", "sluice-queue", "sluice-inference"}
+
+    async def complete() -> bool:
+        spans = sink.trace(trace_id)
+        return {s.service for s in spans} >= wanted and any(s.name == "inference.generate" for s in spans)
+
+    await eventually(complete, 10, f"spans of {trace_id} from {wanted}")
+    spans = sink.trace(trace_id)
+    ids = {s.span_id for s in spans}
+    roots = [s for s in spans if s.parent_id not in ids]
+    assert len(roots) == 1 and roots[0].service == "sluice-envoy", "every hop hangs under Envoy's first span"
+    (engine,) = [s for s in spans if s.name == "inference.generate"]
+    assert engine.attributes["gen_ai.usage.completion_tokens"] == 8
+
+
+def test_the_cli_streams_and_summarizes(stack: LocalStack) -> None:
+    sluice = [sys.executable, "-m", "sluice_cli"]
+    ok = subprocess.run([*sluice, "generate", "The river", "--target", stack.edge, "--max-tokens", "8", "--ignore-eos"],
+                        capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    summary = ok.stderr.strip().splitlines()[-1]
+    assert all(key in summary for key in ("ttft_ms=", "tokens_per_s=", "tokens=8", "trace_id="))
+    assert ok.stdout.strip()
+    bad = subprocess.run([*sluice, "generate", "x", "--target", stack.edge, "--max-tokens", "0"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode != 0
+    assert "INVALID_ARGUMENT" in bad.stderr and "max_tokens" in bad.stderr
+
+
+# Last: it stops the queue.
+async def test_sigterm_drains_streams_in_flight(stack: LocalStack) -> None:
+    async with GenerationClient(stack.edge) as client:
+        stream = client.generate(request(max_tokens=300), timeout=60)
+        received = []
+        async for event in stream:
+            received.append(event)
+            if event.HasField("delta") and len(received) == 3:
+                os.kill(stack.process("queue").pid, signal.SIGTERM)
+    assert received[-1].HasField("finished"), "the stream in flight must finish, not be cut"
+    assert received[-1].finished.usage.completion_tokens == 300
