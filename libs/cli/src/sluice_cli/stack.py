@@ -67,6 +67,18 @@ class StackPorts:
                 *self.inference, *self.inference_metrics]  # fmt: skip
 
 
+def cpu_engine_env() -> dict[str, str]:
+    """How a replica's vLLM CPU engine runs beside other replicas on a small machine.
+
+    By default vLLM's CPU backend runs the model in a worker process that
+    busy-waits for a second after every step and pins every engine to the
+    first core: two replicas then spin on both cores and starve everything
+    else. Run the model in the engine-core process instead (what a
+    single-GPU engine does), one thread each, and let the OS place them.
+    """
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
+
+
 def free_ports(n: int) -> list[int]:
     sockets = [socket.socket() for _ in range(n)]
     try:
@@ -197,9 +209,7 @@ class LocalStack:
         name = f"inference-{index + 1}"
         env = self._common_env(prefix, self.ports.inference[index], self.ports.inference_metrics[index], name)
         env[f"{prefix}TINY_MODEL_DIR"] = str(self._tiny_model_dir())
-        # vLLM's CPU backend pins every engine to the first core by default;
-        # spread the replicas over the cores instead of stacking them on one.
-        env["VLLM_CPU_OMP_THREADS_BIND"] = str(index % (os.cpu_count() or 1))
+        env.update(cpu_engine_env())
         return self._spawn(name, [sys.executable, "-m", "sluice_inference"], {**env, **self.options.inference_env})
 
     def _start_queue(self) -> None:

@@ -55,13 +55,14 @@ def engine_args(settings: InferenceSettings, model_dir: str) -> AsyncEngineArgs:
         max_model_len=settings.max_model_len,
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
-        kv_cache_memory_bytes=settings.kv_cache_bytes,
+        kv_cache_memory_bytes=settings.kv_cache_bytes or None,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         quantization=settings.quantization,
         enable_prefix_caching=settings.enable_prefix_caching,
         scheduling_policy=settings.scheduling_policy,
         max_num_queued_reqs=settings.max_num_queued_reqs,
         enforce_eager=settings.enforce_eager,
+        stream_interval=settings.stream_interval,
         seed=settings.seed,
         # Keeps per-request stats (queue time) on outputs and feeds vLLM's
         # own Prometheus metrics, served on this process's /metrics.

@@ -31,10 +31,11 @@ class InferenceSettings(ServiceSettings):
     max_model_len: int | None = Field(2048, gt=0, description="Context length; unset takes the model's.")
     max_num_seqs: int = Field(32, gt=0, description="Sequences the engine runs at once: this replica's slots.")
     max_num_batched_tokens: int | None = Field(None, gt=0)
-    kv_cache_bytes: int | None = Field(
+    kv_cache_bytes: int = Field(
         256 * 1024 * 1024,
-        gt=0,
-        description="KV-cache size. Unset lets vLLM size it from gpu_memory_utilization.",
+        ge=0,
+        description="KV-cache size in bytes; 0 lets vLLM size it from gpu_memory_utilization (on GPUs). "
+        "vLLM's CPU build needs an explicit size.",
     )
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     quantization: str | None = Field(None, description="vLLM quantization method, e.g. awq, gptq, fp8.")
@@ -42,6 +43,12 @@ class InferenceSettings(ServiceSettings):
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     max_num_queued_reqs: int | None = Field(
         256, gt=0, description="Requests waiting in the engine beyond which new ones get RESOURCE_EXHAUSTED."
+    )
+    stream_interval: int = Field(
+        1,
+        gt=0,
+        description="Tokens per streamed chunk after the first (which is always sent at once): "
+        "fewer, larger messages cost every hop less CPU.",
     )
     enforce_eager: bool = Field(False, description="Skip torch.compile: starts faster, generates a little slower.")
     seed: int = 0

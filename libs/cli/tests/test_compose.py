@@ -1,0 +1,57 @@
+"""compose.yaml hangs together: images build from files that exist, settings are real, Envoy's names resolve.
+
+No Docker engine runs here, so this checks what `docker compose config` and a
+first `up` would trip over.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import yaml
+
+from sluice_cli.envoy_config import compose_layout, repo_root
+from sluice_inference.settings import InferenceSettings
+from sluice_queue.settings import QueueSettings
+
+ROOT = repo_root()
+COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text())
+SERVICES: dict[str, Any] = COMPOSE["services"]
+
+
+def test_every_build_target_exists_in_its_dockerfile() -> None:
+    for name, service in SERVICES.items():
+        if "build" in service:
+            dockerfile = (ROOT / service["build"]["dockerfile"]).read_text()
+            assert re.search(rf"^FROM .* AS {service['build']['target']}$", dockerfile, re.M), name
+
+
+def test_envoy_routes_to_compose_services_and_mounts_the_rendered_config() -> None:
+    layout = compose_layout()
+    for host in (*layout.queue_hosts, *layout.inference_hosts, layout.otlp):
+        assert host is not None and host.address in SERVICES, host
+    (mount,) = SERVICES["envoy"]["volumes"]
+    assert mount.startswith("./envoy/envoy.compose.yaml:")
+
+
+def test_settings_in_the_environment_are_real_settings() -> None:
+    known = {
+        "SLUICE_INFERENCE_": set(InferenceSettings.model_fields),
+        "SLUICE_QUEUE_": set(QueueSettings.model_fields),
+    }
+    for name, service in SERVICES.items():
+        for variable in service.get("environment", {}):
+            for prefix, fields in known.items():
+                if variable.startswith(prefix):
+                    assert variable.removeprefix(prefix).lower() in fields, f"{name}: {variable}"
+
+
+def test_each_inference_replica_reserves_its_own_gpu() -> None:
+    gpus = [
+        tuple(device["device_ids"])
+        for name, service in SERVICES.items()
+        if name.startswith("inference-")
+        for device in service["deploy"]["resources"]["reservations"]["devices"]
+    ]
+    assert len(gpus) == 2 and len(set(gpus)) == 2
