@@ -20,6 +20,7 @@ from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.generation.v1 import generation_pb2
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
 from sluice_cli.stack import LocalStack
+from sluice_cli.trace_sink import Span
 from sluice_client import GenerationClient, StreamError
 from sluice_core.errors import InvalidArgument
 
@@ -132,15 +133,23 @@ async def test_one_trace_holds_envoy_queue_and_inference(stack: LocalStack) -> N
     sink = stack.sink
     wanted = {"sluice-envoy", "sluice-queue", "sluice-inference"}
 
+    def roots(spans: list[Span]) -> list[Span]:
+        ids = {s.span_id for s in spans}
+        return [s for s in spans if s.parent_id not in ids]
+
     async def complete() -> bool:
+        # Each process exports on its own schedule: wait for the last one.
         spans = sink.trace(trace_id)
-        return {s.service for s in spans} >= wanted and any(s.name == "inference.generate" for s in spans)
+        return (
+            {s.service for s in spans} >= wanted
+            and any(s.name == "inference.generate" for s in spans)
+            and any(not s.parent_id for s in spans)
+        )
 
     await eventually(complete, 10, f"spans of {trace_id} from {wanted}")
     spans = sink.trace(trace_id)
-    ids = {s.span_id for s in spans}
-    roots = [s for s in spans if s.parent_id not in ids]
-    assert len(roots) == 1 and roots[0].service == "sluice-envoy", "every hop hangs under Envoy's first span"
+    (root,) = roots(spans)
+    assert root.service == "sluice-envoy", "every hop hangs under Envoy's first span"
     (engine,) = [s for s in spans if s.name == "inference.generate"]
     assert engine.attributes["gen_ai.usage.completion_tokens"] == 8
 

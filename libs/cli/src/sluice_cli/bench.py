@@ -46,7 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--streams", default="1,16", help="concurrencies to measure (default %(default)s)")
     parser.add_argument("--prompt-words", type=int, default=48, help="prompt length in words (default %(default)s)")
     parser.add_argument("--output-tokens", type=int, default=128, help="tokens per response (default %(default)s)")
-    parser.add_argument("--requests", type=int, default=48, help="requests per concurrency (default %(default)s)")
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=48,
+        help="requests per concurrency, at least 8 per stream (default %(default)s)",
+    )
     parser.add_argument("--state-dir", type=Path, help="where the stack keeps logs (default: a temporary folder)")
 
 
@@ -72,6 +77,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def measure(run_one: RunOne, streams: int, requests: int) -> Figures:
+    requests = max(requests, 8 * streams)
     counter = iter(range(requests))
     timings: list[Timing] = []
 

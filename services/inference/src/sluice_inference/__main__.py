@@ -19,7 +19,9 @@ async def serve(settings: InferenceSettings) -> None:
     host = ModelHost(settings)
     server = GrpcServer(settings, health_names=[SERVICE_NAME])
     server.add(
-        inference_pb2_grpc.add_InferenceServicer_to_server, InferenceServicer(host, settings.replica_id), SERVICE_NAME
+        inference_pb2_grpc.add_InferenceServicer_to_server,
+        InferenceServicer(host, settings.replica_id, settings.chunk_interval_ms / 1e3),
+        SERVICE_NAME,
     )
     try:
         async with server:

@@ -62,7 +62,6 @@ def engine_args(settings: InferenceSettings, model_dir: str) -> AsyncEngineArgs:
         scheduling_policy=settings.scheduling_policy,
         max_num_queued_reqs=settings.max_num_queued_reqs,
         enforce_eager=settings.enforce_eager,
-        stream_interval=settings.stream_interval,
         seed=settings.seed,
         # Keeps per-request stats (queue time) on outputs and feeds vLLM's
         # own Prometheus metrics, served on this process's /metrics.

@@ -33,9 +33,10 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, host: ModelHost, replica_id: str) -> None:
+    def __init__(self, host: ModelHost, replica_id: str, chunk_interval_s: float = 0.0) -> None:
         self._host = host
         self._replica_id = replica_id
+        self._chunk_interval_s = chunk_interval_s
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: Context
@@ -69,6 +70,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                         if output.finished:
                             outcome = completion.finish_reason or "stop"
                             yield inference_pb2.GenerateResponse(finished=self._finished(output, timer))
+                        elif timer.last is not None:
+                            # Tokens made meanwhile are merged by vLLM into the next output:
+                            # one message per interval instead of one per engine step.
+                            await asyncio.sleep(timer.last + self._chunk_interval_s - time.perf_counter())
             except (asyncio.CancelledError, GeneratorExit):
                 outcome = "cancelled"
                 raise

@@ -44,11 +44,11 @@ class InferenceSettings(ServiceSettings):
     max_num_queued_reqs: int | None = Field(
         256, gt=0, description="Requests waiting in the engine beyond which new ones get RESOURCE_EXHAUSTED."
     )
-    stream_interval: int = Field(
-        1,
-        gt=0,
-        description="Tokens per streamed chunk after the first (which is always sent at once): "
-        "fewer, larger messages cost every hop less CPU.",
+    chunk_interval_ms: float = Field(
+        20.0,
+        ge=0,
+        description="After the first token (sent at once), send at most one chunk per interval, "
+        "with every token made meanwhile: fewer, larger messages cost every hop less CPU. 0 sends each step.",
     )
     enforce_eager: bool = Field(False, description="Skip torch.compile: starts faster, generates a little slower.")
     seed: int = 0

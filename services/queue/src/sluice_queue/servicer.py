@@ -65,9 +65,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     yield generation_pb2.GenerateEvent(queued=generation_pb2.Queued(position=position))
                 queue_s = time.perf_counter() - timer.start
                 wait.set_attribute("sluice.queue_time_s", queue_s)
-            yield generation_pb2.GenerateEvent(
-                started=generation_pb2.Started(request_id=request_id, model=self._models.model_name)
-            )
             async for event in self._relay(internal, request, context, timer, queue_s):
                 if event.HasField("finished"):
                     outcome = _OUTCOMES.get(event.finished.reason, "stop")
@@ -87,9 +84,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         timer: StreamTimer,
         queue_s: float,
     ) -> AsyncIterator[generation_pb2.GenerateEvent]:
-        call = self._inference.Generate(internal, timeout=context.time_remaining())
-        try:
-            with _tracer.start_as_current_span("queue.stream") as span:
+        with _tracer.start_as_current_span("queue.stream") as span:
+            call = self._inference.Generate(internal, timeout=context.time_remaining())
+            try:
+                # The inner call is already on its way while the caller hears that it started.
+                yield generation_pb2.GenerateEvent(
+                    started=generation_pb2.Started(request_id=internal.request_id, model=self._models.model_name)
+                )
                 async for response in call:
                     if response.HasField("delta"):
                         if timer.first is None:
@@ -116,6 +117,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                                 client_request_id=request.client_request_id,
                             )
                         )
-        finally:
-            # Whether the caller left or this hop failed, stop the generation.
-            call.cancel()
+            finally:
+                # Whether the caller left or this hop failed, stop the generation.
+                call.cancel()
