@@ -129,8 +129,6 @@ async def test_bad_input_comes_back_with_the_field(stack: LocalStack) -> None:
 
 async def test_one_trace_holds_envoy_queue_and_inference(stack: LocalStack) -> None:
     _, trace_id = await events(stack, request(max_tokens=8))
-    assert stack.sink is not None
-    sink = stack.sink
     wanted = {"sluice-envoy", "sluice-queue", "sluice-inference"}
 
     def roots(spans: list[Span]) -> list[Span]:
@@ -139,7 +137,7 @@ async def test_one_trace_holds_envoy_queue_and_inference(stack: LocalStack) -> N
 
     async def complete() -> bool:
         # Each process exports on its own schedule: wait for the last one.
-        spans = sink.trace(trace_id)
+        spans = stack.spans(trace_id)
         return (
             {s.service for s in spans} >= wanted
             and any(s.name == "inference.generate" for s in spans)
@@ -147,7 +145,7 @@ async def test_one_trace_holds_envoy_queue_and_inference(stack: LocalStack) -> N
         )
 
     await eventually(complete, 10, f"spans of {trace_id} from {wanted}")
-    spans = sink.trace(trace_id)
+    spans = stack.spans(trace_id)
     (root,) = roots(spans)
     assert root.service == "sluice-envoy", "every hop hangs under Envoy's first span"
     (engine,) = [s for s in spans if s.name == "inference.generate"]

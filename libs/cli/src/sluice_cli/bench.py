@@ -1,8 +1,11 @@
 """``sluice bench``: the whole stack against the bare engine, in the same run.
 
-First an in-process vLLM ``AsyncLLM`` (the same engine settings a replica
-uses) is measured directly; then the local stack is started on free ports and
-measured through Envoy's edge listener (Envoy -> queue -> Envoy -> inference).
+The local stack is started on free ports and measured through Envoy's edge
+listener (Envoy -> queue -> Envoy -> inference); then an in-process vLLM
+``AsyncLLM`` with a replica's engine settings is measured directly. The
+stack goes first so that its client runs in a process without vLLM (whose
+heap would make the client's own garbage collection pauses part of the
+figures).
 Each phase runs the same prompts at each concurrency. Metrics follow
 ``vllm bench serve``: time to first token (request sent -> first token
 received), time per output token ((latency - TTFT) / (tokens - 1), per
@@ -26,7 +29,7 @@ from typing import Any
 
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.generation.v1 import generation_pb2
-from sluice_cli.stack import LocalStack, StackOptions, StackPorts, cpu_engine_env
+from sluice_cli.stack import LocalStack, StackOptions, StackPorts, cpu_engine_env, replica_cpus
 from sluice_client import GenerationClient
 from sluice_core.sampling import Sampling
 from sluice_inference import tiny_model
@@ -118,8 +121,8 @@ async def bench_direct(args: argparse.Namespace, concurrencies: list[int]) -> di
     from sluice_inference import engine as vllm_engine  # imports vLLM: only when benchmarking
     from sluice_inference.load import Load
 
-    # The same engine as one replica of the stack.
-    os.environ.update(cpu_engine_env())
+    # The same engine as one replica of the stack (one replica's CPU share of threads).
+    os.environ.update(cpu_engine_env(len(replica_cpus(0, 2))))
     settings = InferenceSettings()
     model_dir = settings.model or str(await asyncio.to_thread(tiny_model.ensure, DEFAULT_TINY_MODEL_DIR))
     engine = await asyncio.to_thread(vllm_engine.build, settings, model_dir, Load())
@@ -170,11 +173,11 @@ async def bench_stack(args: argparse.Namespace, concurrencies: list[int], state_
 async def run(args: argparse.Namespace) -> int:
     concurrencies = [int(n) for n in args.streams.split(",")]
     log = sys.stderr
-    print(f"direct engine: {concurrencies} streams, {args.requests} requests each ...", file=log, flush=True)
-    direct = await bench_direct(args, concurrencies)
     print("whole stack (Envoy -> queue -> Envoy -> 2 inference replicas) ...", file=log, flush=True)
     with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp:
         stack = await bench_stack(args, concurrencies, args.state_dir or Path(tmp))
+    print(f"direct engine: {concurrencies} streams ...", file=log, flush=True)
+    direct = await bench_direct(args, concurrencies)
     through: dict[int, Figures] = stack["figures"]
     first_ten: list[float] = stack["first_ten_ttft_ms"]
 

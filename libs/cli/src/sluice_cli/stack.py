@@ -1,8 +1,8 @@
 """The local stack: Envoy, inference replicas and the queue as real processes on this machine.
 
 ``sluice up`` (``make up``) runs it on the default ports; the end-to-end
-tests and ``sluice bench`` run it on free ports. A trace sink inside this
-process receives every span (see ``trace_sink.py``).
+tests and ``sluice bench`` run it on free ports. A trace sink process
+receives every span (see ``trace_sink.py``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.generation.v1 import generation_pb2
 from sluice_cli.envoy_config import EnvoyLayout, HostPort, render
 from sluice_cli.processes import Process
-from sluice_cli.trace_sink import TraceSink, start_sink
+from sluice_cli.trace_sink import Span, read_spans
 from sluice_client import GenerationClient, StreamError
 from sluice_inference import SERVICE_NAME as INFERENCE_SERVICE
 from sluice_inference import tiny_model
@@ -67,16 +67,23 @@ class StackPorts:
                 *self.inference, *self.inference_metrics]  # fmt: skip
 
 
-def cpu_engine_env() -> dict[str, str]:
+def replica_cpus(index: int, replicas: int) -> frozenset[int]:
+    """An equal share of this machine's CPUs for each replica, or all of them when there are too few."""
+    cpus = sorted(os.sched_getaffinity(0))
+    share = len(cpus) // replicas
+    return frozenset(cpus[index * share : (index + 1) * share]) if share else frozenset(cpus)
+
+
+def cpu_engine_env(threads: int) -> dict[str, str]:
     """How a replica's vLLM CPU engine runs beside other replicas on a small machine.
 
     By default vLLM's CPU backend runs the model in a worker process that
     busy-waits for a second after every step and pins every engine to the
     first core: two replicas then spin on both cores and starve everything
     else. Run the model in the engine-core process instead (what a
-    single-GPU engine does), one thread each, and let the OS place them.
+    single-GPU engine does) with one thread per CPU of the replica's share.
     """
-    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(threads)}
 
 
 def free_ports(n: int) -> list[int]:
@@ -114,8 +121,6 @@ class LocalStack:
     def __init__(self, options: StackOptions) -> None:
         self.options = options
         self.ports = options.ports
-        self.sink: TraceSink | None = None
-        self._sink_server: grpc.aio.Server | None = None
         self._processes: dict[str, Process] = {}
 
     @property
@@ -147,7 +152,11 @@ class LocalStack:
             raise StackError(f"ports already in use: {busy} (is another sluice stack running?)")
         self.options.state_dir.mkdir(parents=True, exist_ok=True)
         (self.options.state_dir / "logs").mkdir(exist_ok=True)
-        self._sink_server, self.sink, _ = await start_sink(LOOPBACK, self.ports.otlp, self.traces_path)
+        self._spawn(
+            "trace-sink",
+            [sys.executable, "-m", "sluice_cli.trace_sink", f"{LOOPBACK}:{self.ports.otlp}", str(self.traces_path)],
+            {},
+        )
         if not self._inference_setting("MODEL"):
             # Built once here, so that replicas starting together do not race to build it.
             await asyncio.to_thread(tiny_model.ensure, self._tiny_model_dir())
@@ -165,9 +174,9 @@ class LocalStack:
     def _tiny_model_dir(self) -> Path:
         return Path(self._inference_setting("TINY_MODEL_DIR") or DEFAULT_TINY_MODEL_DIR)
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> Process:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str], cpus: frozenset[int] | None = None) -> Process:
         log = self.options.state_dir / "logs" / f"{name}.log"
-        process = Process(name, argv, env, log)
+        process = Process(name, argv, env, log, cpus)
         self._processes[name] = process
         return process
 
@@ -209,8 +218,13 @@ class LocalStack:
         name = f"inference-{index + 1}"
         env = self._common_env(prefix, self.ports.inference[index], self.ports.inference_metrics[index], name)
         env[f"{prefix}TINY_MODEL_DIR"] = str(self._tiny_model_dir())
-        env.update(cpu_engine_env())
-        return self._spawn(name, [sys.executable, "-m", "sluice_inference"], {**env, **self.options.inference_env})
+        # Each replica (its server and its engine) keeps to its own CPUs: the
+        # engines stop evicting each other, which keeps time to first token
+        # low under load; Envoy, the queue and clients run anywhere.
+        cpus = replica_cpus(index, len(self.ports.inference))
+        env.update(cpu_engine_env(len(cpus)))
+        argv = [sys.executable, "-m", "sluice_inference"]
+        return self._spawn(name, argv, {**env, **self.options.inference_env}, cpus)
 
     def _start_queue(self) -> None:
         prefix = "SLUICE_QUEUE_"
@@ -282,9 +296,13 @@ class LocalStack:
         return int(response.status)
 
     async def stop(self) -> None:
-        """Stop the services (each drains), then Envoy, then the trace sink; nothing is left running."""
-        ordered = sorted(self._processes.values(), key=lambda p: p.name == "envoy")
-        await asyncio.gather(*(p.stop(self.options.stop_grace_s) for p in ordered if p.name != "envoy"))
-        await asyncio.gather(*(p.stop(self.options.stop_grace_s) for p in ordered if p.name == "envoy"))
-        if self._sink_server is not None:
-            await self._sink_server.stop(None)
+        """Stop the services (each drains), then Envoy and the trace sink; nothing is left running."""
+        last = ("envoy", "trace-sink")
+        await asyncio.gather(
+            *(p.stop(self.options.stop_grace_s) for p in self._processes.values() if p.name not in last)
+        )
+        await asyncio.gather(*(p.stop(self.options.stop_grace_s) for p in self._processes.values() if p.name in last))
+
+    def spans(self, trace_id: str) -> list[Span]:
+        """The spans of one trace that have reached the sink so far."""
+        return read_spans(self.traces_path, trace_id)

@@ -1,14 +1,17 @@
-"""A small OTLP/gRPC trace receiver: keeps spans in memory and appends them to a JSON-lines file.
+"""A small OTLP/gRPC trace receiver that appends spans to a JSON-lines file.
 
-The local stack points Envoy and every service at it, so ``sluice trace`` can
-show where a request's time went without running a tracing backend; the tests
-use it to check that one trace spans Envoy, queue and inference.
+The local stack runs it as its own process and points Envoy and every service
+at it, so ``sluice trace`` can show where a request's time went without a
+tracing backend; the tests read the file to check that one trace spans Envoy,
+queue and inference.
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
-import threading
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,35 +68,21 @@ def spans_from_request(request: trace_service_pb2.ExportTraceServiceRequest) -> 
 
 
 class TraceSink(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self, path: Path | None = None) -> None:
+    """Appends every span it receives to ``path``, one JSON object per line."""
+
+    def __init__(self, path: Path) -> None:
         self._path = path
-        self._lock = threading.Lock()
-        self.spans: list[Span] = []
 
     async def Export(
         self, request: trace_service_pb2.ExportTraceServiceRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> trace_service_pb2.ExportTraceServiceResponse:
-        received = list(spans_from_request(request))
-        with self._lock:
-            self.spans.extend(received)
-        if self._path is not None:
-            with self._path.open("a") as out:
-                out.writelines(span.to_json() + "\n" for span in received)
+        lines = "".join(span.to_json() + "\n" for span in spans_from_request(request))
+        await asyncio.to_thread(self._append, lines)
         return trace_service_pb2.ExportTraceServiceResponse()
 
-    def trace(self, trace_id: str) -> list[Span]:
-        with self._lock:
-            return [s for s in self.spans if s.trace_id == trace_id]
-
-
-async def start_sink(host: str, port: int, path: Path | None = None) -> tuple[grpc.aio.Server, TraceSink, int]:
-    """Serve a sink on ``host:port`` (0 picks a port); returns the server, the sink and the port."""
-    sink = TraceSink(path)
-    server = grpc.aio.server()
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(sink, server)  # type: ignore[no-untyped-call]
-    bound = server.add_insecure_port(f"{host}:{port}")
-    await server.start()
-    return server, sink, bound
+    def _append(self, lines: str) -> None:
+        with self._path.open("a") as out:
+            out.write(lines)
 
 
 def read_spans(path: Path, trace_id: str) -> list[Span]:
@@ -101,3 +90,27 @@ def read_spans(path: Path, trace_id: str) -> list[Span]:
         return []
     with path.open() as lines:
         return [span for line in lines if (span := Span.from_json(line)).trace_id == trace_id]
+
+
+async def serve(address: str, path: Path) -> None:
+    server = grpc.aio.server()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceSink(path), server)  # type: ignore[no-untyped-call]
+    server.add_insecure_port(address)
+    await server.start()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Receive OTLP/gRPC spans and append them to a JSON-lines file.")
+    parser.add_argument("address", help="host:port to listen on")
+    parser.add_argument("path", type=Path)
+    args = parser.parse_args()
+    asyncio.run(serve(args.address, args.path))
+
+
+if __name__ == "__main__":
+    main()
