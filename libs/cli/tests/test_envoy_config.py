@@ -49,7 +49,7 @@ def test_streaming_routes_have_no_request_timeout() -> None:
     ):
         (route,) = [r for r in routes(config, listener) if r["match"] == {"prefix": prefix}]  # type: ignore[index]
         assert route["route"]["timeout"] == "0s"  # type: ignore[index]
-        assert route["route"]["max_stream_duration"]["grpc_timeout_header_max"]  # type: ignore[index]
+        assert route["route"]["max_stream_duration"]["max_stream_duration"]  # type: ignore[index]
 
 
 def test_inference_is_health_checked_by_service_name_and_least_request_balanced() -> None:
