@@ -4,10 +4,10 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PACKAGES := libs/protos libs/core libs/client libs/cli services/inference services/queue
+PACKAGES := libs/protos libs/core libs/client libs/cli services/inference services/queue services/ratelimit
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install up test pytest check lint typecheck gen check-gen lock bench clean
+.PHONY: install up test pytest check lint typecheck gen check-gen lock bench bench-ratelimit clean
 
 install: $(INSTALLED)
 
@@ -52,6 +52,9 @@ lock:
 
 bench: install
 	$(VENV)/bin/sluice bench
+
+bench-ratelimit: install
+	$(VENV)/bin/sluice bench ratelimit
 
 clean:
 	rm -rf $(VENV) .sluice .mypy_cache .ruff_cache .pytest_cache

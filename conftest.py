@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
+import pytest
+
+from sluice_cli.redis_server import RedisServer
+from sluice_cli.stack import free_ports
 from sluice_core.telemetry import setup_tracing
 
 # Instrument gRPC once, as every service's main does, so that in-process
 # servers in the tests run with the same interceptors (and trace ids) as in
 # production. Nothing is exported: there is no OTLP endpoint.
 setup_tracing("sluice-tests", "tests", otlp_endpoint=None)
+
+
+@pytest.fixture(scope="session")
+async def redis_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RedisServer]:
+    """A Redis of the tests' own, on a free port: tests may stop and restart it."""
+    server = RedisServer(free_ports(1)[0], tmp_path_factory.mktemp("redis"))
+    await server.start()
+    yield server
+    await server.stop()

@@ -10,14 +10,41 @@ from pathlib import Path
 
 import pytest
 
+from sluice_cli.redis_server import RedisServer
 from sluice_cli.stack import LOOPBACK, LocalStack, StackOptions, StackPorts
+
+LIMITED_KEY = "e2e-limited"
+LIMITED_PER_HOUR = 3
+RATE_LIMITS = f"""
+domain: sluice-edge
+descriptors:
+  - key: api_key
+    value: anonymous
+    descriptors:
+      - key: method
+        rate_limit: {{unit: second, requests_per_unit: 1000}}
+  - key: api_key
+    value: {LIMITED_KEY}
+    descriptors:
+      - key: method
+        value: /sluice.generation.v1.Generation/Generate
+        rate_limit: {{unit: hour, requests_per_unit: {LIMITED_PER_HOUR}}}
+"""
 
 
 @pytest.fixture(scope="session")
-async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalStack]:
+async def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> AsyncIterator[LocalStack]:
     """Starts with one inference replica; the first test starts the second (see test_stack.py)."""
     state_dir: Path = tmp_path_factory.mktemp("stack")
-    local = LocalStack(StackOptions(state_dir=state_dir, ports=StackPorts.free(replicas=2)))
+    limits = state_dir / "ratelimit.yaml"
+    limits.write_text(RATE_LIMITS)
+    options = StackOptions(
+        state_dir=state_dir,
+        ports=StackPorts.free(replicas=2),
+        redis_url=redis_server.url,
+        ratelimit_config=(limits,),
+    )
+    local = LocalStack(options)
     try:
         await local.start(replicas=1)
         yield local

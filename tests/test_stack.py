@@ -24,7 +24,7 @@ from sluice_cli.trace_sink import Span
 from sluice_client import GenerationClient, StreamError
 from sluice_core.errors import InvalidArgument
 
-from .conftest import eventually, requests_served
+from .conftest import LIMITED_KEY, LIMITED_PER_HOUR, eventually, requests_served
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -165,6 +165,22 @@ def test_the_cli_streams_and_summarizes(stack: LocalStack) -> None:
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert bad.returncode != 0
     assert "INVALID_ARGUMENT" in bad.stderr and "max_tokens" in bad.stderr
+
+
+async def test_envoy_refuses_calls_over_the_rate_limit(stack: LocalStack) -> None:
+    outcomes = []
+    async with GenerationClient(stack.edge, api_key=LIMITED_KEY) as client:
+        for _ in range(LIMITED_PER_HOUR + 2):
+            try:
+                async for _ in client.generate(request(max_tokens=1), timeout=30):
+                    pass
+                outcomes.append("OK")
+            except StreamError as exc:
+                outcomes.append(exc.code.name)
+    assert outcomes == ["OK"] * LIMITED_PER_HOUR + ["RESOURCE_EXHAUSTED"] * 2
+    # Other callers are not affected.
+    received, _ = await events(stack, request(max_tokens=1))
+    assert received[-1].HasField("finished")
 
 
 # Last: it stops the queue.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -35,10 +36,11 @@ def test_envoy_validates_the_rendered_config(layout: EnvoyLayout, tmp_path: Path
     assert "OK" in result.stdout
 
 
-def routes(config: dict[str, object], listener: str) -> list[dict[str, object]]:
-    (found,) = [entry for entry in config["static_resources"]["listeners"] if entry["name"] == listener]  # type: ignore[index]
+def routes(config: dict[str, Any], listener: str) -> list[dict[str, Any]]:
+    (found,) = [entry for entry in config["static_resources"]["listeners"] if entry["name"] == listener]
     manager = found["filter_chains"][0]["filters"][0]["typed_config"]
-    return manager["route_config"]["virtual_hosts"][0]["routes"]  # type: ignore[no-any-return]
+    found_routes: list[dict[str, Any]] = manager["route_config"]["virtual_hosts"][0]["routes"]
+    return found_routes
 
 
 def test_streaming_routes_have_no_request_timeout() -> None:
@@ -47,9 +49,9 @@ def test_streaming_routes_have_no_request_timeout() -> None:
         ("edge", "/sluice.generation.v1.Generation/"),
         ("internal", "/sluice.inference.v1.Inference/"),
     ):
-        (route,) = [r for r in routes(config, listener) if r["match"] == {"prefix": prefix}]  # type: ignore[index]
-        assert route["route"]["timeout"] == "0s"  # type: ignore[index]
-        assert route["route"]["max_stream_duration"]["max_stream_duration"]  # type: ignore[index]
+        (route,) = [r for r in routes(config, listener) if r["match"] == {"prefix": prefix}]
+        assert route["route"]["timeout"] == "0s"
+        assert route["route"]["max_stream_duration"]["max_stream_duration"]
 
 
 def test_inference_is_health_checked_by_service_name_and_least_request_balanced() -> None:

@@ -35,6 +35,9 @@ class EnvoyLayout:
     queue_hosts: tuple[HostPort, ...]
     inference_hosts: tuple[HostPort, ...]
     otlp: HostPort | None = None
+    ratelimit_hosts: tuple[HostPort, ...] = ()
+    ratelimit_domain: str = "sluice-edge"
+    ratelimit_timeout: str = "0.1s"
     edge_port: int = 8080
     internal_port: int = 8081
     admin_port: int = 9901
@@ -63,6 +66,7 @@ def compose_layout() -> EnvoyLayout:
         queue_hosts=(HostPort("queue", 50051),),
         inference_hosts=(HostPort("inference-1", 50061), HostPort("inference-2", 50061)),
         otlp=HostPort("jaeger", 4317),
+        ratelimit_hosts=(HostPort("ratelimit", 50071),),
         listen_address="0.0.0.0",
         cluster_type="STRICT_DNS",
         health_interval="2s",

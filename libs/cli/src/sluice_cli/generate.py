@@ -16,6 +16,7 @@ PRIORITIES = {"interactive": generation_pb2.PRIORITY_INTERACTIVE, "batch": gener
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt")
     parser.add_argument("--target", default="127.0.0.1:8080", help="Envoy's edge listener (default %(default)s)")
+    parser.add_argument("--api-key", help="sent as x-api-key; without one, calls count as anonymous")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--top-p", type=float)
@@ -48,7 +49,7 @@ async def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     first: float | None = None
     finished: generation_pb2.Finished | None = None
-    async with GenerationClient(args.target) as client:
+    async with GenerationClient(args.target, api_key=args.api_key) as client:
         stream = client.generate(request, timeout=args.timeout)
         try:
             async for event in stream:

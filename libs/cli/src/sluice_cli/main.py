@@ -7,7 +7,7 @@ import asyncio
 import logging
 import sys
 
-from sluice_cli import bench, generate, trace_view, up
+from sluice_cli import bench, bench_ratelimit, generate, trace_view, up
 
 
 def main() -> None:
@@ -15,7 +15,10 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     generate.add_arguments(commands.add_parser("generate", help="stream a completion from the public API"))
     up.add_arguments(commands.add_parser("up", help="run the local stack until Ctrl-C"))
-    bench.add_arguments(commands.add_parser("bench", help="benchmark the stack against the bare engine"))
+    benches = commands.add_parser("bench", help="benchmarks: the stack against the bare engine, or rate limiting")
+    bench_kinds = benches.add_subparsers(dest="bench", required=False)
+    bench.add_arguments(benches)
+    bench_ratelimit.add_arguments(bench_kinds.add_parser("ratelimit", help="ShouldRateLimit against a bare EVALSHA"))
     trace_view.add_arguments(commands.add_parser("trace", help="show a request's trace from the local stack"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -24,6 +27,8 @@ def main() -> None:
             code = asyncio.run(generate.run(args))
         case "up":
             code = asyncio.run(up.run(args))
+        case "bench" if args.bench == "ratelimit":
+            code = asyncio.run(bench_ratelimit.run(args))
         case "bench":
             code = asyncio.run(bench.run(args))
         case _:

@@ -8,6 +8,7 @@ receives every span (see ``trace_sink.py``).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -23,8 +24,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.generation.v1 import generation_pb2
-from sluice_cli.envoy_config import EnvoyLayout, HostPort, render
+from sluice_cli.envoy_config import EnvoyLayout, HostPort, render, repo_root
 from sluice_cli.processes import Process
+from sluice_cli.redis_server import RedisServer
+from sluice_cli.redis_server import answers as redis_answers
 from sluice_cli.trace_sink import Span, read_spans
 from sluice_client import GenerationClient, StreamError
 from sluice_inference import SERVICE_NAME as INFERENCE_SERVICE
@@ -44,13 +47,15 @@ class StackPorts:
     otlp: int = 4317
     queue: int = 50051
     queue_metrics: int = 9101
+    ratelimit: int = 50071
+    ratelimit_metrics: int = 9121
     inference: tuple[int, ...] = (50061, 50062)
     inference_metrics: tuple[int, ...] = (9111, 9112)
 
     @classmethod
     def free(cls, replicas: int = 2) -> StackPorts:
         """Ports nothing listens on now, for tests and benchmarks beside a running stack."""
-        ports = free_ports(6 + 2 * replicas)
+        ports = free_ports(8 + 2 * replicas)
         return cls(
             edge=ports[0],
             internal=ports[1],
@@ -58,13 +63,15 @@ class StackPorts:
             otlp=ports[3],
             queue=ports[4],
             queue_metrics=ports[5],
-            inference=tuple(ports[6 : 6 + replicas]),
-            inference_metrics=tuple(ports[6 + replicas :]),
+            ratelimit=ports[6],
+            ratelimit_metrics=ports[7],
+            inference=tuple(ports[8 : 8 + replicas]),
+            inference_metrics=tuple(ports[8 + replicas :]),
         )
 
     def all(self) -> list[int]:
-        return [self.edge, self.internal, self.admin, self.otlp, self.queue, self.queue_metrics,
-                *self.inference, *self.inference_metrics]  # fmt: skip
+        return [self.edge, self.internal, self.admin, self.otlp, self.queue, self.queue_metrics, self.ratelimit,
+                self.ratelimit_metrics, *self.inference, *self.inference_metrics]  # fmt: skip
 
 
 def replica_cpus(index: int, replicas: int) -> frozenset[int]:
@@ -109,6 +116,11 @@ class StackOptions:
     # Extra SLUICE_INFERENCE_* / SLUICE_QUEUE_* settings for the services.
     inference_env: dict[str, str] = field(default_factory=dict)
     queue_env: dict[str, str] = field(default_factory=dict)
+    # Unset: REDIS_URL from the environment; else a Redis answering on
+    # 127.0.0.1:6379; else one the stack starts itself.
+    redis_url: str | None = None
+    # The rate-limit service's YAML files or folders (default: config/ratelimit).
+    ratelimit_config: tuple[Path, ...] = ()
     log_level: str = "INFO"
     stop_grace_s: float = 20.0
 
@@ -122,6 +134,8 @@ class LocalStack:
         self.options = options
         self.ports = options.ports
         self._processes: dict[str, Process] = {}
+        self._redis: RedisServer | None = None
+        self.redis_url = ""
 
     @property
     def edge(self) -> str:
@@ -157,15 +171,27 @@ class LocalStack:
             [sys.executable, "-m", "sluice_cli.trace_sink", f"{LOOPBACK}:{self.ports.otlp}", str(self.traces_path)],
             {},
         )
+        self.redis_url = await self._find_or_start_redis()
         if not self._inference_setting("MODEL"):
             # Built once here, so that replicas starting together do not race to build it.
             await asyncio.to_thread(tiny_model.ensure, self._tiny_model_dir())
         self._start_envoy()
+        self._start_ratelimit()
         count = len(self.ports.inference) if replicas is None else replicas
         for index in range(count):
             self.start_inference(index)
         self._start_queue()
         await self.wait_ready(replicas=count)
+
+    async def _find_or_start_redis(self) -> str:
+        given = self.options.redis_url or os.environ.get("REDIS_URL")
+        if given:
+            return given
+        if await asyncio.to_thread(redis_answers, LOOPBACK, 6379):
+            return f"redis://{LOOPBACK}:6379/0"
+        self._redis = RedisServer(free_ports(1)[0], self.options.state_dir / "redis")
+        await self._redis.start()
+        return self._redis.url
 
     def _inference_setting(self, name: str) -> str:
         key = f"SLUICE_INFERENCE_{name}"
@@ -185,6 +211,7 @@ class LocalStack:
             queue_hosts=(HostPort(LOOPBACK, self.ports.queue),),
             inference_hosts=tuple(HostPort(LOOPBACK, p) for p in self.ports.inference),
             otlp=HostPort(LOOPBACK, self.ports.otlp),
+            ratelimit_hosts=(HostPort(LOOPBACK, self.ports.ratelimit),),
             edge_port=self.ports.edge,
             internal_port=self.ports.internal,
             admin_port=self.ports.admin,
@@ -226,6 +253,14 @@ class LocalStack:
         argv = [sys.executable, "-m", "sluice_inference"]
         return self._spawn(name, argv, {**env, **self.options.inference_env}, cpus)
 
+    def _start_ratelimit(self) -> None:
+        prefix = "SLUICE_RATELIMIT_"
+        env = self._common_env(prefix, self.ports.ratelimit, self.ports.ratelimit_metrics, "ratelimit-1")
+        paths = self.options.ratelimit_config or (repo_root() / "config" / "ratelimit",)
+        env[f"{prefix}CONFIG_PATHS"] = json.dumps([str(p) for p in paths])
+        env[f"{prefix}REDIS_URL"] = self.redis_url
+        self._spawn("ratelimit", [sys.executable, "-m", "sluice_ratelimit"], env)
+
     def _start_queue(self) -> None:
         prefix = "SLUICE_QUEUE_"
         env = self._common_env(prefix, self.ports.queue, self.ports.queue_metrics, "queue-1")
@@ -245,7 +280,8 @@ class LocalStack:
         deadline = time.monotonic() + timeout_s
         while True:
             self.check_alive()
-            if await self.healthy_hosts("inference") >= replicas and await self._generates():
+            ready = await self.healthy_hosts("inference") >= replicas and await self.healthy_hosts("ratelimit") >= 1
+            if ready and await self._generates():
                 return
             if time.monotonic() > deadline:
                 raise StackError(
@@ -302,6 +338,8 @@ class LocalStack:
             *(p.stop(self.options.stop_grace_s) for p in self._processes.values() if p.name not in last)
         )
         await asyncio.gather(*(p.stop(self.options.stop_grace_s) for p in self._processes.values() if p.name in last))
+        if self._redis is not None:
+            await self._redis.stop()
 
     def spans(self, trace_id: str) -> list[Span]:
         """The spans of one trace that have reached the sink so far."""

@@ -63,7 +63,7 @@ class GenerationClient:
     def __init__(self, target: str, api_key: str | None = None) -> None:
         self._channel = insecure_channel(target)
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
-        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._metadata = (("x-api-key", api_key),) if api_key else ()
 
     def generate(self, request: generation_pb2.GenerateRequest, timeout: float | None = None) -> GenerationStream:
         return GenerationStream(self._stub.Generate(request, timeout=timeout, metadata=self._metadata))

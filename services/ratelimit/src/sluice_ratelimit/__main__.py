@@ -1,0 +1,65 @@
+"""``sluice-ratelimit``: serve Envoy's Rate Limit Service API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from redis.asyncio import Redis
+
+from envoy_api.envoy.service.ratelimit.v3 import rls_pb2_grpc
+from sluice_core.logs import setup_logging
+from sluice_core.server import GrpcServer
+from sluice_core.telemetry import setup_tracing, shutdown_tracing
+from sluice_ratelimit import SERVICE_NAME
+from sluice_ratelimit.decisions import Decider, Policy
+from sluice_ratelimit.limiter import Limiter
+from sluice_ratelimit.overlimit_cache import OverLimitCache
+from sluice_ratelimit.reload import ConfigStore
+from sluice_ratelimit.servicer import RateLimitServicer
+from sluice_ratelimit.settings import RateLimitSettings
+
+
+async def serve(settings: RateLimitSettings) -> None:
+    store = ConfigStore(settings.config_paths)
+    # The client's own timeouts stop a dead connection from holding a request
+    # past the decision's deadline; asyncio.timeout bounds the whole call.
+    redis = Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout_ms / 1e3,
+        socket_connect_timeout=settings.redis_timeout_ms / 1e3,
+        max_connections=256,
+    )
+    policy = Policy(
+        key_prefix=settings.key_prefix,
+        redis_timeout_s=settings.redis_timeout_ms / 1e3,
+        fail_closed=settings.fail_closed,
+        near_limit_ratio=settings.near_limit_ratio,
+    )
+    decider = Decider(lambda: store.current, Limiter(redis), policy, OverLimitCache() if settings.local_cache else None)
+    server = GrpcServer(settings, health_names=[SERVICE_NAME])
+    server.add(rls_pb2_grpc.add_RateLimitServiceServicer_to_server, RateLimitServicer(decider), SERVICE_NAME)
+    watcher = asyncio.create_task(store.watch(settings.reload_interval_s))
+    try:
+        async with server:
+            await server.set_serving(True)
+            await server.wait_for_stop()
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await redis.aclose()
+
+
+def main() -> None:
+    settings = RateLimitSettings()
+    setup_logging("ratelimit", settings.log_level, settings.log_format)
+    setup_tracing("sluice-ratelimit", settings.replica_id, settings.otlp_endpoint)
+    try:
+        asyncio.run(serve(settings))
+    finally:
+        shutdown_tracing()
+
+
+if __name__ == "__main__":
+    main()

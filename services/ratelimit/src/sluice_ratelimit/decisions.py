@@ -1,0 +1,278 @@
+"""From a ``ShouldRateLimit`` request to its answer: match, check, decide all or nothing.
+
+Each descriptor is matched against its domain's rules; its hits come from the
+descriptor's ``hits_addend`` (0 only checks) or else the request's (0 counts
+as 1), and ``is_negative_hits`` makes them a refund. A descriptor's ``limit``
+replaces the configured one. A named limit listed in another matched limit's
+``replaces`` is dropped. Then every remaining limit is checked in one Redis
+script call: if any would be exceeded, the answer is OVER_LIMIT and nothing is
+consumed anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from google.protobuf import duration_pb2
+from prometheus_client import Counter
+
+from envoy_api.envoy.config.core.v3 import base_pb2
+from envoy_api.envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+from envoy_api.envoy.service.ratelimit.v3 import rls_pb2
+from sluice_core.errors import FieldViolation, InvalidArgument, Unavailable
+from sluice_ratelimit.config import OVERRIDE_UNITS, UNIT_PROTO, Config, Limit, Rule
+from sluice_ratelimit.limiter import Check, Decision, Limiter, Mode
+from sluice_ratelimit.overlimit_cache import OverLimitCache
+
+logger = logging.getLogger(__name__)
+
+OK = rls_pb2.RateLimitResponse.OK
+OVER_LIMIT = rls_pb2.RateLimitResponse.OVER_LIMIT
+UNLIMITED_REMAINING = 2**32 - 1
+_ERROR_LOG_INTERVAL_S = 10.0
+
+
+class _Metrics:
+    """Per rule (the configured path that matched), like envoyproxy/ratelimit's stats."""
+
+    def __init__(self) -> None:
+        labels = ["domain", "rule"]
+        self.total_hits = Counter("sluice_ratelimit_total_hits", "Hits asked for.", labels)
+        self.within_limit = Counter("sluice_ratelimit_within_limit", "Hits admitted.", labels)
+        self.near_limit = Counter("sluice_ratelimit_near_limit", "Hits admitted past the near-limit share.", labels)
+        self.over_limit = Counter("sluice_ratelimit_over_limit", "Hits refused.", labels)
+        self.shadow_mode = Counter("sluice_ratelimit_shadow_mode", "Hits over a shadow-mode limit (admitted).", labels)
+        self.redis_error = Counter("sluice_ratelimit_redis_error", "Hits decided without Redis (it failed).", labels)
+
+
+METRICS = _Metrics()
+
+
+@dataclass
+class _Plan:
+    """One request descriptor: what applies and what to check."""
+
+    rule: Rule | None
+    limits: list[Limit]
+    hits: int
+    mode: Mode
+    checks: list[Check]
+    path: str
+    shadow: bool
+
+
+@dataclass(frozen=True)
+class Policy:
+    key_prefix: str = "sluice:rl:"
+    redis_timeout_s: float = 0.04
+    fail_closed: bool = False
+    near_limit_ratio: float = 0.8
+
+
+class Decider:
+    def __init__(
+        self,
+        config: Callable[[], Config],
+        limiter: Limiter,
+        policy: Policy,
+        cache: OverLimitCache | None = None,
+    ) -> None:
+        self._config = config
+        self._limiter = limiter
+        self._policy = policy
+        self._cache = cache
+        self._last_error_log = 0.0
+
+    async def decide(self, request: rls_pb2.RateLimitRequest, now_us: int | None = None) -> rls_pb2.RateLimitResponse:
+        _validate(request)
+        domain = self._config().domains.get(request.domain)
+        plans = [self._plan(request, d, domain.match(_entries(d)) if domain else None) for d in request.descriptors]
+        _apply_replaces(plans)
+        checks = [c for p in plans for c in p.checks]
+        decisions = self._cached_refusal(checks)
+        from_redis = decisions is None
+        if decisions is None and checks:
+            decisions = await self._ask_redis(request.domain, plans, checks, now_us)
+        return self._respond(request.domain, plans, decisions, from_redis)
+
+    def _plan(
+        self, request: rls_pb2.RateLimitRequest, descriptor: ratelimit_pb2.RateLimitDescriptor, rule: Rule | None
+    ) -> _Plan:
+        if descriptor.HasField("hits_addend"):
+            hits = descriptor.hits_addend.value
+        else:
+            hits = max(1, request.hits_addend)
+        mode = Mode.CHECK if hits == 0 else Mode.REFUND if descriptor.is_negative_hits else Mode.CONSUME
+        limits = list(rule.limits) if rule is not None and not rule.unlimited else []
+        if descriptor.HasField("limit"):
+            limits = [_override(descriptor.limit)]
+        shadow = rule.shadow_mode if rule is not None else False
+        base = self._policy.key_prefix + request.domain + "|" + "|".join(f"{k}={v}" for k, v in _entries(descriptor))
+        checks = [
+            Check(
+                f"{base}|{limit.requests_per_unit}/{limit.unit}",
+                limit.period_s,
+                limit.requests_per_unit,
+                max(hits, 1),
+                mode,
+                shadow,
+            )
+            for limit in limits
+        ]
+        path = rule.path if rule is not None else ("override" if limits else "")
+        return _Plan(rule, limits, hits, mode, checks, path, shadow)
+
+    def _cached_refusal(self, checks: list[Check]) -> list[Decision] | None:
+        """Answer without Redis when a key is known to be over its limit (nothing would be consumed anyway)."""
+        if self._cache is None:
+            return None
+        waits = [self._cache.over_for(c.key) if c.mode == Mode.CONSUME and not c.shadow else 0.0 for c in checks]
+        if not any(waits):
+            return None
+        return [Decision(admitted=w == 0, remaining=0, reset_s=w, wait_s=w, wait_one_s=w, within=w == 0) for w in waits]
+
+    async def _ask_redis(
+        self, domain: str, plans: list[_Plan], checks: list[Check], now_us: int | None
+    ) -> list[Decision] | None:
+        try:
+            async with asyncio.timeout(self._policy.redis_timeout_s):
+                decisions = await self._limiter.decide(checks, now_us)
+        except Exception as exc:
+            for plan in plans:
+                if plan.checks:
+                    METRICS.redis_error.labels(domain, plan.path).inc(plan.hits)
+            self._log_redis_error(exc)
+            if self._policy.fail_closed:
+                raise Unavailable("the rate-limit store is unavailable", retry_after_s=1.0) from exc
+            return None
+        if self._cache is not None:
+            for check, decision in zip(checks, decisions, strict=True):
+                if not decision.admitted:
+                    self._cache.remember(check.key, decision.wait_one_s)
+        return decisions
+
+    def _log_redis_error(self, exc: Exception) -> None:
+        # At most one line per interval: a Redis outage must not flood the log.
+        now = time.monotonic()
+        if now - self._last_error_log >= _ERROR_LOG_INTERVAL_S:
+            self._last_error_log = now
+            mode = "refusing (fail closed)" if self._policy.fail_closed else "allowing (fail open)"
+            logger.error("Redis failed (%s: %s); %s until it is back", type(exc).__name__, exc, mode)
+
+    def _respond(
+        self, domain: str, plans: list[_Plan], decisions: list[Decision] | None, from_redis: bool
+    ) -> rls_pb2.RateLimitResponse:
+        response = rls_pb2.RateLimitResponse(overall_code=OK)
+        remaining = iter(decisions or [])
+        over: list[tuple[Limit, Decision]] = []
+        for plan in plans:
+            status = response.statuses.add(code=OK)
+            if plan.rule is not None and plan.rule.unlimited and not plan.limits:
+                status.limit_remaining = UNLIMITED_REMAINING
+                continue
+            if not plan.limits:
+                continue
+            if decisions is None:  # Redis failed and we fail open: say what applies, nothing more
+                _describe(status, plan.limits[0])
+                continue
+            mine = [(limit, next(remaining)) for limit in plan.limits]
+            self._count(domain, plan, mine, from_redis)
+            refused = [(lim, d) for lim, d in mine if not d.admitted]
+            tightest = min(mine, key=lambda pair: pair[1].remaining)
+            shown = refused[0] if refused else tightest
+            _describe(status, shown[0], shown[1])
+            if refused:
+                status.code = OVER_LIMIT
+                over.extend(refused)
+        if over:
+            response.overall_code = OVER_LIMIT
+            _add_headers(response, over)
+        return response
+
+    def _count(self, domain: str, plan: _Plan, mine: list[tuple[Limit, Decision]], from_redis: bool) -> None:
+        labels = (domain, plan.path)
+        METRICS.total_hits.labels(*labels).inc(plan.hits)
+        if any(not d.within for _, d in mine):
+            counter = METRICS.shadow_mode if plan.shadow else METRICS.over_limit
+            counter.labels(*labels).inc(plan.hits)
+            return
+        if not from_redis:
+            return  # refused because of another descriptor known to be over; this one was not checked
+        METRICS.within_limit.labels(*labels).inc(plan.hits)
+        if any(d.remaining < lim.requests_per_unit * (1 - self._policy.near_limit_ratio) for lim, d in mine):
+            METRICS.near_limit.labels(*labels).inc(plan.hits)
+
+
+def _entries(descriptor: ratelimit_pb2.RateLimitDescriptor) -> list[tuple[str, str]]:
+    return [(e.key, e.value) for e in descriptor.entries]
+
+
+def _validate(request: rls_pb2.RateLimitRequest) -> None:
+    violations: list[FieldViolation] = []
+    if not request.domain:
+        violations.append(FieldViolation("domain", "must not be empty"))
+    for i, descriptor in enumerate(request.descriptors):
+        if not descriptor.entries:
+            violations.append(FieldViolation(f"descriptors[{i}].entries", "must hold at least one entry"))
+        for j, entry in enumerate(descriptor.entries):
+            if not entry.key:
+                violations.append(FieldViolation(f"descriptors[{i}].entries[{j}].key", "must not be empty"))
+        if descriptor.HasField("limit"):
+            if descriptor.limit.unit not in OVERRIDE_UNITS:
+                violations.append(FieldViolation(f"descriptors[{i}].limit.unit", "must be SECOND ... YEAR"))
+            if descriptor.limit.requests_per_unit == 0:
+                violations.append(FieldViolation(f"descriptors[{i}].limit.requests_per_unit", "must be above 0"))
+    if violations:
+        raise InvalidArgument(violations)
+
+
+def _override(limit: ratelimit_pb2.RateLimitDescriptor.RateLimitOverride) -> Limit:
+    return Limit(limit.requests_per_unit, OVERRIDE_UNITS[limit.unit])
+
+
+def _apply_replaces(plans: Sequence[_Plan]) -> None:
+    replaced = set().union(*(p.rule.replaces for p in plans if p.rule is not None))
+    if not replaced:
+        return
+    for plan in plans:
+        keep = [i for i, limit in enumerate(plan.limits) if not (limit.name and limit.name in replaced)]
+        plan.limits = [plan.limits[i] for i in keep]
+        plan.checks = [plan.checks[i] for i in keep]
+
+
+def _describe(
+    status: rls_pb2.RateLimitResponse.DescriptorStatus, limit: Limit, decision: Decision | None = None
+) -> None:
+    status.current_limit.CopyFrom(
+        rls_pb2.RateLimitResponse.RateLimit(
+            name=limit.name,
+            requests_per_unit=limit.requests_per_unit,
+            unit=UNIT_PROTO[limit.unit],  # type: ignore[arg-type]
+        )
+    )
+    if decision is not None:
+        status.limit_remaining = decision.remaining
+        status.duration_until_reset.CopyFrom(_duration(decision.reset_s))
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(int(seconds * 1e9))
+    return duration
+
+
+def _add_headers(response: rls_pb2.RateLimitResponse, over: list[tuple[Limit, Decision]]) -> None:
+    limit, _ = min(over, key=lambda pair: pair[0].requests_per_unit)
+    retry_after = max(math.ceil(d.wait_s) for _, d in over)
+    for key, value in (
+        ("RateLimit-Limit", str(limit.requests_per_unit)),
+        ("RateLimit-Remaining", "0"),
+        ("RateLimit-Reset", str(retry_after)),
+        ("Retry-After", str(retry_after)),
+    ):
+        response.response_headers_to_add.append(base_pb2.HeaderValue(key=key, value=value))

@@ -1,0 +1,98 @@
+"""The configuration format: what it accepts, what it refuses (naming file, place and reason), how it matches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sluice_ratelimit.config import ConfigError, Limit, load, parse
+
+EXAMPLE = """
+domain: edge
+descriptors:
+  - key: api_key
+    value: anonymous
+    rate_limit: {unit: minute, requests_per_unit: 60}
+  - key: api_key
+    value: "team-*"
+    shadow_mode: true
+    rate_limit: {unit: second, requests_per_unit: 5}
+  - key: api_key
+    descriptors:
+      - key: method
+        value: /sluice.generation.v1.Generation/Generate
+        rate_limits:
+          - {unit: minute, requests_per_unit: 100, name: per-minute}
+          - {unit: day, requests_per_unit: 10000, name: per-day}
+      - key: method
+        rate_limit: {unlimited: true}
+  - key: internal
+    rate_limit: {unit: hour, requests_per_unit: 1000, name: internal, replaces: [{name: per-minute}]}
+"""
+
+
+def test_matches_the_most_specific_descriptor() -> None:
+    edge = parse(EXAMPLE, Path("edge.yaml"))
+    anonymous = edge.match([("api_key", "anonymous")])
+    assert anonymous is not None and anonymous.limits == (Limit(60, "minute"),)
+    team = edge.match([("api_key", "team-blue")])
+    assert team is not None and team.shadow_mode and team.path == "api_key=team-*"
+    generate = edge.match([("api_key", "k1"), ("method", "/sluice.generation.v1.Generation/Generate")])
+    assert generate is not None
+    assert [(lim.requests_per_unit, lim.unit, lim.name) for lim in generate.limits] == [
+        (100, "minute", "per-minute"),
+        (10000, "day", "per-day"),
+    ]
+    other = edge.match([("api_key", "k1"), ("method", "/other")])
+    assert other is not None and other.unlimited
+    internal = edge.match([("internal", "x")])
+    assert internal is not None and internal.replaces == {"per-minute"}
+
+
+def test_unmatched_descriptors_have_no_rule() -> None:
+    edge = parse(EXAMPLE, Path("edge.yaml"))
+    assert edge.match([("tenant", "t1")]) is None
+    assert edge.match([("api_key", "k1")]) is None  # no limit at that level
+    assert edge.match([("api_key", "k1"), ("method", "/m"), ("deeper", "x")]) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: fortnight, requests_per_unit: 1}\n",
+         "descriptors[0].rate_limit.unit: unknown unit 'fortnight'"),
+        ("domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: minute, requests_per_unit: 0}\n",
+         "descriptors[0].rate_limit.requests_per_unit: expected a whole number above 0"),
+        ("domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: minute, requests_per_unit: '5'}\n",
+         "requests_per_unit: expected a whole number above 0"),
+        ("domain: d\ndescriptors:\n  - key: k\n    colour: blue\n", "descriptors[0].colour: unknown key"),
+        ("domain: d\ndescriptors:\n  - key: k\n    detailed_metric: true\n", "not supported by sluice"),
+        ("domain: d\ndescriptors:\n  - value: v\n", "descriptors[0].key: expected a non-empty string"),
+        ("descriptors: []\n", "domain: expected a non-empty string"),
+        ("domain: d\ndescriptors:\n  - key: k\n  - key: k\n", "a second descriptor for key 'k'"),
+        ("domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unlimited: true, unit: second}\n",
+         "an unlimited limit takes no unit"),
+        ("domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: second, requests_per_unit: 1}\n"
+         "    rate_limits: [{unit: second, requests_per_unit: 1}]\n", "either rate_limit or rate_limits"),
+        ("domain: d\ndescriptors:\n  - key: k\n    shadow_mode: yes please\n", "shadow_mode: expected true or false"),
+        ("domain: [d\n", "not valid YAML"),
+    ],
+)  # fmt: skip
+def test_bad_configuration_names_file_place_and_reason(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse(text, Path("limits/bad.yaml"))
+    assert str(caught.value).startswith("limits/bad.yaml: ")
+    assert message in str(caught.value)
+
+
+def test_several_files_and_domains(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("domain: a\ndescriptors: []\n")
+    (tmp_path / "b.yml").write_text("domain: b\ndescriptors: []\n")
+    (tmp_path / "notes.txt").write_text("not a configuration")
+    assert sorted(load([tmp_path]).domains) == ["a", "b"]
+    (tmp_path / "c.yaml").write_text("domain: a\ndescriptors: []\n")
+    with pytest.raises(ConfigError, match="domain 'a' is already defined in"):
+        load([tmp_path])
+    with pytest.raises(ConfigError, match="no such file or folder"):
+        load([tmp_path / "missing"])

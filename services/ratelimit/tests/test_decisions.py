@@ -1,0 +1,167 @@
+"""ShouldRateLimit answers: rules, hits, overrides, replaces, shadow mode, headers, the local cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from google.protobuf import wrappers_pb2
+from redis.asyncio import Redis
+
+from envoy_api.envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+from envoy_api.envoy.service.ratelimit.v3 import rls_pb2
+from envoy_api.envoy.type.v3 import ratelimit_unit_pb2
+from sluice_core.errors import InvalidArgument
+from sluice_ratelimit.config import Config, parse
+from sluice_ratelimit.decisions import OK, OVER_LIMIT, UNLIMITED_REMAINING, Decider, Policy
+from sluice_ratelimit.limiter import Limiter
+from sluice_ratelimit.overlimit_cache import OverLimitCache
+
+T0 = 1_800_000_000_000_000
+CONFIG = """
+domain: edge
+descriptors:
+  - key: api_key
+    rate_limits:
+      - {unit: minute, requests_per_unit: 5, name: per-minute}
+      - {unit: day, requests_per_unit: 8, name: per-day}
+  - key: tenant
+    rate_limit: {unit: hour, requests_per_unit: 1000, name: tokens}
+  - key: free
+    rate_limit: {unlimited: true}
+  - key: trial
+    shadow_mode: true
+    rate_limit: {unit: minute, requests_per_unit: 1}
+  - key: vip
+    rate_limit: {unit: minute, requests_per_unit: 100, replaces: [{name: per-minute}]}
+"""
+
+
+def decider(redis: Redis, cache: OverLimitCache | None = None) -> Decider:
+    config = Config({"edge": parse(CONFIG, Path("edge.yaml"))}, ())
+    return Decider(lambda: config, Limiter(redis), Policy(redis_timeout_s=1.0), cache)
+
+
+def descriptor(
+    *entries: tuple[str, str], hits: int | None = None, refund: bool = False
+) -> ratelimit_pb2.RateLimitDescriptor:
+    d = ratelimit_pb2.RateLimitDescriptor(
+        entries=[ratelimit_pb2.RateLimitDescriptor.Entry(key=k, value=v) for k, v in entries], is_negative_hits=refund
+    )
+    if hits is not None:
+        d.hits_addend.CopyFrom(wrappers_pb2.UInt64Value(value=hits))
+    return d
+
+
+def request(*descriptors: ratelimit_pb2.RateLimitDescriptor, hits: int = 0) -> rls_pb2.RateLimitRequest:
+    return rls_pb2.RateLimitRequest(domain="edge", descriptors=descriptors, hits_addend=hits)
+
+
+async def test_several_limits_on_one_descriptor(redis: Redis) -> None:
+    limits = decider(redis)
+    answers = [await limits.decide(request(descriptor(("api_key", "a"))), T0) for _ in range(6)]
+    assert [a.overall_code for a in answers] == [OK] * 5 + [OVER_LIMIT]
+    # The per-minute limit refills; the per-day one (8) then stops the 9th.
+    later = [await limits.decide(request(descriptor(("api_key", "a"))), T0 + 60_000_000) for _ in range(5)]
+    assert [a.overall_code for a in later] == [OK] * 3 + [OVER_LIMIT] * 2
+    status = later[-1].statuses[0]
+    assert status.code == OVER_LIMIT and status.current_limit.name == "per-day"
+
+
+async def test_every_answer_has_a_code_and_one_status_per_descriptor(redis: Redis) -> None:
+    answer = await decider(redis).decide(
+        request(descriptor(("api_key", "b")), descriptor(("unknown", "x")), descriptor(("free", "y"))), T0
+    )
+    assert answer.overall_code == OK
+    assert [s.code for s in answer.statuses] == [OK, OK, OK]
+    limited, unmatched, unlimited = answer.statuses
+    assert (limited.current_limit.requests_per_unit, limited.limit_remaining) == (5, 4)
+    assert limited.current_limit.unit == rls_pb2.RateLimitResponse.RateLimit.MINUTE
+    assert not unmatched.HasField("current_limit")
+    assert unlimited.limit_remaining == UNLIMITED_REMAINING
+    unknown_domain = await decider(redis).decide(
+        rls_pb2.RateLimitRequest(domain="nope", descriptors=[descriptor(("a", "b"))])
+    )
+    assert unknown_domain.overall_code == OK and len(unknown_domain.statuses) == 1
+
+
+async def test_over_limit_answers_carry_rate_limit_headers(redis: Redis) -> None:
+    limits = decider(redis)
+    for _ in range(5):
+        await limits.decide(request(descriptor(("api_key", "c"))), T0)
+    answer = await limits.decide(request(descriptor(("api_key", "c"))), T0)
+    headers = {h.key: h.value for h in answer.response_headers_to_add}
+    assert headers == {"RateLimit-Limit": "5", "RateLimit-Remaining": "0", "RateLimit-Reset": "12", "Retry-After": "12"}
+
+
+async def test_token_hits_and_refunds(redis: Redis) -> None:
+    limits = decider(redis)
+    tenant = ("tenant", "t1")
+    assert (await limits.decide(request(descriptor(tenant), hits=900), T0)).overall_code == OK
+    assert (await limits.decide(request(descriptor(tenant, hits=200)), T0)).overall_code == OVER_LIMIT
+    refund = await limits.decide(request(descriptor(tenant, hits=300, refund=True)), T0)
+    assert refund.overall_code == OK and refund.statuses[0].limit_remaining == 400
+    probe = await limits.decide(request(descriptor(tenant, hits=0)), T0)
+    assert probe.overall_code == OK and probe.statuses[0].limit_remaining == 400
+
+
+async def test_a_descriptor_limit_overrides_the_configured_one(redis: Redis) -> None:
+    limits = decider(redis)
+    d = descriptor(("tenant", "t2"))
+    d.limit.CopyFrom(
+        ratelimit_pb2.RateLimitDescriptor.RateLimitOverride(requests_per_unit=2, unit=ratelimit_unit_pb2.MINUTE)
+    )
+    answers = [await limits.decide(request(d), T0) for _ in range(3)]
+    assert [a.overall_code for a in answers] == [OK, OK, OVER_LIMIT]
+    assert answers[0].statuses[0].current_limit.requests_per_unit == 2
+
+
+async def test_replaces_drops_the_named_limit(redis: Redis) -> None:
+    limits = decider(redis)
+    both = request(descriptor(("api_key", "d")), descriptor(("vip", "d")))
+    answers = [await limits.decide(both, T0) for _ in range(8)]
+    # per-minute (5) is replaced by vip's 100/minute; per-day (8) still counts.
+    assert all(a.overall_code == OK for a in answers)
+    assert (await limits.decide(both, T0)).overall_code == OVER_LIMIT
+
+
+async def test_shadow_mode_never_refuses(redis: Redis) -> None:
+    limits = decider(redis)
+    answers = [await limits.decide(request(descriptor(("trial", "t"))), T0) for _ in range(3)]
+    assert all(a.overall_code == OK for a in answers)
+
+
+async def test_all_or_nothing_across_descriptors(redis: Redis) -> None:
+    limits = decider(redis)
+    for _ in range(5):
+        await limits.decide(request(descriptor(("api_key", "e"))), T0)
+    answer = await limits.decide(request(descriptor(("tenant", "t3"), hits=10), descriptor(("api_key", "e"))), T0)
+    assert answer.overall_code == OVER_LIMIT
+    assert [s.code for s in answer.statuses] == [OK, OVER_LIMIT]
+    probe = await limits.decide(request(descriptor(("tenant", "t3"), hits=0)), T0)
+    assert probe.statuses[0].limit_remaining == 1000  # the tenant was not charged
+
+
+async def test_keys_known_over_are_answered_without_redis(redis: Redis) -> None:
+    limits = decider(redis, OverLimitCache())
+    for _ in range(6):
+        await limits.decide(request(descriptor(("api_key", "f"))))
+    await redis.config_resetstat()
+    answer = await limits.decide(request(descriptor(("api_key", "f"))))
+    assert answer.overall_code == OVER_LIMIT
+    stats = await redis.info("commandstats")
+    assert "cmdstat_evalsha" not in stats
+
+
+@pytest.mark.parametrize(
+    ("bad", "field"),
+    [
+        (rls_pb2.RateLimitRequest(descriptors=[descriptor(("a", "b"))]), "domain"),
+        (rls_pb2.RateLimitRequest(domain="edge", descriptors=[descriptor()]), "descriptors[0].entries"),
+        (rls_pb2.RateLimitRequest(domain="edge", descriptors=[descriptor(("", "b"))]), "descriptors[0].entries[0].key"),
+    ],
+)
+async def test_bad_requests_name_the_field(redis: Redis, bad: rls_pb2.RateLimitRequest, field: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        await decider(redis).decide(bad)
+    assert caught.value.violations[0].field == field
