@@ -4,10 +4,10 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PACKAGES := libs/protos libs/core libs/client libs/cli services/inference services/queue services/ratelimit
+PACKAGES := libs/protos libs/core libs/client libs/cli services/inference services/queue services/ratelimit services/datastore
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install up test pytest check lint typecheck gen check-gen lock bench bench-ratelimit clean
+.PHONY: install up test pytest check lint typecheck gen check-gen lock bench bench-ratelimit bench-datastore clean
 
 install: $(INSTALLED)
 
@@ -55,6 +55,9 @@ bench: install
 
 bench-ratelimit: install
 	$(VENV)/bin/sluice bench ratelimit
+
+bench-datastore: install
+	$(VENV)/bin/sluice bench datastore
 
 clean:
 	rm -rf $(VENV) .sluice .mypy_cache .ruff_cache .pytest_cache

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 
+from sluice_cli.postgres_server import PostgresServer
 from sluice_cli.redis_server import RedisServer
 from sluice_cli.stack import free_ports
 from sluice_core.telemetry import setup_tracing
+from sluice_datastore.migrate import migrate
 
 # Instrument gRPC once, as every service's main does, so that in-process
 # servers in the tests run with the same interceptors (and trace ids) as in
@@ -23,3 +26,16 @@ async def redis_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
     await server.start()
     yield server
     await server.stop()
+
+
+@pytest.fixture(scope="session")
+async def postgres(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PostgresServer]:
+    """A PostgreSQL of the tests' own, migrated; it logs every statement, so tests can count queries."""
+    server = PostgresServer(free_ports(1)[0], tmp_path_factory.mktemp("postgres"), durable=False, log_statements=True)
+    await server.start()
+    connection = await asyncpg.connect(server.url)
+    await migrate(connection)
+    await connection.close()
+    yield server
+    await server.stop()
+    server.remove_data()

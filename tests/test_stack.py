@@ -17,6 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
 from sluice.generation.v1 import generation_pb2
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
 from sluice_cli.stack import LocalStack
@@ -169,6 +170,7 @@ def test_the_cli_streams_and_summarizes(stack: LocalStack) -> None:
 
 async def test_envoy_refuses_calls_over_the_rate_limit(stack: LocalStack) -> None:
     outcomes = []
+    message = ""
     async with GenerationClient(stack.edge, api_key=LIMITED_KEY) as client:
         for _ in range(LIMITED_PER_HOUR + 2):
             try:
@@ -177,10 +179,46 @@ async def test_envoy_refuses_calls_over_the_rate_limit(stack: LocalStack) -> Non
                 outcomes.append("OK")
             except StreamError as exc:
                 outcomes.append(exc.code.name)
+                message = exc.error.message
     assert outcomes == ["OK"] * LIMITED_PER_HOUR + ["RESOURCE_EXHAUSTED"] * 2
+    assert message.startswith(f"over the rate limit of {LIMITED_PER_HOUR} per hour; retry in ")
     # Other callers are not affected.
     received, _ = await events(stack, request(max_tokens=1))
     assert received[-1].HasField("finished")
+
+
+def test_admin_manages_tenants_and_keys_through_envoy(stack: LocalStack) -> None:
+    sluice = [sys.executable, "-m", "sluice_cli", "admin", "--target", stack.internal]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*sluice, *args], capture_output=True, text=True, timeout=60)
+
+    created = run("create-tenant", "e2e-tenant", "--tier", "premium", "--weight", "3")
+    assert created.returncode == 0, created.stderr
+    assert run("create-tenant", "e2e-tenant").returncode != 0  # names are unique
+    issued = run("issue-key", "e2e-tenant")
+    assert issued.returncode == 0, issued.stderr
+    key = issued.stdout.split("api key (shown once): ")[1].split()[0]
+
+    async def tenant_name() -> str:
+        async with grpc.aio.insecure_channel(stack.internal) as channel:
+            stub = datastore_pb2_grpc.DataStoreStub(channel)
+            return str((await stub.GetTenantByApiKey(datastore_pb2.GetTenantByApiKeyRequest(api_key=key))).name)
+
+    assert asyncio.run(tenant_name()) == "e2e-tenant"
+    assert run("revoke-key", key).returncode == 0
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        asyncio.run(tenant_name())
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_the_stack_issues_a_demo_key(stack: LocalStack) -> None:
+    key = await stack.demo_key()
+    async with grpc.aio.insecure_channel(stack.internal) as channel:
+        stub = datastore_pb2_grpc.DataStoreStub(channel)
+        tenant = await stub.GetTenantByApiKey(datastore_pb2.GetTenantByApiKeyRequest(api_key=key))
+    assert tenant.name == "demo"
+    assert (stack.options.state_dir / "demo-api-key").read_text().strip() == key
 
 
 # Last: it stops the queue.

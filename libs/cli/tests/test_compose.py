@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from sluice_cli.envoy_config import compose_layout, repo_root
+from sluice_datastore.settings import DataStoreSettings
 from sluice_inference.settings import InferenceSettings
 from sluice_queue.settings import QueueSettings
 from sluice_ratelimit.settings import RateLimitSettings
@@ -30,7 +31,8 @@ def test_every_build_target_exists_in_its_dockerfile() -> None:
 
 def test_envoy_routes_to_compose_services_and_mounts_the_rendered_config() -> None:
     layout = compose_layout()
-    for host in (*layout.queue_hosts, *layout.inference_hosts, *layout.ratelimit_hosts, layout.otlp):
+    hosts = (*layout.queue_hosts, *layout.inference_hosts, *layout.ratelimit_hosts, *layout.datastore_hosts)
+    for host in (*hosts, layout.otlp):
         assert host is not None and host.address in SERVICES, host
     (mount,) = SERVICES["envoy"]["volumes"]
     assert mount.startswith("./envoy/envoy.compose.yaml:")
@@ -41,6 +43,7 @@ def test_settings_in_the_environment_are_real_settings() -> None:
         "SLUICE_INFERENCE_": set(InferenceSettings.model_fields),
         "SLUICE_QUEUE_": set(QueueSettings.model_fields),
         "SLUICE_RATELIMIT_": set(RateLimitSettings.model_fields),
+        "SLUICE_DATASTORE_": set(DataStoreSettings.model_fields),
     }
     for name, service in SERVICES.items():
         for variable in service.get("environment", {}):

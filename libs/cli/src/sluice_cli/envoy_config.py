@@ -36,6 +36,7 @@ class EnvoyLayout:
     inference_hosts: tuple[HostPort, ...]
     otlp: HostPort | None = None
     ratelimit_hosts: tuple[HostPort, ...] = ()
+    datastore_hosts: tuple[HostPort, ...] = ()
     ratelimit_domain: str = "sluice-edge"
     ratelimit_timeout: str = "0.1s"
     edge_port: int = 8080
@@ -67,6 +68,7 @@ def compose_layout() -> EnvoyLayout:
         inference_hosts=(HostPort("inference-1", 50061), HostPort("inference-2", 50061)),
         otlp=HostPort("jaeger", 4317),
         ratelimit_hosts=(HostPort("ratelimit", 50071),),
+        datastore_hosts=(HostPort("datastore", 50081),),
         listen_address="0.0.0.0",
         cluster_type="STRICT_DNS",
         health_interval="2s",

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import sys
 
-from sluice_cli import bench, bench_ratelimit, generate, trace_view, up
+from sluice_cli import admin, bench, bench_datastore, bench_ratelimit, generate, trace_view, up
 
 
 def main() -> None:
@@ -19,14 +19,20 @@ def main() -> None:
     bench_kinds = benches.add_subparsers(dest="bench", required=False)
     bench.add_arguments(benches)
     bench_ratelimit.add_arguments(bench_kinds.add_parser("ratelimit", help="ShouldRateLimit against a bare EVALSHA"))
+    bench_datastore.add_arguments(bench_kinds.add_parser("datastore", help="cached, cold and unindexed data access"))
     trace_view.add_arguments(commands.add_parser("trace", help="show a request's trace from the local stack"))
+    admin.add_arguments(commands.add_parser("admin", help="tenants and API keys"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     match args.command:
         case "generate":
             code = asyncio.run(generate.run(args))
+        case "admin":
+            code = asyncio.run(admin.run(args))
         case "up":
             code = asyncio.run(up.run(args))
+        case "bench" if args.bench == "datastore":
+            code = asyncio.run(bench_datastore.run(args))
         case "bench" if args.bench == "ratelimit":
             code = asyncio.run(bench_ratelimit.run(args))
         case "bench":

@@ -2,7 +2,9 @@
 
 Each child runs in its own process group (vLLM's engine-core processes join
 its group), asks the kernel for SIGTERM if its parent dies, and is stopped
-with SIGTERM to the whole group, then SIGKILL after a grace period.
+with SIGTERM to the whole group, then SIGKILL after a grace period. A child
+may be confined to some CPUs, or run as another user; its own children
+inherit both.
 """
 
 from __future__ import annotations
@@ -22,12 +24,17 @@ logger = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 
 
-def _child_setup(cpus: frozenset[int] | None) -> Callable[[], None]:
+def _child_setup(cpus: frozenset[int] | None, uid: int | None) -> Callable[[], None]:
     def setup() -> None:
-        # Runs in the child between fork and exec; its own children inherit both.
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        # Runs in the child between fork and exec; its own children inherit all of it.
         if cpus:
             os.sched_setaffinity(0, cpus)
+        if uid is not None:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+        # After setuid, which would clear it.
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
     return setup
 
@@ -42,6 +49,7 @@ class Process:
         env: Mapping[str, str],
         log_path: Path,
         cpus: frozenset[int] | None = None,
+        uid: int | None = None,
     ) -> None:
         self.name = name
         self.log_path = log_path
@@ -54,7 +62,7 @@ class Process:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_child_setup(cpus),
+                preexec_fn=_child_setup(cpus, uid),
             )
         logger.debug("started %s (pid %d): %s", name, self._popen.pid, " ".join(argv))
 

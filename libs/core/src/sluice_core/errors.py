@@ -71,6 +71,10 @@ class NotFound(SluiceError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class AlreadyExists(SluiceError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class Unimplemented(SluiceError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
@@ -127,6 +131,7 @@ _BY_CODE: dict[grpc.StatusCode, type[SluiceError]] = {
     for cls in (
         Unauthenticated,
         NotFound,
+        AlreadyExists,
         Unimplemented,
         ResourceExhausted,
         Unavailable,

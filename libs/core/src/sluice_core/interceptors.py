@@ -58,10 +58,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming:
-            # Sluice has no client-streaming RPCs yet; leave them (and unknown methods) untouched.
+        if handler is None or (handler.request_streaming and handler.response_streaming):
+            # Sluice has no bidirectional RPCs; leave them (and unknown methods) untouched.
             return handler
         method = handler_call_details.method
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(handler.stream_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
         if handler.response_streaming:
             behavior = handler.unary_stream
             # Some handlers (grpc's health Watch) write with context.write() instead of yielding.

@@ -276,3 +276,7 @@ def _add_headers(response: rls_pb2.RateLimitResponse, over: list[tuple[Limit, De
         ("Retry-After", str(retry_after)),
     ):
         response.response_headers_to_add.append(base_pb2.HeaderValue(key=key, value=value))
+    # Envoy sends this as the refusal's message (grpc-message for gRPC callers).
+    response.raw_body = (
+        f"over the rate limit of {limit.requests_per_unit} per {limit.unit}; retry in {retry_after} s".encode()
+    )

@@ -1,0 +1,93 @@
+"""``sluice admin``: tenants and API keys, through the DataStore API (Envoy's internal listener)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import grpc
+
+from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
+from sluice_core.channels import insecure_channel
+from sluice_core.errors import from_rpc_error
+
+TIERS = {
+    "free": datastore_pb2.TIER_FREE,
+    "standard": datastore_pb2.TIER_STANDARD,
+    "premium": datastore_pb2.TIER_PREMIUM,
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default="127.0.0.1:8081", help="Envoy's internal listener (default %(default)s)")
+    actions = parser.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create-tenant", help="create a tenant")
+    create.add_argument("name")
+    create.add_argument("--tier", choices=sorted(TIERS), default="standard")
+    create.add_argument("--weight", type=int, default=1, help="share of model slots under contention")
+    create.add_argument("--requests-per-minute", type=int, default=0, help="0: no limit")
+    create.add_argument("--tokens-per-minute", type=int, default=0, help="0: no limit")
+    issue = actions.add_parser("issue-key", help="issue an API key (printed once)")
+    issue.add_argument("tenant", help="the tenant's name or id")
+    revoke = actions.add_parser("revoke-key", help="revoke an API key (by the key or its id)")
+    revoke.add_argument("key")
+
+
+async def tenant_id(stub: datastore_pb2_grpc.DataStoreAsyncStub, name_or_id: str) -> str:
+    request = datastore_pb2.GetTenantRequest(name=name_or_id)
+    if len(name_or_id) == 36 and name_or_id.count("-") == 4:
+        request = datastore_pb2.GetTenantRequest(id=name_or_id)
+    return str((await stub.GetTenant(request)).id)
+
+
+async def ensure_tenant_key(stub: datastore_pb2_grpc.DataStoreAsyncStub, name: str) -> str:
+    """A new API key for tenant ``name``, creating the tenant if there is none."""
+    try:
+        found = await tenant_id(stub, name)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+        found = (
+            await stub.CreateTenant(datastore_pb2.CreateTenantRequest(name=name, tier=datastore_pb2.TIER_STANDARD))
+        ).id
+    return str((await stub.IssueApiKey(datastore_pb2.IssueApiKeyRequest(tenant_id=found))).api_key)
+
+
+async def run(args: argparse.Namespace) -> int:
+    channel = insecure_channel(args.target)
+    stub = datastore_pb2_grpc.DataStoreStub(channel)
+    try:
+        match args.action:
+            case "create-tenant":
+                tenant = await stub.CreateTenant(
+                    datastore_pb2.CreateTenantRequest(
+                        name=args.name,
+                        tier=TIERS[args.tier],
+                        scheduling_weight=args.weight,
+                        requests_per_minute=args.requests_per_minute,
+                        tokens_per_minute=args.tokens_per_minute,
+                    )
+                )
+                print(f"tenant {tenant.name}: {tenant.id}")
+            case "issue-key":
+                issued = await stub.IssueApiKey(
+                    datastore_pb2.IssueApiKeyRequest(tenant_id=await tenant_id(stub, args.tenant))
+                )
+                print(f"api key (shown once): {issued.api_key}\nkey id: {issued.key_id}")
+            case _:
+                key = args.key
+                by_id = len(key) == 36 and key.count("-") == 4
+                request = (
+                    datastore_pb2.RevokeApiKeyRequest(key_id=key)
+                    if by_id
+                    else datastore_pb2.RevokeApiKeyRequest(api_key=key)
+                )
+                revoked = (await stub.RevokeApiKey(request)).revoked
+                print("revoked" if revoked else "no active key matched")
+                return 0 if revoked else 1
+    except grpc.aio.AioRpcError as exc:
+        print(f"error: {exc.code().name}: {from_rpc_error(exc).message}", file=sys.stderr)
+        return 1
+    finally:
+        await channel.close()
+    return 0

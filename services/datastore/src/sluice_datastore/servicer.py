@@ -1,0 +1,209 @@
+"""The ``sluice.datastore.v1.DataStore`` servicer: checks input, converts protobuf, calls the store."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
+from sluice_core.errors import FieldViolation, InvalidArgument, NotFound
+from sluice_datastore.records import MessageRecord, TenantRecord, UsageRecord
+from sluice_datastore.store import Store
+
+Context = grpc.aio.ServicerContext[Any, Any]
+MAX_ID_LEN = 128
+MAX_BATCH = 1000
+MAX_MESSAGES = 256
+
+
+def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def _tenant(record: TenantRecord) -> datastore_pb2.Tenant:
+    return datastore_pb2.Tenant(
+        id=record.id,
+        name=record.name,
+        tier=record.tier,  # type: ignore[arg-type]
+        scheduling_weight=record.scheduling_weight,
+        requests_per_minute=record.requests_per_minute,
+        tokens_per_minute=record.tokens_per_minute,
+        created_at=_timestamp(record.created_at),
+    )
+
+
+def _message(record: MessageRecord) -> datastore_pb2.Message:
+    return datastore_pb2.Message(
+        sequence=record.seq,
+        role=record.role,  # type: ignore[arg-type]
+        content=record.content,
+        token_count=record.token_count,
+        created_at=_timestamp(record.created_at),
+    )
+
+
+def _require_uuid(value: str, field: str, out: list[FieldViolation]) -> None:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        out.append(FieldViolation(field, "must be an id (a UUID)"))
+
+
+def _raise(violations: Sequence[FieldViolation]) -> None:
+    if violations:
+        raise InvalidArgument(violations)
+
+
+class DataStoreServicer(datastore_pb2_grpc.DataStoreServicer):
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def GetTenantByApiKey(
+        self, request: datastore_pb2.GetTenantByApiKeyRequest, context: Context
+    ) -> datastore_pb2.Tenant:
+        if not request.api_key or len(request.api_key) > 256:
+            raise InvalidArgument.field("api_key", "must be given, at most 256 characters")
+        tenant = await self._store.tenant_by_api_key(request.api_key)
+        if tenant is None:
+            raise NotFound("unknown or revoked API key")
+        return _tenant(tenant)
+
+    async def CreateConversation(
+        self, request: datastore_pb2.CreateConversationRequest, context: Context
+    ) -> datastore_pb2.Conversation:
+        violations: list[FieldViolation] = []
+        _require_uuid(request.tenant_id, "tenant_id", violations)
+        _raise(violations)
+        record = await self._store.create_conversation(request.tenant_id)
+        return datastore_pb2.Conversation(
+            id=record.id, tenant_id=record.tenant_id, created_at=_timestamp(record.created_at)
+        )
+
+    async def GetConversation(
+        self, request: datastore_pb2.GetConversationRequest, context: Context
+    ) -> AsyncIterator[datastore_pb2.Message]:
+        violations: list[FieldViolation] = []
+        _require_uuid(request.conversation_id, "conversation_id", violations)
+        if request.tenant_id:
+            _require_uuid(request.tenant_id, "tenant_id", violations)
+        _raise(violations)
+        view = await self._store.conversation(request.conversation_id, request.limit, request.tenant_id)
+        for message in view.messages:
+            yield _message(message)
+
+    async def AppendMessages(
+        self, request: datastore_pb2.AppendMessagesRequest, context: Context
+    ) -> datastore_pb2.AppendMessagesResponse:
+        violations: list[FieldViolation] = []
+        _require_uuid(request.conversation_id, "conversation_id", violations)
+        if not request.request_id or len(request.request_id) > MAX_ID_LEN:
+            violations.append(FieldViolation("request_id", f"must be given, at most {MAX_ID_LEN} characters"))
+        if not 1 <= len(request.messages) <= MAX_MESSAGES:
+            violations.append(FieldViolation("messages", f"between 1 and {MAX_MESSAGES} messages"))
+        for i, message in enumerate(request.messages):
+            if message.role == common_pb2.ROLE_UNSPECIFIED:
+                violations.append(FieldViolation(f"messages[{i}].role", "must be set"))
+        _raise(violations)
+        messages = [(m.role, m.content, m.token_count) for m in request.messages]
+        seqs = await self._store.append_messages(request.conversation_id, request.request_id, messages)
+        return datastore_pb2.AppendMessagesResponse(sequences=seqs)
+
+    async def RecordUsage(
+        self, request_iterator: AsyncIterator[datastore_pb2.RecordUsageRequest], context: Context
+    ) -> datastore_pb2.RecordUsageResponse:
+        recorded = duplicates = 0
+        async for batch in request_iterator:
+            records = [_usage(record, f"records[{i}]") for i, record in enumerate(batch.records)]
+            if len(records) > MAX_BATCH:
+                raise InvalidArgument.field("records", f"at most {MAX_BATCH} records a batch")
+            new = await self._store.record_usage(records)
+            recorded += new
+            duplicates += len(records) - new
+        return datastore_pb2.RecordUsageResponse(recorded=recorded, duplicates=duplicates)
+
+    async def CreateTenant(self, request: datastore_pb2.CreateTenantRequest, context: Context) -> datastore_pb2.Tenant:
+        violations: list[FieldViolation] = []
+        if not 1 <= len(request.name) <= 200:
+            violations.append(FieldViolation("name", "must be 1 to 200 characters"))
+        if request.tier == datastore_pb2.TIER_UNSPECIFIED:
+            violations.append(FieldViolation("tier", "must be set"))
+        _raise(violations)
+        tenant = await self._store.create_tenant(
+            request.name,
+            request.tier,
+            request.scheduling_weight or 1,
+            request.requests_per_minute,
+            request.tokens_per_minute,
+        )
+        return _tenant(tenant)
+
+    async def GetTenant(self, request: datastore_pb2.GetTenantRequest, context: Context) -> datastore_pb2.Tenant:
+        violations: list[FieldViolation] = []
+        which = request.WhichOneof("tenant")
+        if which is None:
+            violations.append(FieldViolation("id", "give the tenant's id or name"))
+        elif which == "id":
+            _require_uuid(request.id, "id", violations)
+        _raise(violations)
+        tenant = await self._store.tenant(request.id or None, request.name or None)
+        if tenant is None:
+            raise NotFound(f"no tenant {request.id or request.name!r}")
+        return _tenant(tenant)
+
+    async def IssueApiKey(
+        self, request: datastore_pb2.IssueApiKeyRequest, context: Context
+    ) -> datastore_pb2.IssueApiKeyResponse:
+        violations: list[FieldViolation] = []
+        _require_uuid(request.tenant_id, "tenant_id", violations)
+        _raise(violations)
+        api_key, key_id = await self._store.issue_key(request.tenant_id)
+        return datastore_pb2.IssueApiKeyResponse(api_key=api_key, key_id=key_id)
+
+    async def RevokeApiKey(
+        self, request: datastore_pb2.RevokeApiKeyRequest, context: Context
+    ) -> datastore_pb2.RevokeApiKeyResponse:
+        which = request.WhichOneof("key")
+        violations: list[FieldViolation] = []
+        if which is None:
+            violations.append(FieldViolation("api_key", "give the key or its key_id"))
+        elif which == "key_id":
+            _require_uuid(request.key_id, "key_id", violations)
+        _raise(violations)
+        revoked = await self._store.revoke_key(request.api_key or None, request.key_id or None)
+        return datastore_pb2.RevokeApiKeyResponse(revoked=revoked)
+
+
+def _usage(record: datastore_pb2.UsageRecord, field: str) -> UsageRecord:
+    violations: list[FieldViolation] = []
+    if not record.request_id or len(record.request_id) > MAX_ID_LEN:
+        violations.append(FieldViolation(f"{field}.request_id", f"must be given, at most {MAX_ID_LEN} characters"))
+    _require_uuid(record.tenant_id, f"{field}.tenant_id", violations)
+    if record.cached_tokens > record.prompt_tokens:
+        violations.append(FieldViolation(f"{field}.cached_tokens", "cannot exceed prompt_tokens"))
+    if min(record.queue_ms, record.time_to_first_token_ms, record.total_ms) < 0:
+        violations.append(FieldViolation(f"{field}.timings", "must not be negative"))
+    if not record.status:
+        violations.append(FieldViolation(f"{field}.status", "must be given"))
+    _raise(violations)
+    finished = record.finished_at.ToDatetime(tzinfo=UTC) if record.HasField("finished_at") else datetime.now(UTC)
+    return UsageRecord(
+        record.request_id,
+        record.tenant_id,
+        record.model,
+        record.prompt_tokens,
+        record.completion_tokens,
+        record.cached_tokens,
+        record.queue_ms,
+        record.time_to_first_token_ms,
+        record.total_ms,
+        record.status,
+        finished,
+    )

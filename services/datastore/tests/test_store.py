@@ -1,0 +1,266 @@
+"""The data-access service on real PostgreSQL and Redis: caching, idempotency, invalidation, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.datastore.v1 import datastore_pb2
+from sluice_cli.postgres_server import PostgresServer
+from sluice_cli.redis_server import RedisServer
+
+from .conftest import Service, log_size, new_tenant, statements
+
+USER, ASSISTANT = common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT
+
+
+async def code_of(call: object) -> grpc.StatusCode:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call  # type: ignore[misc]
+    return caught.value.code()
+
+
+async def issue(service: Service, tenant_id: str) -> str:
+    response = await service.stub.IssueApiKey(datastore_pb2.IssueApiKeyRequest(tenant_id=tenant_id))
+    assert response.api_key.startswith("sk-")
+    return response.api_key
+
+
+async def test_an_api_key_finds_its_tenant(service: Service) -> None:
+    tenant = await new_tenant(service.stub)
+    key = await issue(service, tenant.id)
+    found = await service.stub.GetTenantByApiKey(datastore_pb2.GetTenantByApiKeyRequest(api_key=key))
+    assert (found.id, found.name, found.scheduling_weight) == (tenant.id, "acme", 3)
+    unknown = service.stub.GetTenantByApiKey(datastore_pb2.GetTenantByApiKeyRequest(api_key="sk-nope"))
+    assert await code_of(unknown) == grpc.StatusCode.NOT_FOUND
+
+
+async def test_only_a_hash_of_the_key_is_stored(service: Service, postgres: PostgresServer) -> None:
+    import asyncpg
+
+    key = await issue(service, (await new_tenant(service.stub)).id)
+    connection = await asyncpg.connect(postgres.url)
+    dump = await connection.fetchval("SELECT string_agg(k::text, '') FROM api_keys k")
+    await connection.close()
+    assert key not in dump and key.removeprefix("sk-") not in dump
+
+
+async def test_two_hundred_cold_reads_of_one_key_reach_postgres_once(
+    service: Service, other_service: Service, postgres: PostgresServer
+) -> None:
+    key = await issue(service, (await new_tenant(service.stub)).id)
+    since = log_size(postgres)
+    request = datastore_pb2.GetTenantByApiKeyRequest(api_key=key)
+    # Two processes, a hundred concurrent callers each.
+    found = await asyncio.gather(
+        *(s.stub.GetTenantByApiKey(request) for s in (service, other_service) for _ in range(100))
+    )
+    assert {t.name for t in found} == {"acme"}
+    await asyncio.sleep(0.2)  # the log is written asynchronously
+    assert statements(postgres, "tenant_by_key", since) == 1
+
+
+async def test_unknown_keys_are_remembered_as_unknown(service: Service, postgres: PostgresServer) -> None:
+    since = log_size(postgres)
+    request = datastore_pb2.GetTenantByApiKeyRequest(api_key="sk-random-guess")
+    for _ in range(20):
+        assert await code_of(service.stub.GetTenantByApiKey(request)) == grpc.StatusCode.NOT_FOUND
+    await asyncio.sleep(0.2)
+    assert statements(postgres, "tenant_by_key", since) == 1
+
+
+async def test_a_revoked_key_stops_working_everywhere_within_a_second(service: Service, other_service: Service) -> None:
+    key = await issue(service, (await new_tenant(service.stub)).id)
+    request = datastore_pb2.GetTenantByApiKeyRequest(api_key=key)
+    await other_service.stub.GetTenantByApiKey(request)  # now in the other process's memory and in Redis
+    await service.stub.RevokeApiKey(datastore_pb2.RevokeApiKeyRequest(api_key=key))
+    start = time.monotonic()
+    while True:
+        try:
+            await other_service.stub.GetTenantByApiKey(request)
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.NOT_FOUND
+            break
+        assert time.monotonic() - start < 1.0, "the revoked key still works after a second"
+        await asyncio.sleep(0.01)
+
+
+async def test_conversations_round_trip_newest_messages_in_order(service: Service) -> None:
+    tenant = await new_tenant(service.stub)
+    conversation = await service.stub.CreateConversation(datastore_pb2.CreateConversationRequest(tenant_id=tenant.id))
+    for i in range(5):
+        messages = [
+            datastore_pb2.NewMessage(role=USER, content=f"question {i}", token_count=3),
+            datastore_pb2.NewMessage(role=ASSISTANT, content=f"answer {i}", token_count=4),
+        ]
+        await service.stub.AppendMessages(
+            datastore_pb2.AppendMessagesRequest(conversation_id=conversation.id, request_id=f"r{i}", messages=messages)
+        )
+    newest = [
+        m
+        async for m in service.stub.GetConversation(
+            datastore_pb2.GetConversationRequest(conversation_id=conversation.id, limit=3)
+        )
+    ]
+    assert [(m.sequence, m.content) for m in newest] == [(8, "answer 3"), (9, "question 4"), (10, "answer 4")]
+    everything = [
+        m
+        async for m in service.stub.GetConversation(
+            datastore_pb2.GetConversationRequest(conversation_id=conversation.id)
+        )
+    ]
+    assert [m.sequence for m in everything] == list(range(1, 11))
+    stranger = service.stub.GetConversation(
+        datastore_pb2.GetConversationRequest(conversation_id=conversation.id, tenant_id=str(uuid.uuid4()))
+    )
+    assert await code_of(_drain(stranger)) == grpc.StatusCode.NOT_FOUND
+
+
+async def _drain(call: object) -> None:
+    async for _ in call:  # type: ignore[attr-defined]
+        pass
+
+
+async def test_a_write_then_a_read_returns_the_new_data(service: Service, other_service: Service) -> None:
+    tenant = await new_tenant(service.stub)
+    conversation = await service.stub.CreateConversation(datastore_pb2.CreateConversationRequest(tenant_id=tenant.id))
+    read = datastore_pb2.GetConversationRequest(conversation_id=conversation.id, limit=20)
+    assert [m async for m in other_service.stub.GetConversation(read)] == []  # cached, empty
+    message = datastore_pb2.NewMessage(role=USER, content="hello", token_count=1)
+    await service.stub.AppendMessages(
+        datastore_pb2.AppendMessagesRequest(conversation_id=conversation.id, request_id="w1", messages=[message])
+    )
+    for reader in (service, other_service):
+        assert [m.content async for m in reader.stub.GetConversation(read)] == ["hello"]
+
+
+async def test_appending_twice_with_one_request_id_appends_once(service: Service) -> None:
+    tenant = await new_tenant(service.stub)
+    conversation = await service.stub.CreateConversation(datastore_pb2.CreateConversationRequest(tenant_id=tenant.id))
+    append = datastore_pb2.AppendMessagesRequest(
+        conversation_id=conversation.id,
+        request_id="same",
+        messages=[datastore_pb2.NewMessage(role=USER, content="once", token_count=1)],
+    )
+    first, again = await asyncio.gather(service.stub.AppendMessages(append), service.stub.AppendMessages(append))
+    assert list(first.sequences) == list(again.sequences) == [1]
+    everything = [
+        m
+        async for m in service.stub.GetConversation(
+            datastore_pb2.GetConversationRequest(conversation_id=conversation.id)
+        )
+    ]
+    assert len(everything) == 1
+
+
+def usage(request_id: str, tenant_id: str, tokens: int = 10) -> datastore_pb2.UsageRecord:
+    return datastore_pb2.UsageRecord(
+        request_id=request_id,
+        tenant_id=tenant_id,
+        model="tiny",
+        prompt_tokens=tokens,
+        completion_tokens=tokens,
+        cached_tokens=0,
+        queue_ms=1.0,
+        time_to_first_token_ms=5.0,
+        total_ms=50.0,
+        status="length",
+    )
+
+
+async def test_usage_is_counted_once_per_request(service: Service, postgres: PostgresServer) -> None:
+    import asyncpg
+
+    tenant = await new_tenant(service.stub)
+    batch = datastore_pb2.RecordUsageRequest(records=[usage("u1", tenant.id), usage("u2", tenant.id)])
+
+    async def batches() -> AsyncIterator[datastore_pb2.RecordUsageRequest]:
+        yield batch
+        yield datastore_pb2.RecordUsageRequest(records=[usage("u2", tenant.id), usage("u3", tenant.id)])
+
+    first = await service.stub.RecordUsage(batches())
+    assert (first.recorded, first.duplicates) == (3, 1)
+    retry = await service.stub.RecordUsage(iter([batch]))
+    assert (retry.recorded, retry.duplicates) == (0, 2)
+    connection = await asyncpg.connect(postgres.url)
+    total = await connection.fetchval("SELECT sum(prompt_tokens + completion_tokens) FROM usage")
+    await connection.close()
+    assert total == 60
+
+
+async def test_a_batch_with_a_bad_record_writes_nothing(service: Service, postgres: PostgresServer) -> None:
+    import asyncpg
+
+    tenant = await new_tenant(service.stub)
+    orphan = usage("orphan", str(uuid.uuid4()))  # no such tenant
+    call = service.stub.RecordUsage(
+        iter([datastore_pb2.RecordUsageRequest(records=[usage("good", tenant.id), orphan])])
+    )
+    assert await code_of(call) == grpc.StatusCode.NOT_FOUND
+    connection = await asyncpg.connect(postgres.url)
+    assert await connection.fetchval("SELECT count(*) FROM usage") == 0
+    await connection.close()
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (datastore_pb2.CreateTenantRequest(name="", tier=datastore_pb2.TIER_FREE), "name"),
+        (datastore_pb2.CreateTenantRequest(name="x"), "tier"),
+        (datastore_pb2.IssueApiKeyRequest(tenant_id="not-a-uuid"), "tenant_id"),
+        (datastore_pb2.AppendMessagesRequest(conversation_id=str(uuid.uuid4()), request_id="r"), "messages"),
+    ],
+)
+async def test_bad_input_names_the_field(service: Service, request_: object, field: str) -> None:
+    method = {
+        datastore_pb2.CreateTenantRequest: service.stub.CreateTenant,
+        datastore_pb2.IssueApiKeyRequest: service.stub.IssueApiKey,
+        datastore_pb2.AppendMessagesRequest: service.stub.AppendMessages,
+    }[type(request_)]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await method(request_)  # type: ignore[operator]
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (caught.value.details() or "")
+
+
+async def test_redis_down_is_served_from_postgres(service: Service, redis_server: RedisServer) -> None:
+    key = await issue(service, (await new_tenant(service.stub)).id)
+    request = datastore_pb2.GetTenantByApiKeyRequest(api_key=key)
+    await redis_server.stop()
+    try:
+        for _ in range(3):
+            assert (await service.stub.GetTenantByApiKey(request)).name == "acme"
+    finally:
+        await redis_server.start()
+    await asyncio.wait_for(service.local.subscribed.wait(), 5)  # back by itself
+    assert (await service.stub.GetTenantByApiKey(request)).name == "acme"
+
+
+async def test_postgres_down_reads_from_cache_and_refuses_writes(service: Service, postgres: PostgresServer) -> None:
+    tenant = await new_tenant(service.stub)
+    key = await issue(service, tenant.id)
+    request = datastore_pb2.GetTenantByApiKeyRequest(api_key=key)
+    await service.stub.GetTenantByApiKey(request)  # cached
+    await postgres.stop()
+    try:
+        assert (await service.stub.GetTenantByApiKey(request)).name == "acme"
+        write = service.stub.CreateConversation(datastore_pb2.CreateConversationRequest(tenant_id=tenant.id))
+        assert await code_of(write) == grpc.StatusCode.UNAVAILABLE
+        uncached = service.stub.GetTenantByApiKey(datastore_pb2.GetTenantByApiKeyRequest(api_key="sk-other"))
+        assert await code_of(uncached) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await postgres.start()
+    deadline = time.monotonic() + 10
+    while True:  # the pool reconnects by itself
+        try:
+            await service.stub.CreateConversation(datastore_pb2.CreateConversationRequest(tenant_id=tenant.id))
+            break
+        except grpc.aio.AioRpcError:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
