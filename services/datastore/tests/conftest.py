@@ -53,7 +53,7 @@ async def start_service(
         drain_delay_s=0,
         **overrides,  # type: ignore[arg-type]
     )
-    database = await Database.connect(settings.database_url, size=4)
+    database = await Database.connect(settings.database_url, settings.replica_urls, size=4)
     redis = Redis.from_url(settings.redis_url, socket_timeout=0.2, socket_connect_timeout=0.2)
     subscriber = Redis.from_url(settings.redis_url, socket_connect_timeout=0.2)
     local = LocalTenants(settings.local_tenant_ttl_s)

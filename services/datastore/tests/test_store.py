@@ -264,3 +264,37 @@ async def test_postgres_down_reads_from_cache_and_refuses_writes(service: Servic
         except grpc.aio.AioRpcError:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.2)
+
+
+async def test_reads_go_to_replicas_but_a_writer_reads_its_writes(
+    clean: None, postgres: PostgresServer, redis_server: RedisServer
+) -> None:
+    import asyncpg
+
+    from .conftest import start_service
+
+    # A "replica" that lags behind: a database without the conversations written below.
+    admin = await asyncpg.connect(postgres.url)
+    await admin.execute("DROP DATABASE IF EXISTS lagging_replica")
+    await admin.execute("CREATE DATABASE lagging_replica")
+    await admin.close()
+    replica_url = postgres.url.rsplit("/", 1)[0] + "/lagging_replica"
+    replica = await asyncpg.connect(replica_url)
+    from sluice_datastore.migrate import migrate
+
+    await migrate(replica)
+    await replica.close()
+    async for service in start_service(postgres, redis_server, replica_urls=[replica_url]):
+        tenant = await new_tenant(service.stub)
+        written = await service.stub.CreateConversation(datastore_pb2.CreateConversationRequest(tenant_id=tenant.id))
+        untouched = await service.stub.CreateConversation(datastore_pb2.CreateConversationRequest(tenant_id=tenant.id))
+        message = datastore_pb2.NewMessage(role=USER, content="mine", token_count=1)
+        await service.stub.AppendMessages(
+            datastore_pb2.AppendMessagesRequest(conversation_id=written.id, request_id="rw", messages=[message])
+        )
+        # Just written by this process: read from the primary.
+        mine = datastore_pb2.GetConversationRequest(conversation_id=written.id, limit=20)
+        assert [m.content async for m in service.stub.GetConversation(mine)] == ["mine"]
+        # Not written here: read from the replica, which does not have it yet.
+        theirs = service.stub.GetConversation(datastore_pb2.GetConversationRequest(conversation_id=untouched.id))
+        assert await code_of(_drain(theirs)) == grpc.StatusCode.NOT_FOUND
