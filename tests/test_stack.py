@@ -25,7 +25,7 @@ from sluice_cli.trace_sink import Span
 from sluice_client import GenerationClient, StreamError
 from sluice_core.errors import InvalidArgument
 
-from .conftest import LIMITED_KEY, LIMITED_PER_HOUR, eventually, requests_served
+from .conftest import LIMITED_KEY, LIMITED_PER_HOUR, RATE_LIMITS, eventually, requests_served
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -38,7 +38,7 @@ def request(max_tokens: int = 16, prompt: str = "The river", **sampling: object)
 async def events(
     stack: LocalStack, req: generation_pb2.GenerateRequest
 ) -> tuple[list[generation_pb2.GenerateEvent], str]:
-    async with GenerationClient(stack.edge) as client:
+    async with GenerationClient(stack.edge, api_key=stack.demo_api_key) as client:
         stream = client.generate(req, timeout=60)
         received = [event async for event in stream]
     return received, stream.trace_id
@@ -91,7 +91,7 @@ async def test_requests_spread_over_both_replicas(stack: LocalStack) -> None:
 
 
 async def test_cancelling_mid_stream_frees_both_replicas(stack: LocalStack) -> None:
-    async with GenerationClient(stack.edge) as client:
+    async with GenerationClient(stack.edge, api_key=stack.demo_api_key) as client:
         streams = [client.generate(request(max_tokens=1500), timeout=60) for _ in range(4)]
         for stream in streams:
             async for event in stream:
@@ -107,7 +107,7 @@ async def test_cancelling_mid_stream_frees_both_replicas(stack: LocalStack) -> N
 
 
 async def test_an_expired_deadline_is_deadline_exceeded(stack: LocalStack) -> None:
-    async with GenerationClient(stack.edge) as client:
+    async with GenerationClient(stack.edge, api_key=stack.demo_api_key) as client:
         with pytest.raises(StreamError) as caught:
             async for _ in client.generate(request(max_tokens=1500), timeout=0.5):
                 pass
@@ -155,23 +155,32 @@ async def test_one_trace_holds_envoy_queue_and_inference(stack: LocalStack) -> N
 
 
 def test_the_cli_streams_and_summarizes(stack: LocalStack) -> None:
-    sluice = [sys.executable, "-m", "sluice_cli"]
-    ok = subprocess.run([*sluice, "generate", "The river", "--target", stack.edge, "--max-tokens", "8", "--ignore-eos"],
+    sluice = [sys.executable, "-m", "sluice_cli", "generate", "--target", stack.edge, "--api-key", stack.demo_api_key]
+    ok = subprocess.run([*sluice, "The river", "--max-tokens", "8", "--ignore-eos"],
                         capture_output=True, text=True, timeout=60)  # fmt: skip
     assert ok.returncode == 0, ok.stderr
     summary = ok.stderr.strip().splitlines()[-1]
     assert all(key in summary for key in ("ttft_ms=", "tokens_per_s=", "tokens=8", "trace_id="))
     assert ok.stdout.strip()
-    bad = subprocess.run([*sluice, "generate", "x", "--target", stack.edge, "--max-tokens", "0"],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    bad = subprocess.run([*sluice, "x", "--max-tokens", "0"], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0
     assert "INVALID_ARGUMENT" in bad.stderr and "max_tokens" in bad.stderr
 
 
 async def test_envoy_refuses_calls_over_the_rate_limit(stack: LocalStack) -> None:
+    # A real tenant's key, limited by a rate-limit file rewritten while the stack runs (hot reload).
+    async with grpc.aio.insecure_channel(stack.internal) as channel:
+        stub = datastore_pb2_grpc.DataStoreStub(channel)
+        tenant = await stub.CreateTenant(
+            datastore_pb2.CreateTenantRequest(name="limited", tier=datastore_pb2.TIER_FREE)
+        )
+        key = (await stub.IssueApiKey(datastore_pb2.IssueApiKeyRequest(tenant_id=tenant.id))).api_key
+    (config,) = stack.options.ratelimit_config
+    config.write_text(RATE_LIMITS.replace(LIMITED_KEY, key))
+    await asyncio.sleep(2.5)  # the service checks its files every second
     outcomes = []
     message = ""
-    async with GenerationClient(stack.edge, api_key=LIMITED_KEY) as client:
+    async with GenerationClient(stack.edge, api_key=key) as client:
         for _ in range(LIMITED_PER_HOUR + 2):
             try:
                 async for _ in client.generate(request(max_tokens=1), timeout=30):
@@ -223,7 +232,7 @@ async def test_the_stack_issues_a_demo_key(stack: LocalStack) -> None:
 
 # Last: it stops the queue.
 async def test_sigterm_drains_streams_in_flight(stack: LocalStack) -> None:
-    async with GenerationClient(stack.edge) as client:
+    async with GenerationClient(stack.edge, api_key=stack.demo_api_key) as client:
         stream = client.generate(request(max_tokens=300), timeout=60)
         received = []
         async for event in stream:

@@ -101,3 +101,23 @@ def test_plain_chat_template_ends_with_an_open_assistant_turn() -> None:
         common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content="Name a river."),
     ]
     assert render_plain(messages) == "System: Be terse.\nUser: Name a river.\nAssistant:"
+
+
+def chat(*contents: tuple[common_pb2.Role.ValueType, str]) -> common_pb2.ChatMessages:
+    return common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in contents])
+
+
+def test_the_oldest_history_is_dropped_to_fit_keeping_the_system_message() -> None:
+    system, user, assistant = common_pb2.ROLE_SYSTEM, common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT
+    messages = chat((system, "be brief"), (user, "one two three"), (assistant, "four five six"), (user, "seven"))
+    request = inference_pb2.GenerateRequest(
+        messages=messages, history_messages=3, sampling=common_pb2.SamplingParams(max_tokens=4)
+    )
+    # Plain template, one token per word: "System: be brief" 3, "User: one two three" 4,
+    # "Assistant: four five six" 4, "User: seven" 2, "Assistant:" 1 -> 14 in all.
+    assert validate(request, WordTokenizer(), max_model_len=18, vocab_size=100).history_dropped == 0
+    fitted = validate(request, WordTokenizer(), max_model_len=14, vocab_size=100)
+    assert fitted.history_dropped == 1 and len(fitted.prompt_token_ids) == 10
+    tight = validate(request, WordTokenizer(), max_model_len=11, vocab_size=100)
+    assert tight.history_dropped == 2  # the system message stays
+    assert fields(request, max_model_len=9) == ["sampling.max_tokens"]  # nothing left to drop

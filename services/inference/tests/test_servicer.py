@@ -55,6 +55,7 @@ async def test_streams_tokens_as_they_are_generated(replica: Replica) -> None:
     assert finished.reason == common_pb2.FINISH_REASON_LENGTH
     assert finished.usage.completion_tokens == 24
     assert finished.usage.prompt_tokens > 0
+    assert responses[0].accepted.prompt_tokens == finished.usage.prompt_tokens  # announced before any token
     assert 0 < finished.timings.time_to_first_token_ms <= finished.timings.total_ms
     assert finished.replica_id == "test-replica"
 

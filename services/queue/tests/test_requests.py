@@ -6,8 +6,8 @@ import pytest
 
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.generation.v1 import generation_pb2
-from sluice_core.errors import InvalidArgument, Unimplemented
-from sluice_queue.requests import to_inference
+from sluice_core.errors import InvalidArgument
+from sluice_queue.requests import new_messages, to_inference, with_history
 
 
 def public(**fields: object) -> generation_pb2.GenerateRequest:
@@ -49,6 +49,14 @@ def test_bad_input_is_rejected_before_queueing(request_: generation_pb2.Generate
     assert [v.field for v in caught.value.violations] == fields
 
 
-def test_conversations_are_refused_until_they_are_supported() -> None:
-    with pytest.raises(Unimplemented):
-        to_inference(public(conversation_id="c1"), "r")
+def test_history_goes_before_the_new_turn() -> None:
+    history = [
+        common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content="earlier"),
+        common_pb2.ChatMessage(role=common_pb2.ROLE_ASSISTANT, content="reply"),
+    ]
+    request = public(prompt="now")
+    internal = to_inference(request, "r")
+    with_history(internal, history, new_messages(request))
+    assert [m.content for m in internal.messages.messages] == ["earlier", "reply", "now"]
+    assert internal.messages.messages[2].role == common_pb2.ROLE_USER
+    assert internal.history_messages == 2

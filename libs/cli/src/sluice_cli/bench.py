@@ -154,7 +154,7 @@ async def bench_stack(args: argparse.Namespace, concurrencies: list[int], state_
     stack = LocalStack(StackOptions(state_dir=state_dir, ports=StackPorts.free(), log_level="WARNING"))
     try:
         await stack.start()
-        async with GenerationClient(stack.edge) as client:
+        async with GenerationClient(stack.edge, api_key=stack.demo_api_key) as client:
 
             async def chunks(i: int) -> AsyncIterator[int]:
                 async for event in client.generate(public_request(i, args), timeout=300):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.generation.v1 import generation_pb2
@@ -16,7 +17,14 @@ PRIORITIES = {"interactive": generation_pb2.PRIORITY_INTERACTIVE, "batch": gener
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt")
     parser.add_argument("--target", default="127.0.0.1:8080", help="Envoy's edge listener (default %(default)s)")
-    parser.add_argument("--api-key", help="sent as x-api-key; without one, calls count as anonymous")
+    parser.add_argument(
+        "--api-key", help="sent as x-api-key (default: the local stack's demo key, from .sluice/demo-api-key)"
+    )
+    parser.add_argument(
+        "--conversation",
+        metavar="ID",
+        help="continue a stored conversation; 'new' starts one and prints its id",
+    )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--top-p", type=float)
@@ -43,15 +51,27 @@ def build_request(args: argparse.Namespace) -> generation_pb2.GenerateRequest:
     )
 
 
+def api_key(args: argparse.Namespace) -> str | None:
+    if args.api_key:
+        return str(args.api_key)
+    saved = Path(".sluice/demo-api-key")
+    return saved.read_text().strip() if saved.is_file() else None
+
+
 async def run(args: argparse.Namespace) -> int:
     request = build_request(args)
     out, err = sys.stdout, sys.stderr
     start = time.perf_counter()
     first: float | None = None
     finished: generation_pb2.Finished | None = None
-    async with GenerationClient(args.target, api_key=args.api_key) as client:
-        stream = client.generate(request, timeout=args.timeout)
+    async with GenerationClient(args.target, api_key=api_key(args)) as client:
         try:
+            if args.conversation == "new":
+                request.conversation_id = await client.create_conversation(timeout=args.timeout)
+                print(f"[conversation {request.conversation_id}]", file=err, flush=True)
+            elif args.conversation:
+                request.conversation_id = args.conversation
+            stream = client.generate(request, timeout=args.timeout)
             async for event in stream:
                 kind = event.WhichOneof("event")
                 if kind == "queued":
@@ -60,6 +80,9 @@ async def run(args: argparse.Namespace) -> int:
                     first = first if first is not None else time.perf_counter()
                     out.write(event.delta.text)
                     out.flush()
+                elif kind == "started" and event.started.history_messages_dropped:
+                    dropped = event.started.history_messages_dropped
+                    print(f"[{dropped} oldest messages left out to fit the model]", file=err, flush=True)
                 elif kind == "finished":
                     finished = event.finished
         except StreamError as exc:

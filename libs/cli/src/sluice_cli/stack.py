@@ -304,7 +304,9 @@ class LocalStack:
     def _start_queue(self) -> None:
         prefix = "SLUICE_QUEUE_"
         env = self._common_env(prefix, self.ports.queue, self.ports.queue_metrics, "queue-1")
-        env[f"{prefix}INFERENCE_TARGET"] = self.internal
+        # Every hop goes through Envoy's internal listener.
+        for target in ("INFERENCE", "DATASTORE", "RATELIMIT"):
+            env[f"{prefix}{target}_TARGET"] = self.internal
         self._spawn("queue", [sys.executable, "-m", "sluice_queue"], {**env, **self.options.queue_env})
 
     def check_alive(self) -> None:
@@ -316,7 +318,7 @@ class LocalStack:
                 )
 
     async def wait_ready(self, replicas: int, timeout_s: float = 300.0) -> None:
-        """Until Envoy sees ``replicas`` healthy inference hosts and a real request streams through the edge."""
+        """Until Envoy sees every service healthy and a real request (the demo tenant's) streams through the edge."""
         deadline = time.monotonic() + timeout_s
         while True:
             self.check_alive()
@@ -325,6 +327,8 @@ class LocalStack:
                 and await self.healthy_hosts("ratelimit") >= 1
                 and await self.healthy_hosts("datastore") >= 1
             )
+            if ready and not self.demo_api_key:
+                await self.demo_key()
             if ready and await self._generates():
                 return
             if time.monotonic() > deadline:
@@ -344,7 +348,7 @@ class LocalStack:
     async def _generates(self) -> bool:
         request = generation_pb2.GenerateRequest(prompt="ready?", sampling=common_pb2.SamplingParams(max_tokens=2))
         try:
-            async with GenerationClient(self.edge) as client:
+            async with GenerationClient(self.edge, api_key=self.demo_api_key) as client:
                 async for _ in client.generate(request, timeout=10.0):
                     pass
         except StreamError as exc:

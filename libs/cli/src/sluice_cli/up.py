@@ -35,7 +35,7 @@ async def run(args: argparse.Namespace) -> int:
             starting.cancel()
             return 130
         starting.result()
-        demo_key = await stack.demo_key()
+        demo_key = stack.demo_api_key
         ports = stack.ports
         inference_metrics = ", ".join(f":{p}" for p in ports.inference_metrics)
         print(
@@ -45,7 +45,7 @@ async def run(args: argparse.Namespace) -> int:
             f"  metrics: queue :{ports.queue_metrics}, inference {inference_metrics}\n"
             f"  logs: {args.state_dir / 'logs'}\n"
             f"  demo tenant's API key: {demo_key} (also in {args.state_dir / 'demo-api-key'})\n"
-            f'try:  .venv/bin/sluice generate "The river"\n'
+            f'try:  .venv/bin/sluice generate "The river"   (with the demo key)\n'
             f"Ctrl-C stops everything.",
             flush=True,
         )

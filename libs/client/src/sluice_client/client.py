@@ -68,6 +68,16 @@ class GenerationClient:
     def generate(self, request: generation_pb2.GenerateRequest, timeout: float | None = None) -> GenerationStream:
         return GenerationStream(self._stub.Generate(request, timeout=timeout, metadata=self._metadata))
 
+    async def create_conversation(self, timeout: float | None = None) -> str:  # noqa: ASYNC109 - a gRPC deadline
+        """A new conversation of this key's tenant; pass its id as ``conversation_id``."""
+        call = self._stub.CreateConversation(
+            generation_pb2.CreateConversationRequest(), timeout=timeout, metadata=self._metadata
+        )
+        try:
+            return str((await call).id)
+        except grpc.aio.AioRpcError as exc:
+            raise StreamError(from_rpc_error(exc), exc.code(), _trace_id(exc.trailing_metadata())) from None
+
     async def close(self) -> None:
         await self._channel.close()
 

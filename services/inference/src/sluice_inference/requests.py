@@ -25,6 +25,7 @@ class ValidRequest:
     prompt_token_ids: list[int]
     sampling: Sampling
     priority: int
+    history_dropped: int = 0
 
 
 class PromptTokenizer(Protocol):
@@ -43,10 +44,14 @@ def validate(
     request_id = request.request_id or uuid.uuid4().hex
     if len(request_id) > MAX_REQUEST_ID_LEN:
         violations.append(FieldViolation("request_id", f"at most {MAX_REQUEST_ID_LEN} characters"))
-    prompt = _prompt_token_ids(request, tokenizer, vocab_size, violations)
-    sampling = validate_sampling(request.sampling, violations) if request.HasField("sampling") else None
+    # Sampling first (max_tokens decides how much history fits), but reported after the prompt.
+    sampling_violations: list[FieldViolation] = []
+    sampling = validate_sampling(request.sampling, sampling_violations) if request.HasField("sampling") else None
     if sampling is None:
-        violations.append(FieldViolation("sampling.max_tokens", "required, at least 1"))
+        sampling_violations.append(FieldViolation("sampling.max_tokens", "required, at least 1"))
+    room = max_model_len - max(1, sampling.max_tokens if sampling is not None else 1)
+    prompt, dropped = _prompt_token_ids(request, tokenizer, vocab_size, room, violations)
+    violations += sampling_violations
     if prompt is not None:
         if len(prompt) >= max_model_len:
             violations.append(
@@ -67,7 +72,7 @@ def validate(
     if violations:
         raise InvalidArgument(violations)
     assert prompt is not None and sampling is not None
-    return ValidRequest(request_id, prompt, sampling, request.priority)
+    return ValidRequest(request_id, prompt, sampling, request.priority, dropped)
 
 
 def _input_field(request: inference_pb2.GenerateRequest) -> str:
@@ -75,37 +80,62 @@ def _input_field(request: inference_pb2.GenerateRequest) -> str:
 
 
 def _prompt_token_ids(
-    request: inference_pb2.GenerateRequest, tokenizer: PromptTokenizer, vocab_size: int, out: list[FieldViolation]
-) -> list[int] | None:
+    request: inference_pb2.GenerateRequest,
+    tokenizer: PromptTokenizer,
+    vocab_size: int,
+    room: int,
+    out: list[FieldViolation],
+) -> tuple[list[int] | None, int]:
+    """The prompt's token ids and how many history messages were dropped to fit ``room`` tokens."""
     match request.WhichOneof("input"):
         case "prompt":
             if not request.prompt.strip():
                 out.append(FieldViolation("prompt", "must not be empty"))
-                return None
-            return tokenizer.encode(request.prompt)
+                return None, 0
+            return tokenizer.encode(request.prompt), 0
         case "messages":
-            messages = request.messages.messages
+            messages = list(request.messages.messages)
             if not messages:
                 out.append(FieldViolation("messages", "must hold at least one message"))
-                return None
+                return None, 0
             bad = [i for i, m in enumerate(messages) if m.role == common_pb2.ROLE_UNSPECIFIED]
             for i in bad:
                 out.append(FieldViolation(f"messages.messages[{i}].role", "must be set"))
             if not any(m.content.strip() for m in messages):
                 out.append(FieldViolation("messages", "every message is empty"))
-                return None
-            return None if bad else tokenizer.encode_chat(messages)
+                return None, 0
+            if request.history_messages > len(messages):
+                out.append(FieldViolation("history_messages", "more than there are messages"))
+                return None, 0
+            if bad:
+                return None, 0
+            return _fit_history(messages, request.history_messages, tokenizer, room)
         case "prompt_token_ids":
             ids = list(request.prompt_token_ids.ids)
             if not ids:
                 out.append(FieldViolation("prompt_token_ids", "must not be empty"))
-                return None
+                return None, 0
             if max(ids) >= vocab_size:
                 out.append(
                     FieldViolation("prompt_token_ids", f"token ids must be below the vocabulary size {vocab_size}")
                 )
-                return None
-            return ids
+                return None, 0
+            return ids, 0
         case _:
             out.append(FieldViolation("prompt", "one of prompt, messages or prompt_token_ids is required"))
-            return None
+            return None, 0
+
+
+def _fit_history(
+    messages: list[common_pb2.ChatMessage], history: int, tokenizer: PromptTokenizer, room: int
+) -> tuple[list[int], int]:
+    """Drop the oldest history messages (keeping a leading system message) until the prompt fits ``room``."""
+    keep_first = 1 if messages and messages[0].role == common_pb2.ROLE_SYSTEM and history > 0 else 0
+    droppable = history - keep_first
+    dropped = 0
+    while True:
+        kept = messages[:keep_first] + messages[keep_first + dropped :]
+        ids = tokenizer.encode_chat(kept)
+        if len(ids) <= room or dropped >= droppable:
+            return ids, dropped
+        dropped += 1

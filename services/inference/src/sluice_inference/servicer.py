@@ -53,6 +53,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             span.set_attribute("sluice.request_id", valid.request_id)
             span.set_attribute("gen_ai.request.max_tokens", valid.sampling.max_tokens)
             try:
+                yield inference_pb2.GenerateResponse(
+                    accepted=inference_pb2.Accepted(
+                        prompt_tokens=len(valid.prompt_token_ids), history_messages_dropped=valid.history_dropped
+                    )
+                )
                 async with aclosing(self._host.generate(valid)) as outputs:
                     async for output in outputs:
                         last = output

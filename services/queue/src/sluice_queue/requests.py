@@ -7,9 +7,10 @@ with the same field names.
 
 from __future__ import annotations
 
+from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.generation.v1 import generation_pb2
 from sluice.inference.v1 import inference_pb2
-from sluice_core.errors import FieldViolation, InvalidArgument, Unimplemented
+from sluice_core.errors import FieldViolation, InvalidArgument
 from sluice_core.sampling import validate_sampling
 
 MAX_CLIENT_REQUEST_ID_LEN = 128
@@ -41,8 +42,6 @@ def to_inference(request: generation_pb2.GenerateRequest, request_id: str) -> in
         violations.append(FieldViolation("client_request_id", f"at most {MAX_CLIENT_REQUEST_ID_LEN} characters"))
     if violations:
         raise InvalidArgument(violations)
-    if request.conversation_id:
-        raise Unimplemented("conversation_id is not supported yet: stored conversations come with the datastore")
     internal = inference_pb2.GenerateRequest(
         request_id=request_id, sampling=request.sampling, priority=ENGINE_PRIORITY[request.priority]
     )
@@ -51,3 +50,17 @@ def to_inference(request: generation_pb2.GenerateRequest, request_id: str) -> in
     else:
         internal.messages.CopyFrom(request.messages)
     return internal
+
+
+def new_messages(request: generation_pb2.GenerateRequest) -> list[common_pb2.ChatMessage]:
+    """What this request adds to a conversation: its messages, or its prompt as the user's turn."""
+    if request.WhichOneof("input") == "prompt":
+        return [common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=request.prompt)]
+    return list(request.messages.messages)
+
+
+def with_history(internal: inference_pb2.GenerateRequest, history: list[common_pb2.ChatMessage],
+                 new: list[common_pb2.ChatMessage]) -> None:  # fmt: skip
+    """Turn the internal request into chat messages: the conversation's turns, then this request's."""
+    internal.messages.CopyFrom(common_pb2.ChatMessages(messages=[*history, *new]))
+    internal.history_messages = len(history)

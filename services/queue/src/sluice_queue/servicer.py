@@ -1,29 +1,44 @@
 """The public ``sluice.generation.v1.Generation`` servicer.
 
-Each call waits for a slot (told its position as it moves up), then relays
-the token stream from inference through Envoy's internal listener. The
-caller's deadline goes along with the inner call; a caller that goes away
-cancels it, which aborts the generation in the engine.
+Each call is authenticated (its tenant from the data-access service), gets
+its conversation's history, waits for a slot (told its position as it moves
+up), then streams tokens from inference through Envoy's internal listener
+while its tenant's budget is reserved. The caller's deadline goes along with
+the inner call; a caller that goes away cancels it, which aborts the
+generation in the engine. At the end, whatever the outcome, unused budget is
+refunded, usage is recorded, and a successful exchange is appended to its
+conversation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from google.protobuf import timestamp_pb2
 from opentelemetry import trace
 
 from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.datastore.v1 import datastore_pb2
 from sluice.generation.v1 import generation_pb2, generation_pb2_grpc
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
+from sluice_core.errors import SluiceError
 from sluice_core.metrics import RequestMetrics, StreamTimer
 from sluice_queue.admission import Admission
+from sluice_queue.auth import Authenticator
+from sluice_queue.budget import Budgets, Reservation, reserve_tokens
+from sluice_queue.conversations import Conversations
 from sluice_queue.models import ModelDirectory
-from sluice_queue.requests import to_inference
+from sluice_queue.requests import new_messages, to_inference, with_history
+from sluice_queue.usage import UsageRecorder
+
+logger = logging.getLogger(__name__)
 
 METRICS = RequestMetrics("queue")
 _tracer = trace.get_tracer(__name__)
@@ -37,13 +52,43 @@ _OUTCOMES = {
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
+@dataclass
+class _Progress:
+    """What a call has received so far, for charging, recording and storing it."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reply: list[str] = field(default_factory=list)
+    outcome: str = "error"
+    model: str = ""
+
+
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def __init__(
-        self, inference: inference_pb2_grpc.InferenceAsyncStub, admission: Admission, models: ModelDirectory
+        self,
+        inference: inference_pb2_grpc.InferenceAsyncStub,
+        admission: Admission,
+        models: ModelDirectory,
+        auth: Authenticator,
+        budgets: Budgets,
+        conversations: Conversations,
+        usage: UsageRecorder,
     ) -> None:
         self._inference = inference
         self._admission = admission
         self._models = models
+        self._auth = auth
+        self._budgets = budgets
+        self._conversations = conversations
+        self._usage = usage
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def CreateConversation(
+        self, request: generation_pb2.CreateConversationRequest, context: Context
+    ) -> generation_pb2.Conversation:
+        tenant = await self._auth.tenant(context.invocation_metadata(), context.time_remaining())
+        return generation_pb2.Conversation(id=await self._conversations.create(tenant.id, context.time_remaining()))
 
     async def Generate(
         self, request: generation_pb2.GenerateRequest, context: Context
@@ -55,8 +100,15 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         if request.client_request_id:
             span.set_attribute("sluice.client_request_id", request.client_request_id)
         internal = to_inference(request, request_id)
+        tenant = await self._auth.tenant(context.invocation_metadata(), context.time_remaining())
+        span.set_attribute("sluice.tenant", tenant.name)
+        added = new_messages(request)
+        if request.conversation_id:
+            history = await self._conversations.history(request.conversation_id, tenant.id, context.time_remaining())
+            with_history(internal, history, added)
         ticket = self._admission.enter()
-        outcome = "error"
+        progress = _Progress()
+        reserving: asyncio.Future[Reservation | None] | None = None
         queue_s: float | None = None
         try:
             with _tracer.start_as_current_span("queue.wait") as wait:
@@ -65,16 +117,30 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     yield generation_pb2.GenerateEvent(queued=generation_pb2.Queued(position=position))
                 queue_s = time.perf_counter() - timer.start
                 wait.set_attribute("sluice.queue_time_s", queue_s)
-            async for event in self._relay(internal, request, context, timer, queue_s):
-                if event.HasField("finished"):
-                    outcome = _OUTCOMES.get(event.finished.reason, "stop")
+            texts = (
+                [m.content for m in internal.messages.messages] if internal.HasField("messages") else [internal.prompt]
+            )
+            # The budget is reserved while the replica starts: the check costs no time to first token.
+            reserving = asyncio.ensure_future(
+                self._budgets.reserve(
+                    tenant, reserve_tokens(texts, internal.sampling.max_tokens), context.time_remaining()
+                )
+            )
+            async for event in self._relay(internal, request, context, timer, queue_s, reserving, progress):
                 yield event
         except (asyncio.CancelledError, GeneratorExit):
-            outcome = "cancelled"
+            progress.outcome = "cancelled"
+            raise
+        except grpc.aio.AioRpcError as exc:
+            progress.outcome = exc.code().name.lower()
+            raise
+        except SluiceError as exc:
+            progress.outcome = exc.code.name.lower()
             raise
         finally:
             ticket.release()
-            timer.finish(outcome, queue_s)
+            timer.finish(progress.outcome, queue_s)
+            self._after(request, request_id, tenant, added, progress, reserving, timer, queue_s)
 
     async def _relay(
         self,
@@ -83,22 +149,40 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         context: Context,
         timer: StreamTimer,
         queue_s: float,
+        reserving: asyncio.Future[Reservation | None],
+        progress: _Progress,
     ) -> AsyncIterator[generation_pb2.GenerateEvent]:
         with _tracer.start_as_current_span("queue.stream") as span:
             call = self._inference.Generate(internal, timeout=context.time_remaining())
             try:
-                # The inner call is already on its way while the caller hears that it started.
-                yield generation_pb2.GenerateEvent(
-                    started=generation_pb2.Started(request_id=internal.request_id, model=self._models.model_name)
-                )
                 async for response in call:
-                    if response.HasField("delta"):
+                    kind = response.WhichOneof("event")
+                    if kind == "accepted":
+                        progress.prompt_tokens = response.accepted.prompt_tokens
+                        progress.model = self._models.model_name
+                        yield generation_pb2.GenerateEvent(
+                            started=generation_pb2.Started(
+                                request_id=internal.request_id,
+                                model=progress.model,
+                                history_messages_dropped=response.accepted.history_messages_dropped,
+                                prompt_tokens=response.accepted.prompt_tokens,
+                            )
+                        )
+                    elif kind == "delta":
+                        if not reserving.done():
+                            await reserving  # no token leaves before the budget says yes
+                        reserving.result()  # over budget: raises, and the finally below stops the replica
                         if timer.first is None:
                             span.add_event("first_token")
                         timer.chunk(len(response.delta.token_ids))
+                        progress.completion_tokens += len(response.delta.token_ids)
+                        if request.conversation_id:
+                            progress.reply.append(response.delta.text)
                         yield generation_pb2.GenerateEvent(delta=response.delta)
-                    elif response.HasField("finished"):
+                    elif kind == "finished":
                         done = response.finished
+                        progress.outcome = _OUTCOMES.get(done.reason, "stop")
+                        progress.cached_tokens = done.usage.cached_tokens
                         span.set_attribute("sluice.replica_id", done.replica_id)
                         span.set_attribute("gen_ai.usage.prompt_tokens", done.usage.prompt_tokens)
                         span.set_attribute("gen_ai.usage.completion_tokens", done.usage.completion_tokens)
@@ -117,6 +201,73 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                                 client_request_id=request.client_request_id,
                             )
                         )
+                if not reserving.done():
+                    await reserving
             finally:
                 # Whether the caller left or this hop failed, stop the generation.
                 call.cancel()
+
+    def _after(
+        self,
+        request: generation_pb2.GenerateRequest,
+        request_id: str,
+        tenant: datastore_pb2.Tenant,
+        added: list[common_pb2.ChatMessage],
+        progress: _Progress,
+        reserving: asyncio.Future[Reservation | None] | None,
+        timer: StreamTimer,
+        queue_s: float | None,
+    ) -> None:
+        """Refund, record and store, off the caller's path (and whether or not it is still there)."""
+        if reserving is not None:
+            # What the caller was sent is charged, even if it went away.
+            self._spawn(self._settle(reserving, progress.prompt_tokens + progress.completion_tokens))
+        finished = timestamp_pb2.Timestamp()
+        finished.GetCurrentTime()
+        self._usage.record(
+            datastore_pb2.UsageRecord(
+                request_id=request_id,
+                tenant_id=tenant.id,
+                model=progress.model,
+                prompt_tokens=progress.prompt_tokens,
+                completion_tokens=progress.completion_tokens,
+                cached_tokens=min(progress.cached_tokens, progress.prompt_tokens),
+                queue_ms=(queue_s or 0.0) * 1e3,
+                time_to_first_token_ms=timer.ttft_s * 1e3,
+                total_ms=timer.total_s * 1e3,
+                status=progress.outcome,
+                finished_at=finished,
+            )
+        )
+        if request.conversation_id and progress.outcome in ("stop", "length"):
+            reply = "".join(progress.reply)
+            self._spawn(
+                self._conversations.append(
+                    request.conversation_id, request_id, added, reply, progress.completion_tokens
+                )
+            )
+
+    async def _settle(self, reserving: asyncio.Future[Reservation | None], used: int) -> None:
+        try:
+            reservation = await reserving
+        except Exception:
+            return
+        if reservation is not None:
+            await self._budgets.settle(reservation, used)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(self._logged(work))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    @staticmethod
+    async def _logged(work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
+        except Exception:
+            logger.exception("after a request")
+
+    async def drain(self) -> None:
+        """Wait for refunds and conversation appends still under way (at shutdown)."""
+        if self._background:
+            await asyncio.wait(self._background, timeout=10)

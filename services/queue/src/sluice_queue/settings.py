@@ -14,6 +14,11 @@ class QueueSettings(ServiceSettings):
     inference_target: str = Field(
         "127.0.0.1:8081", description="Where inference is reached: Envoy's internal listener, which balances replicas."
     )
+    datastore_target: str = Field("127.0.0.1:8081", description="The data-access service (through Envoy).")
+    ratelimit_target: str = Field("127.0.0.1:8081", description="The rate-limit service, for budgets (through Envoy).")
+    budget_domain: str = Field("sluice-budget", description="The rate-limit domain of per-tenant budgets.")
+    usage_batch_size: int = Field(200, gt=0, description="Usage records per write.")
+    usage_flush_interval_s: float = Field(0.5, gt=0, description="How often buffered usage records are written.")
     max_in_flight: int = Field(64, gt=0, description="Streams relayed to inference at once; the rest wait.")
     max_waiting: int = Field(256, ge=0, description="Callers allowed to wait; beyond, RESOURCE_EXHAUSTED.")
     retry_after_s: float = Field(1.0, gt=0, description="The retry hint sent with RESOURCE_EXHAUSTED.")

@@ -39,6 +39,11 @@ class GenerationStub:
                 request_serializer=sluice_dot_generation_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=sluice_dot_generation_dot_v1_dot_generation__pb2.GenerateEvent.FromString,
                 _registered_method=True)
+        self.CreateConversation = channel.unary_unary(
+                '/sluice.generation.v1.Generation/CreateConversation',
+                request_serializer=sluice_dot_generation_dot_v1_dot_generation__pb2.CreateConversationRequest.SerializeToString,
+                response_deserializer=sluice_dot_generation_dot_v1_dot_generation__pb2.Conversation.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -53,6 +58,13 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateConversation(self, request, context):
+        """A new, empty conversation of the caller's tenant, to pass as conversation_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +72,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=sluice_dot_generation_dot_v1_dot_generation__pb2.GenerateRequest.FromString,
                     response_serializer=sluice_dot_generation_dot_v1_dot_generation__pb2.GenerateEvent.SerializeToString,
+            ),
+            'CreateConversation': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateConversation,
+                    request_deserializer=sluice_dot_generation_dot_v1_dot_generation__pb2.CreateConversationRequest.FromString,
+                    response_serializer=sluice_dot_generation_dot_v1_dot_generation__pb2.Conversation.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +106,33 @@ class Generation:
             '/sluice.generation.v1.Generation/Generate',
             sluice_dot_generation_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
             sluice_dot_generation_dot_v1_dot_generation__pb2.GenerateEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateConversation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.generation.v1.Generation/CreateConversation',
+            sluice_dot_generation_dot_v1_dot_generation__pb2.CreateConversationRequest.SerializeToString,
+            sluice_dot_generation_dot_v1_dot_generation__pb2.Conversation.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,6 +38,8 @@ class GenerationStub:
     Started, token deltas as the model produces them, and one Finished.
     The trailing metadata carries "x-trace-id" for looking the request up.
     """
+    CreateConversation: _grpc.UnaryUnaryMultiCallable[_generation_pb2.CreateConversationRequest, _generation_pb2.Conversation]
+    """A new, empty conversation of the caller's tenant, to pass as conversation_id."""
 
 @_typing.type_check_only
 class GenerationAsyncStub(GenerationStub):
@@ -47,6 +49,8 @@ class GenerationAsyncStub(GenerationStub):
     Started, token deltas as the model produces them, and one Finished.
     The trailing metadata carries "x-trace-id" for looking the request up.
     """
+    CreateConversation: _aio.UnaryUnaryMultiCallable[_generation_pb2.CreateConversationRequest, _generation_pb2.Conversation]  # type: ignore[assignment]
+    """A new, empty conversation of the caller's tenant, to pass as conversation_id."""
 
 class GenerationServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -59,5 +63,13 @@ class GenerationServicer(metaclass=_abc_1.ABCMeta):
         Started, token deltas as the model produces them, and one Finished.
         The trailing metadata carries "x-trace-id" for looking the request up.
         """
+
+    @_abc_1.abstractmethod
+    def CreateConversation(
+        self,
+        request: _generation_pb2.CreateConversationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_generation_pb2.Conversation, _abc.Awaitable[_generation_pb2.Conversation]]:
+        """A new, empty conversation of the caller's tenant, to pass as conversation_id."""
 
 def add_GenerationServicer_to_server(servicer: GenerationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

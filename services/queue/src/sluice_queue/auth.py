@@ -1,0 +1,71 @@
+"""Who is calling: an API key from the call's metadata, its tenant from the data-access service.
+
+Tenants are kept in this process for at most a second, so that a hot key
+costs no round trip while a revoked key still stops working within about a
+second (the data-access service drops its own caches at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+
+import grpc
+
+from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
+from sluice_core.errors import Unauthenticated
+
+_TTL_S = 1.0
+_PRUNE_AT = 10_000
+
+Metadata = Iterable[tuple[str, str | bytes]]
+
+
+def api_key_from(metadata: Metadata | None) -> str | None:
+    """``authorization: Bearer <key>`` or ``x-api-key: <key>``."""
+    for key, value in metadata or ():
+        text = value.decode() if isinstance(value, bytes) else value
+        if key == "x-api-key" and text:
+            return text
+        if key == "authorization" and text.lower().startswith("bearer ") and text[7:].strip():
+            return text[7:].strip()
+    return None
+
+
+class Authenticator:
+    def __init__(self, datastore: datastore_pb2_grpc.DataStoreAsyncStub) -> None:
+        self._datastore = datastore
+        self._known: dict[str, tuple[float, datastore_pb2.Tenant]] = {}
+        self._inflight: dict[str, asyncio.Task[datastore_pb2.Tenant]] = {}
+
+    async def tenant(self, metadata: Metadata | None, timeout_s: float | None) -> datastore_pb2.Tenant:
+        api_key = api_key_from(metadata)
+        if api_key is None:
+            raise Unauthenticated("no API key: send it as 'authorization: Bearer <key>' or 'x-api-key: <key>'")
+        now = time.monotonic()
+        known = self._known.get(api_key)
+        if known is not None and known[0] > now:
+            return known[1]
+        # Concurrent first calls with one key share one lookup.
+        task = self._inflight.get(api_key)
+        if task is None:
+            task = asyncio.ensure_future(self._lookup(api_key, timeout_s))
+            self._inflight[api_key] = task
+            task.add_done_callback(lambda _: self._inflight.pop(api_key, None))
+        return await asyncio.shield(task)
+
+    async def _lookup(self, api_key: str, timeout_s: float | None) -> datastore_pb2.Tenant:
+        try:
+            tenant = await self._datastore.GetTenantByApiKey(
+                datastore_pb2.GetTenantByApiKeyRequest(api_key=api_key), timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise Unauthenticated("unknown or revoked API key") from None
+            raise
+        now = time.monotonic()
+        if len(self._known) >= _PRUNE_AT:
+            self._known = {k: v for k, v in self._known.items() if v[0] > now}
+        self._known[api_key] = (now + _TTL_S, tenant)
+        return tenant

@@ -1,0 +1,101 @@
+"""Usage records for every request, sent to the data-access service in batches.
+
+Records wait in memory and go out in batches (one client-streaming call
+each, one transaction per batch). When the data-access service is away, they
+stay and are sent again later: records are idempotent by request id, so a
+batch that was written but not acknowledged is not counted twice. Only past
+``max_buffered`` records does the oldest go, counted and logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+
+import grpc
+from prometheus_client import Counter, Gauge
+
+from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+RECORDED = Counter("sluice_queue_usage_records", "Usage records by outcome (written, duplicate, dropped).", ["outcome"])
+BUFFERED = Gauge("sluice_queue_usage_buffered", "Usage records waiting to be written.")
+
+_RETRY_MAX_S = 5.0
+# Answers that a retry will not change.
+_REFUSED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+class UsageRecorder:
+    def __init__(
+        self,
+        datastore: datastore_pb2_grpc.DataStoreAsyncStub,
+        batch_size: int = 200,
+        interval_s: float = 0.5,
+        max_buffered: int = 100_000,
+    ) -> None:
+        self._datastore = datastore
+        self._batch_size = batch_size
+        self._interval_s = interval_s
+        self._buffer: deque[datastore_pb2.UsageRecord] = deque()
+        self._max_buffered = max_buffered
+        self._wake = asyncio.Event()
+
+    def record(self, record: datastore_pb2.UsageRecord) -> None:
+        if len(self._buffer) >= self._max_buffered:
+            self._buffer.popleft()
+            RECORDED.labels("dropped").inc()
+            logger.error("usage buffer full (%d); dropped the oldest record", self._max_buffered)
+        self._buffer.append(record)
+        BUFFERED.set(len(self._buffer))
+        if len(self._buffer) >= self._batch_size:
+            self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    async def run(self) -> None:
+        """Flush forever: every interval, or sooner when a batch is full; back off while failing."""
+        delay = self._interval_s
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            delay = self._interval_s if await self.flush() else min(_RETRY_MAX_S, delay * 2)
+
+    async def flush(self, timeout_s: float = 10.0) -> bool:
+        """Send what is buffered; False (records kept) if the data-access service failed."""
+        while self._buffer:
+            batch = [self._buffer[i] for i in range(min(self._batch_size, len(self._buffer)))]
+            try:
+                result = await self._datastore.RecordUsage(
+                    iter([datastore_pb2.RecordUsageRequest(records=batch)]), timeout=timeout_s
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in _REFUSED and len(batch) > 1:
+                    # One bad record (its tenant deleted meanwhile, say) must not hold back the others.
+                    self._batch_size, size = 1, self._batch_size
+                    try:
+                        return await self.flush(timeout_s)
+                    finally:
+                        self._batch_size = size
+                if exc.code() in _REFUSED:
+                    self._buffer.popleft()
+                    RECORDED.labels("dropped").inc()
+                    logger.error("usage record %s refused: %s", batch[0].request_id, exc.details())
+                    continue
+                logger.warning(
+                    "usage not recorded yet (%s %s); %d records kept", exc.code().name, exc.details(), len(self._buffer)
+                )
+                return False
+            for _ in batch:
+                self._buffer.popleft()
+            BUFFERED.set(len(self._buffer))
+            RECORDED.labels("written").inc(result.recorded)
+            RECORDED.labels("duplicate").inc(result.duplicates)
+        return True

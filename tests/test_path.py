@@ -1,0 +1,178 @@
+"""The public request path end to end: API keys, budgets, conversations, usage records."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import asyncpg
+import grpc
+import pytest
+from google.protobuf import wrappers_pb2
+
+from envoy_api.envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+from envoy_api.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from envoy_api.envoy.type.v3 import ratelimit_unit_pb2
+from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
+from sluice.generation.v1 import generation_pb2
+from sluice_cli.postgres_server import PostgresServer
+from sluice_cli.stack import LocalStack
+from sluice_client import GenerationClient, StreamError
+from sluice_core.errors import ResourceExhausted
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+
+def request(prompt: str = "river", max_tokens: int = 8, **fields: object) -> generation_pb2.GenerateRequest:
+    sampling = common_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    return generation_pb2.GenerateRequest(prompt=prompt, sampling=sampling, **fields)  # type: ignore[arg-type]
+
+
+async def run(
+    stack: LocalStack, key: str | None, req: generation_pb2.GenerateRequest
+) -> list[generation_pb2.GenerateEvent]:
+    async with GenerationClient(stack.edge, api_key=key) as client:
+        return [event async for event in client.generate(req, timeout=60)]
+
+
+async def refused(stack: LocalStack, key: str | None, req: generation_pb2.GenerateRequest | None = None) -> StreamError:
+    with pytest.raises(StreamError) as caught:
+        await run(stack, key, req or request())
+    return caught.value
+
+
+async def tenant_with_key(stack: LocalStack, name: str, tokens_per_minute: int = 0) -> tuple[str, str]:
+    async with grpc.aio.insecure_channel(stack.internal) as channel:
+        stub = datastore_pb2_grpc.DataStoreStub(channel)
+        tenant = await stub.CreateTenant(
+            datastore_pb2.CreateTenantRequest(
+                name=name, tier=datastore_pb2.TIER_STANDARD, tokens_per_minute=tokens_per_minute
+            )
+        )
+        key = (await stub.IssueApiKey(datastore_pb2.IssueApiKeyRequest(tenant_id=tenant.id))).api_key
+    return str(tenant.id), str(key)
+
+
+async def tokens_left(stack: LocalStack, tenant_id: str, per_minute: int) -> int:
+    """The tenant's token budget now, asked of the rate-limit service without spending any."""
+    descriptor = ratelimit_pb2.RateLimitDescriptor(
+        entries=[ratelimit_pb2.RateLimitDescriptor.Entry(key="tenant_tokens", value=tenant_id)],
+        limit=ratelimit_pb2.RateLimitDescriptor.RateLimitOverride(
+            requests_per_unit=per_minute, unit=ratelimit_unit_pb2.MINUTE
+        ),
+        hits_addend=wrappers_pb2.UInt64Value(value=0),
+    )
+    async with grpc.aio.insecure_channel(stack.internal) as channel:
+        answer = await rls_pb2_grpc.RateLimitServiceStub(channel).ShouldRateLimit(
+            rls_pb2.RateLimitRequest(domain="sluice-budget", descriptors=[descriptor])
+        )
+    return int(answer.statuses[0].limit_remaining)
+
+
+async def test_calls_without_a_valid_key_are_unauthenticated(stack: LocalStack) -> None:
+    assert (await refused(stack, None)).code == grpc.StatusCode.UNAUTHENTICATED
+    assert (await refused(stack, "sk-made-up")).code == grpc.StatusCode.UNAUTHENTICATED
+    tenant_id, key = await tenant_with_key(stack, "soon-revoked")
+    assert (await run(stack, key, request()))[-1].HasField("finished")
+    async with grpc.aio.insecure_channel(stack.internal) as channel:
+        await datastore_pb2_grpc.DataStoreStub(channel).RevokeApiKey(datastore_pb2.RevokeApiKeyRequest(api_key=key))
+    deadline = time.monotonic() + 3
+    while True:
+        try:
+            await run(stack, key, request(max_tokens=1))
+        except StreamError as exc:
+            assert exc.code == grpc.StatusCode.UNAUTHENTICATED
+            break
+        assert time.monotonic() < deadline, "a revoked key still works"
+        await asyncio.sleep(0.1)
+
+
+async def test_the_token_budget_is_reserved_then_settled_to_what_was_used(stack: LocalStack) -> None:
+    per_minute = 600  # refills 10 tokens a second: the tolerance below
+    tenant_id, key = await tenant_with_key(stack, "budgeted", tokens_per_minute=per_minute)
+    start = time.monotonic()
+    async with GenerationClient(stack.edge, api_key=key) as client:
+        events = [e async for e in client.generate(request("river", max_tokens=40), timeout=60)]
+    used = events[0].started.prompt_tokens + events[-1].finished.usage.completion_tokens
+    assert events[-1].finished.usage.completion_tokens == 40
+    await asyncio.sleep(0.3)  # the refund is sent after the stream ends
+    spent = per_minute - await tokens_left(stack, tenant_id, per_minute)
+    refilled = (time.monotonic() - start) * per_minute / 60
+    assert used - refilled - 1 <= spent <= used, f"spent {spent}, used {used}"
+
+
+async def test_over_the_budget_is_resource_exhausted_with_a_retry_hint(stack: LocalStack) -> None:
+    _, key = await tenant_with_key(stack, "frugal", tokens_per_minute=30)
+    error = await refused(stack, key, request("river", max_tokens=40))
+    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert isinstance(error.error, ResourceExhausted) and error.error.retry_after_s
+    assert "tokens per minute" in error.error.message
+
+
+async def test_a_caller_that_leaves_is_charged_for_what_it_got(stack: LocalStack) -> None:
+    per_minute = 6000
+    tenant_id, key = await tenant_with_key(stack, "leaver", tokens_per_minute=per_minute)
+    received = prompt = 0
+    start = time.monotonic()
+    async with GenerationClient(stack.edge, api_key=key) as client:
+        stream = client.generate(request("river", max_tokens=1000), timeout=60)
+        async for event in stream:
+            if event.HasField("started"):
+                prompt = event.started.prompt_tokens
+            if event.HasField("delta"):
+                received += len(event.delta.token_ids)
+                if received >= 10:
+                    break
+        stream.cancel()
+    await asyncio.sleep(0.5)
+    spent = per_minute - await tokens_left(stack, tenant_id, per_minute)
+    refilled = (time.monotonic() - start) * per_minute / 60
+    assert prompt + received - refilled - 1 <= spent, "the tokens sent were not charged"
+    assert spent < 500, "the unused reservation was not refunded"
+
+
+async def test_conversations_carry_history_and_store_the_exchange(stack: LocalStack) -> None:
+    key = stack.demo_api_key
+    async with GenerationClient(stack.edge, api_key=key) as client:
+        conversation = await client.create_conversation(timeout=10)
+    first = await run(stack, key, request("The first question", conversation_id=conversation))
+    second = await run(stack, key, request("The second one", conversation_id=conversation))
+    alone = await run(stack, key, request("The second one"))
+    assert second[0].started.prompt_tokens > alone[0].started.prompt_tokens  # the history went in front
+    replies = ["".join(e.delta.text for e in events if e.HasField("delta")) for events in (first, second)]
+    await asyncio.sleep(0.5)  # the exchange is stored after the stream ends
+    async with grpc.aio.insecure_channel(stack.internal) as channel:
+        stored = [
+            (m.role, m.content)
+            async for m in datastore_pb2_grpc.DataStoreStub(channel).GetConversation(
+                datastore_pb2.GetConversationRequest(conversation_id=conversation)
+            )
+        ]
+    user, assistant = common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT
+    assert stored == [
+        (user, "The first question"),
+        (assistant, replies[0]),
+        (user, "The second one"),
+        (assistant, replies[1]),
+    ]
+    other_tenant = (await tenant_with_key(stack, "nosy"))[1]
+    nosy = await refused(stack, other_tenant, request("hi", conversation_id=conversation))
+    assert nosy.code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_every_request_is_recorded(stack: LocalStack, postgres: PostgresServer) -> None:
+    tenant_id, key = await tenant_with_key(stack, "recorded")
+    events = await run(stack, key, request(max_tokens=8))
+    request_id = events[-1].finished.request_id
+    connection = await asyncpg.connect(stack.database_url)
+    try:
+        deadline = time.monotonic() + 5
+        while (row := await connection.fetchrow("SELECT * FROM usage WHERE request_id = $1", request_id)) is None:
+            assert time.monotonic() < deadline, "no usage record"
+            await asyncio.sleep(0.1)
+    finally:
+        await connection.close()
+    assert str(row["tenant_id"]) == tenant_id
+    assert (row["completion_tokens"], row["status"]) == (8, "length")
+    assert row["prompt_tokens"] == events[0].started.prompt_tokens
