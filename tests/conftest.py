@@ -14,6 +14,8 @@ from sluice_cli.postgres_server import PostgresServer
 from sluice_cli.redis_server import RedisServer
 from sluice_cli.stack import LOOPBACK, LocalStack, StackOptions, StackPorts
 
+SLOTS_PER_REPLICA = 4
+WAITING_PER_TENANT = 20
 LIMITED_KEY = "e2e-limited"
 LIMITED_PER_HOUR = 3
 RATE_LIMITS = f"""
@@ -47,6 +49,9 @@ async def stack(
         redis_url=redis_server.url,
         database_url=postgres.url,
         ratelimit_config=(limits,),
+        # Few slots, so that a handful of requests saturates the stack.
+        inference_env={"SLUICE_INFERENCE_MAX_NUM_SEQS": str(SLOTS_PER_REPLICA)},
+        queue_env={"SLUICE_QUEUE_MAX_WAITING_PER_TENANT": str(WAITING_PER_TENANT)},
     )
     local = LocalStack(options)
     try:

@@ -230,7 +230,7 @@ async def test_the_stack_issues_a_demo_key(stack: LocalStack) -> None:
     assert (stack.options.state_dir / "demo-api-key").read_text().strip() == key
 
 
-# Last: it stops the queue.
+# Last: it stops the queue replicas.
 async def test_sigterm_drains_streams_in_flight(stack: LocalStack) -> None:
     async with GenerationClient(stack.edge, api_key=stack.demo_api_key) as client:
         stream = client.generate(request(max_tokens=300), timeout=60)
@@ -238,6 +238,7 @@ async def test_sigterm_drains_streams_in_flight(stack: LocalStack) -> None:
         async for event in stream:
             received.append(event)
             if event.HasField("delta") and len(received) == 3:
-                os.kill(stack.process("queue").pid, signal.SIGTERM)
+                for index in range(len(stack.ports.queue)):
+                    os.kill(stack.process(f"queue-{index + 1}").pid, signal.SIGTERM)
     assert received[-1].HasField("finished"), "the stream in flight must finish, not be cut"
     assert received[-1].finished.usage.completion_tokens == 300

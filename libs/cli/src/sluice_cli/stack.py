@@ -52,8 +52,8 @@ class StackPorts:
     internal: int = 8081
     admin: int = 9901
     otlp: int = 4317
-    queue: int = 50051
-    queue_metrics: int = 9101
+    queue: tuple[int, ...] = (50051, 50052)
+    queue_metrics: tuple[int, ...] = (9101, 9102)
     ratelimit: int = 50071
     ratelimit_metrics: int = 9121
     datastore: int = 50081
@@ -62,28 +62,28 @@ class StackPorts:
     inference_metrics: tuple[int, ...] = (9111, 9112)
 
     @classmethod
-    def free(cls, replicas: int = 2) -> StackPorts:
+    def free(cls, replicas: int = 2, queues: int = 2) -> StackPorts:
         """Ports nothing listens on now, for tests and benchmarks beside a running stack."""
-        ports = free_ports(10 + 2 * replicas)
+        ports = free_ports(8 + 2 * replicas + 2 * queues)
         return cls(
             edge=ports[0],
             internal=ports[1],
             admin=ports[2],
             otlp=ports[3],
-            queue=ports[4],
-            queue_metrics=ports[5],
-            ratelimit=ports[6],
-            ratelimit_metrics=ports[7],
-            datastore=ports[8],
-            datastore_metrics=ports[9],
-            inference=tuple(ports[10 : 10 + replicas]),
-            inference_metrics=tuple(ports[10 + replicas :]),
+            ratelimit=ports[4],
+            ratelimit_metrics=ports[5],
+            datastore=ports[6],
+            datastore_metrics=ports[7],
+            inference=tuple(ports[8 : 8 + replicas]),
+            inference_metrics=tuple(ports[8 + replicas : 8 + 2 * replicas]),
+            queue=tuple(ports[8 + 2 * replicas : 8 + 2 * replicas + queues]),
+            queue_metrics=tuple(ports[8 + 2 * replicas + queues :]),
         )
 
     def all(self) -> list[int]:
-        return [self.edge, self.internal, self.admin, self.otlp, self.queue, self.queue_metrics, self.ratelimit,
-                self.ratelimit_metrics, self.datastore, self.datastore_metrics,
-                *self.inference, *self.inference_metrics]  # fmt: skip
+        return [self.edge, self.internal, self.admin, self.otlp, self.ratelimit, self.ratelimit_metrics,
+                self.datastore, self.datastore_metrics, *self.inference, *self.inference_metrics,
+                *self.queue, *self.queue_metrics]  # fmt: skip
 
 
 def replica_cpus(index: int, replicas: int) -> frozenset[int]:
@@ -201,7 +201,8 @@ class LocalStack:
         count = len(self.ports.inference) if replicas is None else replicas
         for index in range(count):
             self.start_inference(index)
-        self._start_queue()
+        for index in range(len(self.ports.queue)):
+            self.start_queue(index)
         await self.wait_ready(replicas=count)
 
     async def _find_or_start_postgres(self) -> str:
@@ -240,7 +241,7 @@ class LocalStack:
 
     def _start_envoy(self) -> None:
         layout = EnvoyLayout(
-            queue_hosts=(HostPort(LOOPBACK, self.ports.queue),),
+            queue_hosts=tuple(HostPort(LOOPBACK, p) for p in self.ports.queue),
             inference_hosts=tuple(HostPort(LOOPBACK, p) for p in self.ports.inference),
             otlp=HostPort(LOOPBACK, self.ports.otlp),
             ratelimit_hosts=(HostPort(LOOPBACK, self.ports.ratelimit),),
@@ -301,13 +302,18 @@ class LocalStack:
         env[f"{prefix}REDIS_URL"] = self.redis_url
         self._spawn("datastore", [sys.executable, "-m", "sluice_datastore"], env)
 
-    def _start_queue(self) -> None:
+    def start_queue(self, index: int) -> Process:
         prefix = "SLUICE_QUEUE_"
-        env = self._common_env(prefix, self.ports.queue, self.ports.queue_metrics, "queue-1")
+        name = f"queue-{index + 1}"
+        env = self._common_env(prefix, self.ports.queue[index], self.ports.queue_metrics[index], name)
         # Every hop goes through Envoy's internal listener.
         for target in ("INFERENCE", "DATASTORE", "RATELIMIT"):
             env[f"{prefix}{target}_TARGET"] = self.internal
-        self._spawn("queue", [sys.executable, "-m", "sluice_queue"], {**env, **self.options.queue_env})
+        env[f"{prefix}REDIS_URL"] = self.redis_url
+        # The stack's replicas share one waiting line; other stacks on this machine (a test run
+        # beside a dev stack, say) keep their own.
+        env[f"{prefix}QUEUE_PREFIX"] = f"{{sluice-queue-{self.ports.edge}}}"
+        return self._spawn(name, [sys.executable, "-m", "sluice_queue"], {**env, **self.options.queue_env})
 
     def check_alive(self) -> None:
         for process in self._processes.values():
@@ -326,6 +332,7 @@ class LocalStack:
                 await self.healthy_hosts("inference") >= replicas
                 and await self.healthy_hosts("ratelimit") >= 1
                 and await self.healthy_hosts("datastore") >= 1
+                and await self.healthy_hosts("queue") >= len(self.ports.queue)
             )
             if ready and not self.demo_api_key:
                 await self.demo_key()

@@ -24,7 +24,8 @@ async def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     print(
-        "starting sluice: Envoy, two inference replicas (a minute to load the model), queue, ratelimit, datastore ...",
+        "starting sluice: Envoy, two inference replicas (a minute to load the model), two queue replicas, "
+        "ratelimit, datastore ...",
         flush=True,
     )
     try:
@@ -38,11 +39,12 @@ async def run(args: argparse.Namespace) -> int:
         demo_key = stack.demo_api_key
         ports = stack.ports
         inference_metrics = ", ".join(f":{p}" for p in ports.inference_metrics)
+        queue_metrics = ", ".join(f":{p}" for p in ports.queue_metrics)
         print(
             f"sluice is ready.\n"
             f"  public API (gRPC, sluice.generation.v1.Generation): {stack.edge}\n"
             f"  Envoy admin: http://127.0.0.1:{ports.admin}/clusters   traces: {stack.traces_path}\n"
-            f"  metrics: queue :{ports.queue_metrics}, inference {inference_metrics}\n"
+            f"  metrics: queue {queue_metrics}, inference {inference_metrics}\n"
             f"  logs: {args.state_dir / 'logs'}\n"
             f"  demo tenant's API key: {demo_key} (also in {args.state_dir / 'demo-api-key'})\n"
             f'try:  .venv/bin/sluice generate "The river"   (with the demo key)\n'

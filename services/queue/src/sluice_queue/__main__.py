@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 
+from redis.asyncio import Redis
+
 from envoy_api.envoy.service.ratelimit.v3 import rls_pb2_grpc
 from sluice.datastore.v1 import datastore_pb2_grpc
 from sluice.generation.v1 import generation_pb2_grpc
@@ -15,11 +17,11 @@ from sluice_core.logs import setup_logging
 from sluice_core.server import GrpcServer
 from sluice_core.telemetry import setup_tracing, shutdown_tracing
 from sluice_queue import SERVICE_NAME
-from sluice_queue.admission import Admission
 from sluice_queue.auth import Authenticator
 from sluice_queue.budget import Budgets
 from sluice_queue.conversations import Conversations
-from sluice_queue.models import ModelDirectory
+from sluice_queue.engines import Engines
+from sluice_queue.scheduler import Scheduler
 from sluice_queue.servicer import GenerationServicer
 from sluice_queue.settings import QueueSettings
 from sluice_queue.usage import UsageRecorder
@@ -35,13 +37,15 @@ async def serve(settings: QueueSettings) -> None:
     inference = inference_pb2_grpc.InferenceStub(channels[settings.inference_target])
     datastore = datastore_pb2_grpc.DataStoreStub(channels[settings.datastore_target])
     ratelimit = rls_pb2_grpc.RateLimitServiceStub(channels[settings.ratelimit_target])
-    admission = Admission(settings.max_in_flight, settings.max_waiting, settings.retry_after_s)
-    models = ModelDirectory(inference, settings.model_info_ttl_s)
+    # No socket timeout: the admission channel stays quiet while nothing moves.
+    redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2.0, health_check_interval=10)
+    scheduler = Scheduler(redis, settings.scheduler())
+    engines = Engines(inference, scheduler.report_engines, settings.engine_interval_s, settings.engine_probes)
     usage = UsageRecorder(datastore, settings.usage_batch_size, settings.usage_flush_interval_s)
     servicer = GenerationServicer(
         inference,
-        admission,
-        models,
+        scheduler,
+        engines,
         Authenticator(datastore),
         Budgets(ratelimit, settings.budget_domain),
         Conversations(datastore),
@@ -49,7 +53,7 @@ async def serve(settings: QueueSettings) -> None:
     )
     server = GrpcServer(settings, health_names=[SERVICE_NAME])
     server.add(generation_pb2_grpc.add_GenerationServicer_to_server, servicer, SERVICE_NAME)
-    tasks = [asyncio.create_task(models.run()), asyncio.create_task(usage.run())]
+    tasks = [asyncio.create_task(job.run()) for job in (engines, scheduler, usage)]
     try:
         async with server:
             await server.set_serving(True)
@@ -65,6 +69,7 @@ async def serve(settings: QueueSettings) -> None:
             logger.error("%d usage records could not be written before shutdown", usage.pending)
         for channel in channels.values():
             await channel.close()
+        await redis.aclose()
 
 
 def main() -> None:

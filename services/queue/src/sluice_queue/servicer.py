@@ -30,12 +30,12 @@ from sluice.generation.v1 import generation_pb2, generation_pb2_grpc
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
 from sluice_core.errors import SluiceError
 from sluice_core.metrics import RequestMetrics, StreamTimer
-from sluice_queue.admission import Admission
 from sluice_queue.auth import Authenticator
 from sluice_queue.budget import Budgets, Reservation, reserve_tokens
 from sluice_queue.conversations import Conversations
-from sluice_queue.models import ModelDirectory
+from sluice_queue.engines import Engines
 from sluice_queue.requests import new_messages, to_inference, with_history
+from sluice_queue.scheduler import Scheduler
 from sluice_queue.usage import UsageRecorder
 
 logger = logging.getLogger(__name__)
@@ -68,16 +68,16 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def __init__(
         self,
         inference: inference_pb2_grpc.InferenceAsyncStub,
-        admission: Admission,
-        models: ModelDirectory,
+        scheduler: Scheduler,
+        engines: Engines,
         auth: Authenticator,
         budgets: Budgets,
         conversations: Conversations,
         usage: UsageRecorder,
     ) -> None:
         self._inference = inference
-        self._admission = admission
-        self._models = models
+        self._scheduler = scheduler
+        self._engines = engines
         self._auth = auth
         self._budgets = budgets
         self._conversations = conversations
@@ -106,7 +106,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         if request.conversation_id:
             history = await self._conversations.history(request.conversation_id, tenant.id, context.time_remaining())
             with_history(internal, history, added)
-        ticket = self._admission.enter()
+        weight = tenant.scheduling_weight or 1
+        ticket = await self._scheduler.enter(request_id, tenant.id, weight, request.priority)
         progress = _Progress()
         reserving: asyncio.Future[Reservation | None] | None = None
         queue_s: float | None = None
@@ -138,7 +139,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             progress.outcome = exc.code.name.lower()
             raise
         finally:
-            ticket.release()
+            self._spawn(ticket.release())
             timer.finish(progress.outcome, queue_s)
             self._after(request, request_id, tenant, added, progress, reserving, timer, queue_s)
 
@@ -159,7 +160,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     kind = response.WhichOneof("event")
                     if kind == "accepted":
                         progress.prompt_tokens = response.accepted.prompt_tokens
-                        progress.model = self._models.model_name
+                        progress.model = self._engines.model_name
                         yield generation_pb2.GenerateEvent(
                             started=generation_pb2.Started(
                                 request_id=internal.request_id,
@@ -184,6 +185,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                         progress.outcome = _OUTCOMES.get(done.reason, "stop")
                         progress.cached_tokens = done.usage.cached_tokens
                         span.set_attribute("sluice.replica_id", done.replica_id)
+                        self._engines.seen(done.replica_id)
                         span.set_attribute("gen_ai.usage.prompt_tokens", done.usage.prompt_tokens)
                         span.set_attribute("gen_ai.usage.completion_tokens", done.usage.completion_tokens)
                         span.set_attribute("gen_ai.latency.time_to_first_token", timer.ttft_s)

@@ -6,6 +6,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from sluice_core.settings import ServiceSettings
+from sluice_queue.scheduler import SchedulerConfig
 
 
 class QueueSettings(ServiceSettings):
@@ -19,7 +20,24 @@ class QueueSettings(ServiceSettings):
     budget_domain: str = Field("sluice-budget", description="The rate-limit domain of per-tenant budgets.")
     usage_batch_size: int = Field(200, gt=0, description="Usage records per write.")
     usage_flush_interval_s: float = Field(0.5, gt=0, description="How often buffered usage records are written.")
-    max_in_flight: int = Field(64, gt=0, description="Streams relayed to inference at once; the rest wait.")
-    max_waiting: int = Field(256, ge=0, description="Callers allowed to wait; beyond, RESOURCE_EXHAUSTED.")
-    retry_after_s: float = Field(1.0, gt=0, description="The retry hint sent with RESOURCE_EXHAUSTED.")
-    model_info_ttl_s: float = Field(30.0, gt=0, description="How long the served model's description is cached.")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="The shared waiting line and slot leases.")
+    queue_prefix: str = Field("{sluice-queue}", description="Key prefix of the shared queue in Redis.")
+    lease_s: float = Field(3.0, gt=0, description="A dead replica's slots and waiters are freed within this long.")
+    max_waiting_per_class: int = Field(1024, ge=0, description="Waiting requests per priority class, all replicas.")
+    max_waiting_per_tenant: int = Field(256, ge=0, description="Waiting requests per tenant, all replicas.")
+    retry_after_s: float = Field(1.0, gt=0, description="The retry hint sent when a waiting line is full.")
+    position_interval_s: float = Field(0.25, gt=0, description="How often waiters' positions are refreshed.")
+    engine_interval_s: float = Field(1.0, gt=0, description="How often inference replicas are probed for slots.")
+    engine_probes: int = Field(4, gt=0, description="Concurrent probes per round (Envoy spreads them).")
+    engine_ttl_s: float = Field(10.0, gt=0, description="A replica unseen this long stops counting as capacity.")
+
+    def scheduler(self) -> SchedulerConfig:
+        return SchedulerConfig(
+            prefix=self.queue_prefix,
+            lease_s=self.lease_s,
+            max_waiting_per_class=self.max_waiting_per_class,
+            max_waiting_per_tenant=self.max_waiting_per_tenant,
+            retry_after_s=self.retry_after_s,
+            position_interval_s=self.position_interval_s,
+            engine_ttl_s=self.engine_ttl_s,
+        )

@@ -1,0 +1,246 @@
+-- The shared queue: every queue replica changes it only through this script,
+-- so each change is atomic and all replicas see one order and one capacity.
+--
+-- KEYS[1] is the key prefix (one hash tag, so a cluster keeps the keys in one
+-- slot). ARGV[1] is the operation, then per operation:
+--   enter     id class tenant weight class_cap tenant_cap lease_ms alive_ms
+--   leave     id lease_ms
+--   tick      lease_ms max_positions
+--   renew     lease_ms alive_ms n_leases id...   (the first n_leases ids hold slots, the rest wait)
+--   engines   ttl_ms [replica slots]...
+-- Times are Redis's own clock, so replicas on different hosts agree.
+--
+-- Keys under the prefix:
+--   leases        ZSET id -> lease expiry (ms): the slots in use
+--   alive         ZSET waiting id -> expiry (ms): a waiter whose replica stops
+--                 renewing it is dropped
+--   meta          HASH waiting id -> "class tenant"
+--   q:C:T         LIST the waiting ids of tenant T in class C, oldest first
+--   active:C      ZSET tenant -> pass, the tenants of class C with waiters
+--   pass:C        HASH tenant -> pass when it last left active:C
+--   vtime         HASH class -> pass of the last tenant served
+--   weight        HASH tenant -> scheduling weight
+--   count         HASH "class:C" / "tenant:T" -> waiting requests
+--   engines       ZSET inference replica -> last seen (ms)
+--   slots         HASH inference replica -> its slots
+--
+-- Fairness is stride scheduling: serving a tenant advances its pass by
+-- 1/weight; within a class the tenant with the lowest pass goes next, so under
+-- saturation tenants get slots in proportion to their weights. A tenant that
+-- starts waiting again resumes at max(its old pass, the class's virtual time):
+-- it can neither bank credit while idle nor be punished for being served
+-- while nobody else waited.
+
+local P = KEYS[1]
+local op = ARGV[1]
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local CLASSES = {'1', '2'} -- interactive, then batch
+
+local function k(...)
+  return P .. ':' .. table.concat({...}, ':')
+end
+
+local function capacity()
+  return tonumber(redis.call('GET', k('capacity')) or '0')
+end
+
+local function deactivate(class, tenant)
+  local active = k('active', class)
+  local pass = redis.call('ZSCORE', active, tenant)
+  redis.call('ZREM', active, tenant)
+  if pass then
+    redis.call('HSET', k('pass', class), tenant, pass)
+  end
+end
+
+local function forget(id, class, tenant)
+  redis.call('ZREM', k('alive'), id)
+  redis.call('HDEL', k('meta'), id)
+  redis.call('HINCRBY', k('count'), 'class:' .. class, -1)
+  redis.call('HINCRBY', k('count'), 'tenant:' .. tenant, -1)
+end
+
+local function remove_waiter(id)
+  local meta = redis.call('HGET', k('meta'), id)
+  if not meta then
+    return false
+  end
+  local class, tenant = string.match(meta, '(%S+) (%S+)')
+  local queue = k('q', class, tenant)
+  redis.call('LREM', queue, 1, id)
+  forget(id, class, tenant)
+  if redis.call('LLEN', queue) == 0 then
+    deactivate(class, tenant)
+  end
+  return true
+end
+
+local function stride(tenant)
+  return 1.0 / math.max(1, tonumber(redis.call('HGET', k('weight'), tenant) or '1'))
+end
+
+-- Pops the next waiter by class, then lowest pass, then arrival.
+local function pop_next()
+  for _, class in ipairs(CLASSES) do
+    local active = k('active', class)
+    while true do
+      local head = redis.call('ZRANGE', active, 0, 0, 'WITHSCORES')
+      if #head == 0 then
+        break
+      end
+      local tenant, pass = head[1], tonumber(head[2])
+      local queue = k('q', class, tenant)
+      local id = redis.call('LPOP', queue)
+      redis.call('HSET', k('vtime'), class, pass)
+      redis.call('ZADD', active, pass + stride(tenant), tenant)
+      if redis.call('LLEN', queue) == 0 then
+        deactivate(class, tenant)
+      end
+      if id then
+        forget(id, class, tenant)
+        return id
+      end
+    end
+  end
+  return nil
+end
+
+-- Drops dead leases and waiters, then fills free slots; tells every replica.
+local function dispatch(lease_ms)
+  redis.call('ZREMRANGEBYSCORE', k('leases'), '-inf', now)
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', k('alive'), '-inf', now)) do
+    remove_waiter(id)
+  end
+  local free = capacity() - redis.call('ZCARD', k('leases'))
+  local admitted = {}
+  while free > 0 do
+    local id = pop_next()
+    if not id then
+      break
+    end
+    redis.call('ZADD', k('leases'), now + lease_ms, id)
+    admitted[#admitted + 1] = id
+    free = free - 1
+  end
+  if #admitted > 0 then
+    redis.call('PUBLISH', k('admitted'), table.concat(admitted, ' '))
+  end
+  return admitted
+end
+
+-- The waiting ids in the order they would be served now (at most limit).
+local function order(limit)
+  local out = {}
+  for _, class in ipairs(CLASSES) do
+    local tenants = redis.call('ZRANGE', k('active', class), 0, -1, 'WITHSCORES')
+    local queues, passes, strides, heads = {}, {}, {}, {}
+    for i = 1, #tenants, 2 do
+      local tenant = tenants[i]
+      queues[tenant] = redis.call('LRANGE', k('q', class, tenant), 0, limit - #out - 1)
+      passes[tenant] = tonumber(tenants[i + 1])
+      strides[tenant] = stride(tenant)
+      heads[tenant] = 1
+    end
+    while #out < limit do
+      local best = nil
+      for i = 1, #tenants, 2 do
+        local tenant = tenants[i]
+        if heads[tenant] <= #queues[tenant] and (best == nil or passes[tenant] < passes[best]) then
+          best = tenant
+        end
+      end
+      if best == nil then
+        break
+      end
+      out[#out + 1] = queues[best][heads[best]]
+      heads[best] = heads[best] + 1
+      passes[best] = passes[best] + strides[best]
+    end
+  end
+  return out
+end
+
+if op == 'enter' then
+  local id, class, tenant, weight = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+  local class_cap, tenant_cap = tonumber(ARGV[6]), tonumber(ARGV[7])
+  local lease_ms, alive_ms = tonumber(ARGV[8]), tonumber(ARGV[9])
+  -- Nobody waiting and a slot free: straight in (the common, unloaded case).
+  redis.call('ZREMRANGEBYSCORE', k('leases'), '-inf', now)
+  local waiting = redis.call('ZCARD', k('alive'))
+  if waiting == 0 and redis.call('ZCARD', k('leases')) < capacity() then
+    redis.call('ZADD', k('leases'), now + lease_ms, id)
+    return {'admitted'}
+  end
+  local counts = redis.call('HMGET', k('count'), 'class:' .. class, 'tenant:' .. tenant)
+  if tonumber(counts[1] or '0') >= class_cap then
+    return {'full', 'class'}
+  end
+  if tonumber(counts[2] or '0') >= tenant_cap then
+    return {'full', 'tenant'}
+  end
+  redis.call('HSET', k('weight'), tenant, weight)
+  redis.call('HSET', k('meta'), id, class .. ' ' .. tenant)
+  redis.call('ZADD', k('alive'), now + alive_ms, id)
+  redis.call('HINCRBY', k('count'), 'class:' .. class, 1)
+  redis.call('HINCRBY', k('count'), 'tenant:' .. tenant, 1)
+  local queue = k('q', class, tenant)
+  redis.call('RPUSH', queue, id)
+  if redis.call('LLEN', queue) == 1 then
+    local vtime = tonumber(redis.call('HGET', k('vtime'), class) or '0')
+    local pass = tonumber(redis.call('HGET', k('pass', class), tenant) or '0')
+    redis.call('ZADD', k('active', class), math.max(vtime, pass), tenant)
+  end
+  for _, admitted in ipairs(dispatch(lease_ms)) do
+    if admitted == id then
+      return {'admitted'}
+    end
+  end
+  return {'waiting'}
+elseif op == 'leave' then
+  local id, lease_ms = ARGV[2], tonumber(ARGV[3])
+  if redis.call('ZREM', k('leases'), id) == 0 then
+    remove_waiter(id)
+  end
+  dispatch(lease_ms)
+  return {}
+elseif op == 'tick' then
+  dispatch(tonumber(ARGV[2]))
+  return order(tonumber(ARGV[3]))
+elseif op == 'renew' then
+  local lease_ms, alive_ms, n = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+  local lost = {}
+  for i = 5, #ARGV do
+    local key, ttl = k('leases'), lease_ms
+    if i - 4 > n then
+      key, ttl = k('alive'), alive_ms
+    end
+    if i - 4 > n and not redis.call('ZSCORE', key, ARGV[i]) then
+      -- Admitted since the replica last looked: its lease is renewed instead.
+      key, ttl = k('leases'), lease_ms
+    end
+    if redis.call('ZSCORE', key, ARGV[i]) then
+      redis.call('ZADD', key, now + ttl, ARGV[i])
+    else
+      lost[#lost + 1] = ARGV[i]
+    end
+  end
+  return lost
+elseif op == 'engines' then
+  local ttl_ms = tonumber(ARGV[2])
+  for i = 3, #ARGV, 2 do
+    redis.call('ZADD', k('engines'), now, ARGV[i])
+    redis.call('HSET', k('slots'), ARGV[i], ARGV[i + 1])
+  end
+  for _, gone in ipairs(redis.call('ZRANGEBYSCORE', k('engines'), '-inf', now - ttl_ms)) do
+    redis.call('ZREM', k('engines'), gone)
+    redis.call('HDEL', k('slots'), gone)
+  end
+  local total = 0
+  for _, slots in ipairs(redis.call('HVALS', k('slots'))) do
+    total = total + tonumber(slots)
+  end
+  redis.call('SET', k('capacity'), total)
+  return total
+end
+return redis.error_reply('unknown operation ' .. tostring(op))

@@ -1,0 +1,266 @@
+"""One waiting line and one pool of model slots, shared by every queue replica through Redis.
+
+Order: priority class first (interactive before batch), then weighted fair
+across tenants (stride scheduling on their scheduling weights), then first
+come first served within a tenant. Every change is one call of
+``schedule.lua``, so replicas never disagree and never hand out more slots
+than the inference replicas have.
+
+Slots and places in line are leases that this replica renews; when a replica
+dies its leases run out and the slots come back to everyone else. Admissions
+are published on a Redis channel, so a waiter learns at once that its slot is
+free whichever replica freed it; positions are refreshed a few times a second
+while anyone here waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from importlib import resources
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from sluice.generation.v1 import generation_pb2
+from sluice_core.errors import ResourceExhausted, Unavailable
+
+logger = logging.getLogger(__name__)
+
+_SCRIPT = resources.files(__package__).joinpath("schedule.lua").read_text()
+
+INTERACTIVE, BATCH = "1", "2"
+
+
+def priority_class(priority: generation_pb2.Priority.ValueType) -> str:
+    return BATCH if priority == generation_pb2.PRIORITY_BATCH else INTERACTIVE
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    prefix: str = "{sluice-queue}"
+    lease_s: float = 3.0
+    max_waiting_per_class: int = 1024
+    max_waiting_per_tenant: int = 256
+    retry_after_s: float = 1.0
+    position_interval_s: float = 0.25
+    # Inference replicas unseen for this long no longer count towards capacity.
+    engine_ttl_s: float = 10.0
+
+    @property
+    def lease_ms(self) -> int:
+        return int(self.lease_s * 1e3)
+
+
+class Ticket:
+    """One request's place in line, then its slot, until released."""
+
+    def __init__(self, scheduler: Scheduler, request_id: str, admitted: bool) -> None:
+        self.request_id = request_id
+        self._scheduler = scheduler
+        self._admitted = admitted
+        self._error: Exception | None = None
+        self._position = 0
+        self._changed = asyncio.Event()
+        self._released = False
+
+    @property
+    def admitted(self) -> bool:
+        return self._admitted
+
+    def update(self, position: int | None = None, admitted: bool = False, error: Exception | None = None) -> None:
+        if position is not None:
+            self._position = position
+        self._admitted = self._admitted or admitted
+        self._error = self._error or error
+        self._changed.set()
+
+    async def positions(self) -> AsyncIterator[int]:
+        """Each new position (1 is next) while waiting; returns once the slot is this request's."""
+        told = 0
+        while not self._admitted:
+            if self._error is not None:
+                raise self._error
+            if self._position and self._position != told:
+                told = self._position
+                yield told
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def release(self) -> None:
+        """Give the slot back, or leave the line. Safe to call twice."""
+        if not self._released:
+            self._released = True
+            await self._scheduler.leave(self)
+
+
+class Scheduler:
+    def __init__(self, redis: Redis, config: SchedulerConfig) -> None:
+        self._redis = redis
+        self._config = config
+        self._script = redis.register_script(_SCRIPT)
+        self._waiting: dict[str, Ticket] = {}
+        self._holding: dict[str, Ticket] = {}
+        self._refresh = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self.capacity = 0
+
+    async def _call(self, *args: str | int) -> object:
+        return await self._script(keys=[self._config.prefix], args=list(args))
+
+    async def enter(
+        self, request_id: str, tenant_id: str, weight: int, priority: generation_pb2.Priority.ValueType
+    ) -> Ticket:
+        """A slot now, or a place in line; RESOURCE_EXHAUSTED when the line is full for this class or tenant."""
+        config = self._config
+        ticket = Ticket(self, request_id, admitted=False)
+        # Registered before the call: an admission published meanwhile must find it.
+        self._waiting[request_id] = ticket
+        try:
+            answer = await self._call(
+                "enter",
+                request_id,
+                priority_class(priority),
+                tenant_id,
+                max(1, weight),
+                config.max_waiting_per_class,
+                config.max_waiting_per_tenant,
+                config.lease_ms,
+                config.lease_ms,
+            )
+        except RedisError as exc:
+            del self._waiting[request_id]
+            raise Unavailable("the request queue is unreachable; retry shortly", config.retry_after_s) from exc
+        except asyncio.CancelledError:
+            # The caller left while the script ran: whatever it got is given back.
+            del self._waiting[request_id]
+            self._spawn_leave(request_id)
+            raise
+        assert isinstance(answer, list)
+        state = _text(answer[0])
+        if state == "full":
+            del self._waiting[request_id]
+            which = "your tenant's" if _text(answer[1]) == "tenant" else "this priority class's"
+            raise ResourceExhausted(f"{which} waiting line is full; retry later", retry_after_s=config.retry_after_s)
+        if state == "admitted":
+            self._admit(request_id)
+        else:
+            self._refresh.set()
+        return ticket
+
+    def _admit(self, request_id: str) -> None:
+        ticket = self._waiting.pop(request_id, None)
+        if ticket is not None:
+            self._holding[request_id] = ticket
+            ticket.update(admitted=True)
+
+    async def leave(self, ticket: Ticket) -> None:
+        self._waiting.pop(ticket.request_id, None)
+        self._holding.pop(ticket.request_id, None)
+        await self._leave(ticket.request_id)
+
+    async def _leave(self, request_id: str) -> None:
+        try:
+            await self._call("leave", request_id, self._config.lease_ms)
+        except RedisError:
+            # The lease runs out by itself within lease_s.
+            logger.warning("could not release %s; its lease will expire", request_id)
+
+    def _spawn_leave(self, request_id: str) -> None:
+        task = asyncio.create_task(self._leave(request_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def report_engines(self, slots: dict[str, int]) -> int:
+        """Record the inference replicas just seen with their slots; returns the total capacity."""
+        pairs = [value for replica, n in slots.items() for value in (replica, n)]
+        self.capacity = int(await self._call("engines", int(self._config.engine_ttl_s * 1e3), *pairs))  # type: ignore[call-overload]
+        return self.capacity
+
+    async def run(self) -> None:
+        """Listen for admissions, renew leases and refresh positions, until cancelled."""
+        tasks = [asyncio.create_task(job()) for job in (self._listen, self._renew, self._positions)]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            # The loops also stop on this flag: a cancellation can be lost in a
+            # Redis call or a timeout that fires at the same moment (Python 3.11).
+            self._closing = True
+            self._refresh.set()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _listen(self) -> None:
+        while not self._closing:
+            try:
+                async with self._redis.pubsub() as pubsub:
+                    await pubsub.subscribe(f"{self._config.prefix}:admitted")
+                    # Admissions made while (re)subscribing are found by the next refresh.
+                    self._refresh.set()
+                    async for message in pubsub.listen():
+                        if message["type"] != "message":
+                            continue
+                        for request_id in _text(message["data"]).split():
+                            self._admit(request_id)
+                        if self._waiting:
+                            self._refresh.set()
+            except RedisError as exc:
+                logger.warning("admission channel lost (%s); resubscribing", exc)
+                await asyncio.sleep(0.5)
+
+    async def _renew(self) -> None:
+        config = self._config
+        while not self._closing:
+            await asyncio.sleep(config.lease_s / 3)
+            holding, waiting = list(self._holding), list(self._waiting)
+            if not holding and not waiting:
+                continue
+            try:
+                lost = await self._call("renew", config.lease_ms, config.lease_ms, len(holding), *holding, *waiting)
+            except RedisError as exc:
+                logger.warning("could not renew leases: %s", exc)
+                continue
+            assert isinstance(lost, list)
+            for request_id in map(_text, lost):
+                if (ticket := self._waiting.pop(request_id, None)) is not None:
+                    ticket.update(error=Unavailable("lost its place in line; retry", config.retry_after_s))
+                elif request_id in self._holding:
+                    logger.warning("the slot lease of %s expired while it ran", request_id)
+
+    async def _positions(self) -> None:
+        """Dispatch into free slots (capacity may have grown) and tell waiters where they stand."""
+        config = self._config
+        while not self._closing:
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(config.position_interval_s):
+                    await self._refresh.wait()
+            self._refresh.clear()
+            if not self._waiting:
+                continue
+            try:
+                order = await self._call("tick", config.lease_ms, config.max_waiting_per_class * 2)
+                assert isinstance(order, list)
+                places = {_text(request_id): i + 1 for i, request_id in enumerate(order)}
+                missing = [request_id for request_id in self._waiting if request_id not in places]
+                leased = await self._redis.zmscore(f"{config.prefix}:leases", missing) if missing else []
+            except RedisError as exc:
+                logger.warning("could not read the waiting line: %s", exc)
+                continue
+            for request_id, lease in zip(missing, leased, strict=True):
+                if lease is not None:
+                    self._admit(request_id)
+            for request_id, ticket in list(self._waiting.items()):
+                if request_id in places:
+                    ticket.update(position=places[request_id])
+            # Do not spin when admissions arrive in bursts.
+            await asyncio.sleep(0.02)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,180 @@
+"""The shared scheduler against a real Redis: order, fairness, caps, leases, several replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from redis.asyncio import Redis
+
+from sluice.generation.v1 import generation_pb2
+from sluice_cli.redis_server import RedisServer
+from sluice_core.errors import ResourceExhausted
+from sluice_queue.scheduler import Scheduler, SchedulerConfig, Ticket
+
+INTERACTIVE, BATCH = generation_pb2.PRIORITY_INTERACTIVE, generation_pb2.PRIORITY_BATCH
+_ids = itertools.count()
+
+
+@contextlib.asynccontextmanager
+async def running(url: str, config: SchedulerConfig, slots: int) -> AsyncIterator[Scheduler]:
+    """A scheduler (one queue replica's) with its loops running, over ``slots`` engine slots."""
+    redis = Redis.from_url(url)
+    scheduler = Scheduler(redis, config)
+    await scheduler.report_engines({"engine": slots})
+    task = asyncio.create_task(scheduler.run())
+    try:
+        yield scheduler
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await redis.aclose()
+
+
+@pytest.fixture
+def config() -> SchedulerConfig:
+    """Fresh keys for every test."""
+    return SchedulerConfig(prefix=f"{{test-{uuid.uuid4().hex[:8]}}}", lease_s=0.6, position_interval_s=0.05)
+
+
+async def enter(scheduler: Scheduler, tenant: str, priority: int = BATCH, weight: int = 1) -> Ticket:
+    return await scheduler.enter(f"{tenant}-{next(_ids)}", tenant, weight, priority)  # type: ignore[arg-type]
+
+
+async def admitted(ticket: Ticket, within_s: float = 2.0) -> None:
+    async def wait() -> None:
+        async for _ in ticket.positions():
+            pass
+
+    await asyncio.wait_for(wait(), within_s)
+
+
+async def eventually(check: Callable[[], bool], within_s: float) -> None:
+    deadline = time.monotonic() + within_s
+    while True:
+        if check():
+            return
+        assert time.monotonic() < deadline, "not in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_free_slots_admit_at_once_then_callers_wait(redis_server: RedisServer, config: SchedulerConfig) -> None:
+    async with running(redis_server.url, config, slots=2) as scheduler:
+        first, second, third = [await enter(scheduler, "t") for _ in range(3)]
+        assert first.admitted and second.admitted and not third.admitted
+        await first.release()
+        await admitted(third)
+
+
+async def test_interactive_goes_before_waiting_batch(redis_server: RedisServer, config: SchedulerConfig) -> None:
+    async with running(redis_server.url, config, slots=1) as scheduler:
+        running_now = await enter(scheduler, "batchy")
+        batch = [await enter(scheduler, "batchy") for _ in range(5)]
+        interactive = await enter(scheduler, "chatty", INTERACTIVE)
+        await running_now.release()
+        await admitted(interactive)
+        assert not any(t.admitted for t in batch)
+
+
+async def test_waiters_are_told_when_their_position_changes(redis_server: RedisServer, config: SchedulerConfig) -> None:
+    async with running(redis_server.url, config, slots=1) as scheduler:
+        holder = await enter(scheduler, "a")
+        waiter = await enter(scheduler, "a")
+        told: list[int] = []
+
+        async def follow() -> None:
+            async for position in waiter.positions():
+                told.append(position)
+
+        following = asyncio.create_task(follow())
+        await eventually(lambda: told == [1], 2)
+        await enter(scheduler, "b", INTERACTIVE)  # jumps ahead
+        await eventually(lambda: told == [1, 2], 2)
+        await holder.release()  # the interactive one runs; the waiter is next again
+        await eventually(lambda: told == [1, 2, 1], 2)
+        following.cancel()
+
+
+async def test_tenants_weighted_one_to_three_share_slots_one_to_three(
+    redis_server: RedisServer, config: SchedulerConfig
+) -> None:
+    async with running(redis_server.url, config, slots=4) as scheduler:
+        holders = [await enter(scheduler, "filler") for _ in range(4)]
+        waiting = {await enter(scheduler, "light", weight=1): "light" for _ in range(100)}
+        waiting |= {await enter(scheduler, "heavy", weight=3): "heavy" for _ in range(100)}
+        served: Counter[str] = Counter()
+        # Saturated: each time a slot frees, whoever is admitted next takes it.
+        for _ in range(80):
+            await holders.pop(0).release()
+            await eventually(lambda: any(t.admitted for t in waiting), 2)
+            for ticket in [t for t in waiting if t.admitted]:
+                served[waiting.pop(ticket)] += 1
+                holders.append(ticket)
+        assert served["heavy"] / served["light"] == pytest.approx(3, rel=0.1)
+
+
+async def test_full_lines_shed_with_a_retry_hint(redis_server: RedisServer, config: SchedulerConfig) -> None:
+    capped = SchedulerConfig(prefix=config.prefix, max_waiting_per_tenant=2, max_waiting_per_class=3)
+    async with running(redis_server.url, capped, slots=1) as scheduler:
+        await enter(scheduler, "a")
+        await enter(scheduler, "a")
+        await enter(scheduler, "a")
+        with pytest.raises(ResourceExhausted, match="tenant's waiting line is full") as tenant_full:
+            await enter(scheduler, "a")
+        assert tenant_full.value.retry_after_s == capped.retry_after_s
+        await enter(scheduler, "b")
+        with pytest.raises(ResourceExhausted, match="class's waiting line is full"):
+            await enter(scheduler, "c")
+        await enter(scheduler, "c", INTERACTIVE)  # the other class has room
+
+
+async def test_a_waiter_that_leaves_frees_its_place_at_once(redis_server: RedisServer, config: SchedulerConfig) -> None:
+    async with running(redis_server.url, config, slots=1) as scheduler:
+        holder = await enter(scheduler, "a")
+        gone, next_one = await enter(scheduler, "a"), await enter(scheduler, "a")
+        await gone.release()
+        await holder.release()
+        await admitted(next_one)
+        assert not gone.admitted
+
+
+async def test_a_dead_replicas_slots_come_back_within_the_lease(
+    redis_server: RedisServer, config: SchedulerConfig
+) -> None:
+    async with running(redis_server.url, config, slots=2) as survivor:
+        async with running(redis_server.url, config, slots=2) as doomed:
+            for _ in range(2):
+                assert (await enter(doomed, "a")).admitted
+            waiter = await enter(survivor, "a")
+        # The doomed replica stopped renewing without giving anything back.
+        start = time.monotonic()
+        await admitted(waiter, within_s=config.lease_s + 1.5)
+        assert time.monotonic() - start <= config.lease_s + 1.0
+
+
+async def test_two_replicas_never_hand_out_more_than_the_capacity(
+    redis_server: RedisServer, config: SchedulerConfig
+) -> None:
+    slots = 3
+    holding = peak = 0
+    async with running(redis_server.url, config, slots) as one, running(redis_server.url, config, slots) as two:
+
+        async def client(scheduler: Scheduler, i: int) -> None:
+            nonlocal holding, peak
+            ticket = await enter(scheduler, f"tenant{i % 3}", INTERACTIVE if i % 4 == 0 else BATCH)
+            await admitted(ticket, within_s=20)
+            holding += 1
+            peak = max(peak, holding)
+            await asyncio.sleep(0.01)
+            holding -= 1
+            await ticket.release()
+
+        await asyncio.gather(*(client((one, two)[i % 2], i) for i in range(60)))
+    assert peak == slots

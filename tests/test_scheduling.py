@@ -1,0 +1,159 @@
+"""The shared queue end to end: two queue replicas, Redis, Envoy and the engines, saturated on purpose.
+
+The test stack gives each inference replica 4 slots (``SLOTS_PER_REPLICA``),
+so a few dozen requests saturate it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from dataclasses import dataclass
+
+import grpc
+import pytest
+from redis.asyncio import Redis
+
+from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.generation.v1 import generation_pb2
+from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
+from sluice_cli.stack import LocalStack
+from sluice_client import GenerationClient, StreamError
+from sluice_core.errors import ResourceExhausted
+
+from .conftest import SLOTS_PER_REPLICA, WAITING_PER_TENANT, eventually
+from .test_path import tenant_with_key
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+
+def request(max_tokens: int, priority: int = generation_pb2.PRIORITY_BATCH) -> generation_pb2.GenerateRequest:
+    sampling = common_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    return generation_pb2.GenerateRequest(prompt="The river", sampling=sampling, priority=priority)  # type: ignore[arg-type]
+
+
+@dataclass
+class Outcome:
+    ttft_s: float
+    finished: generation_pb2.Finished | None
+    positions: list[int]
+    error: StreamError | None = None
+
+
+async def call(client: GenerationClient, req: generation_pb2.GenerateRequest, deadline_s: float = 120) -> Outcome:
+    start = time.perf_counter()
+    ttft, positions, finished = 0.0, [], None
+    try:
+        async for event in client.generate(req, timeout=deadline_s):
+            if event.HasField("queued"):
+                positions.append(event.queued.position)
+            elif event.HasField("delta") and not ttft:
+                ttft = time.perf_counter() - start
+            elif event.HasField("finished"):
+                finished = event.finished
+    except StreamError as exc:
+        return Outcome(ttft, None, positions, exc)
+    return Outcome(ttft, finished, positions)
+
+
+async def engine_loads(stack: LocalStack) -> list[inference_pb2.Load]:
+    loads = []
+    for index in range(len(stack.ports.inference)):
+        async with grpc.aio.insecure_channel(stack.inference_address(index)) as channel:
+            try:
+                loads.append(await inference_pb2_grpc.InferenceStub(channel).GetLoad(inference_pb2.GetLoadRequest()))
+            except grpc.aio.AioRpcError:
+                pass  # not started (yet)
+    return loads
+
+
+def queue_keys(stack: LocalStack) -> str:
+    return f"{{sluice-queue-{stack.ports.edge}}}"
+
+
+async def test_interactive_waits_one_slot_turnover_behind_a_batch_flood_and_engines_never_overflow(
+    stack: LocalStack,
+) -> None:
+    capacity = SLOTS_PER_REPLICA * len(await engine_loads(stack))
+    _, flood_key = await tenant_with_key(stack, "flood")
+    peak = 0
+    watching = True
+
+    async def watch_engines() -> None:
+        nonlocal peak
+        while watching:
+            peak = max(peak, sum(load.running + load.waiting for load in await engine_loads(stack)))
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(watch_engines())
+    async with (
+        GenerationClient(stack.edge, api_key=flood_key) as flood,
+        GenerationClient(stack.edge, api_key=stack.demo_api_key) as chat,
+    ):
+        batch = [asyncio.create_task(call(flood, request(96))) for _ in range(3 * capacity)]
+
+        async def saturated() -> bool:
+            async with Redis.from_url(stack.redis_url) as redis:
+                return bool(await redis.zcard(f"{queue_keys(stack)}:alive") >= capacity)
+
+        await eventually(saturated, 30, "batch requests waiting")
+        interactive, expired = await asyncio.gather(
+            call(chat, request(8, generation_pb2.PRIORITY_INTERACTIVE)),
+            call(flood, request(8), deadline_s=0.3),  # behind its own tenant's flood
+        )
+        flooded = await asyncio.gather(*batch)
+    watching = False
+    await watcher
+
+    assert all(o.finished is not None for o in flooded), [o.error for o in flooded if o.error]
+    service_s = [(o.finished.timings.total_ms - o.finished.timings.queue_ms) / 1e3 for o in flooded if o.finished]
+    assert max(o.finished.timings.queue_ms for o in flooded if o.finished) / 1e3 > max(service_s), "no flood"
+    # It waited at most for the next slot to come free: one batch request's run.
+    assert interactive.ttft_s <= max(service_s), (interactive.ttft_s, sorted(service_s))
+    assert peak <= capacity, f"engines held {peak} requests with {capacity} slots"
+    assert expired.error is not None and expired.error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    positions = [p for o in flooded for p in o.positions]
+    assert positions and max(positions) >= capacity, "waiters are told their place"
+    async with Redis.from_url(stack.redis_url) as redis:
+        assert await redis.zcard(f"{queue_keys(stack)}:alive") == 0, "the expired request left the line"
+
+
+async def test_a_full_line_sheds_with_a_retry_hint(stack: LocalStack) -> None:
+    capacity = SLOTS_PER_REPLICA * len(await engine_loads(stack))
+    _, key = await tenant_with_key(stack, "greedy")
+    async with GenerationClient(stack.edge, api_key=key) as client:
+        outcomes = await asyncio.gather(*(call(client, request(64)) for _ in range(capacity + WAITING_PER_TENANT + 6)))
+    shed = [o.error for o in outcomes if o.error is not None]
+    assert shed, "some requests beyond the tenant's waiting cap must be refused"
+    for error in shed:
+        assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert isinstance(error.error, ResourceExhausted) and error.error.retry_after_s
+    assert len(outcomes) - len(shed) >= capacity + WAITING_PER_TENANT - 2
+
+
+async def test_a_killed_queue_replicas_slots_come_back_within_the_lease(stack: LocalStack) -> None:
+    leases = f"{queue_keys(stack)}:leases"
+    async with GenerationClient(stack.edge, api_key=stack.demo_api_key) as client:
+        # As many streams as slots: Envoy spreads them over both queue replicas.
+        capacity = SLOTS_PER_REPLICA * len(await engine_loads(stack))
+        streams = [client.generate(request(1500), timeout=60) for _ in range(capacity)]
+        for stream in streams:
+            async for event in stream:
+                if event.HasField("delta"):
+                    break
+        stack.process("queue-1").signal_group(signal.SIGKILL)
+        for stream in streams:
+            stream.cancel()
+    async with Redis.from_url(stack.redis_url) as redis:
+
+        async def freed() -> bool:
+            seconds, micros = await redis.time()
+            live = await redis.zcount(leases, f"({seconds * 1000 + micros // 1000}", "+inf")
+            return bool(live == 0)
+
+        # Lease time 3 s (the default), plus one renewal's worth of slack.
+        assert await eventually(freed, 5.0, "the dead replica's leases expired") <= 4.5
+    await stack.process("queue-1").stop(grace_s=0)
+    stack.start_queue(0)
+    await stack.wait_ready(replicas=len(await engine_loads(stack)))
