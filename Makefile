@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PACKAGES := libs/protos libs/core libs/client libs/cli services/inference services/queue services/ratelimit services/datastore
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install up test pytest check lint typecheck gen check-gen lock bench bench-ratelimit bench-datastore clean
+.PHONY: install up test pytest check lint typecheck gen check-gen lock bench bench-ratelimit bench-datastore bench-scheduler clean
 
 install: $(INSTALLED)
 
@@ -58,6 +58,9 @@ bench-ratelimit: install
 
 bench-datastore: install
 	$(VENV)/bin/sluice bench datastore
+
+bench-scheduler: install
+	$(VENV)/bin/sluice bench scheduler
 
 clean:
 	rm -rf $(VENV) .sluice .mypy_cache .ruff_cache .pytest_cache

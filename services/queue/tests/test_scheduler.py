@@ -178,3 +178,17 @@ async def test_two_replicas_never_hand_out_more_than_the_capacity(
 
         await asyncio.gather(*(client((one, two)[i % 2], i) for i in range(60)))
     assert peak == slots
+
+
+async def test_an_admission_while_the_caller_handles_a_position_is_not_lost(
+    redis_server: RedisServer, config: SchedulerConfig
+) -> None:
+    async with running(redis_server.url, config, slots=1) as scheduler:
+        holder = await enter(scheduler, "a")
+        waiter = await enter(scheduler, "a")
+        positions = waiter.positions()
+        assert await anext(positions) == 1  # the caller is now busy sending this position on
+        await holder.release()
+        await eventually(lambda: waiter.admitted, 2)
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(anext(positions), 1)

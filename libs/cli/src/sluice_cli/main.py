@@ -7,7 +7,7 @@ import asyncio
 import logging
 import sys
 
-from sluice_cli import admin, bench, bench_datastore, bench_ratelimit, generate, trace_view, up
+from sluice_cli import admin, bench, bench_datastore, bench_ratelimit, bench_scheduler, generate, trace_view, up
 
 
 def main() -> None:
@@ -20,6 +20,9 @@ def main() -> None:
     bench.add_arguments(benches)
     bench_ratelimit.add_arguments(bench_kinds.add_parser("ratelimit", help="ShouldRateLimit against a bare EVALSHA"))
     bench_datastore.add_arguments(bench_kinds.add_parser("datastore", help="cached, cold and unindexed data access"))
+    bench_scheduler.add_arguments(
+        bench_kinds.add_parser("scheduler", help="priorities under overload, and the queue's cost at low load")
+    )
     trace_view.add_arguments(commands.add_parser("trace", help="show a request's trace from the local stack"))
     admin.add_arguments(commands.add_parser("admin", help="tenants and API keys"))
     args = parser.parse_args()
@@ -33,6 +36,8 @@ def main() -> None:
             code = asyncio.run(up.run(args))
         case "bench" if args.bench == "datastore":
             code = asyncio.run(bench_datastore.run(args))
+        case "bench" if args.bench == "scheduler":
+            code = asyncio.run(bench_scheduler.run(args))
         case "bench" if args.bench == "ratelimit":
             code = asyncio.run(bench_ratelimit.run(args))
         case "bench":

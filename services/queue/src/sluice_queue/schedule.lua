@@ -241,6 +241,12 @@ elseif op == 'engines' then
     total = total + tonumber(slots)
   end
   redis.call('SET', k('capacity'), total)
+  -- Kept alive while any replica runs; a queue no replica serves any more
+  -- (a local stack that stopped, an old prefix) leaves nothing behind.
+  for _, key in ipairs({k('capacity'), k('engines'), k('slots'), k('pass', '1'), k('pass', '2'), k('vtime'),
+                        k('weight'), k('count')}) do
+    redis.call('PEXPIRE', key, 86400000)
+  end
   return total
 end
 return redis.error_reply('unknown operation ' .. tostring(op))

@@ -81,13 +81,18 @@ class Ticket:
     async def positions(self) -> AsyncIterator[int]:
         """Each new position (1 is next) while waiting; returns once the slot is this request's."""
         told = 0
-        while not self._admitted:
+        while True:
+            # Cleared before looking: a change made while the caller handles a
+            # position (the generator is suspended) is seen on the next turn.
+            self._changed.clear()
+            if self._admitted:
+                return
             if self._error is not None:
                 raise self._error
             if self._position and self._position != told:
                 told = self._position
                 yield told
-            self._changed.clear()
+                continue
             await self._changed.wait()
 
     async def release(self) -> None:

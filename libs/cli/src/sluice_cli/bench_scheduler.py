@@ -1,0 +1,178 @@
+"""``sluice bench scheduler``: the queue's scheduler against first come, first served, in the same run.
+
+One local stack (two inference replicas with ``--slots`` each, two queue
+replicas) serves both sides:
+
+- **scheduled**: the public API through Envoy's edge listener (Envoy -> queue
+  [API key, budget, shared scheduler] -> Envoy -> inference);
+- **fcfs**: ``Inference.Generate`` through Envoy's internal listener, what a
+  plain pass-through does: vLLM queues what exceeds its slots, first come
+  first served.
+
+Overload: ``4 x capacity`` callers, each sending its next request as soon as
+the last ends; every fifth request is interactive, the rest batch. Reported:
+time to first token p50 / p99 per class. Low load: one caller alternating
+between both paths, time to first token p50 each and the difference (what the
+queue service adds). The last line is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.generation.v1 import generation_pb2
+from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
+from sluice_cli.bench import percentile, prompt
+from sluice_cli.stack import LocalStack, StackOptions, StackPorts
+from sluice_client import GenerationClient
+from sluice_core.channels import insecure_channel
+
+INTERACTIVE, BATCH = generation_pb2.PRIORITY_INTERACTIVE, generation_pb2.PRIORITY_BATCH
+# (priority, seconds to first token)
+Sample = tuple[int, float]
+Send = Callable[[int, int, int], Awaitable[float]]
+
+_UNLIMITED = """
+domain: sluice-edge
+descriptors:
+  - key: api_key
+    descriptors:
+      - key: method
+        rate_limit: {unlimited: true}
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--slots", type=int, default=4, help="slots per inference replica (default %(default)s)")
+    parser.add_argument("--overload", type=int, default=4, help="callers per slot (default %(default)s)")
+    parser.add_argument(
+        "--requests", type=int, default=200, help="requests per path under overload (default %(default)s)"
+    )
+    parser.add_argument("--output-tokens", type=int, default=64, help="tokens per response (default %(default)s)")
+    parser.add_argument("--low-load-requests", type=int, default=60, help="requests per path at low load")
+    parser.add_argument("--state-dir", type=Path, help="where the stack keeps logs (default: a temporary folder)")
+
+
+async def first_token_s(events: AsyncIterator[bool]) -> float:
+    """Seconds until the stream yields its first True (a token), then drains it."""
+    start = time.perf_counter()
+    first = 0.0
+    async for token in events:
+        if token and not first:
+            first = time.perf_counter() - start
+    return first
+
+
+def sampling(tokens: int) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(max_tokens=tokens, ignore_eos=True)
+
+
+async def overload(send: Send, callers: int, requests: int, tokens: int) -> list[Sample]:
+    counter = iter(range(requests))
+    samples: list[Sample] = []
+
+    async def caller() -> None:
+        for i in counter:
+            priority = INTERACTIVE if i % 5 == 0 else BATCH
+            samples.append((priority, await send(i, priority, tokens)))
+
+    await asyncio.gather(*(caller() for _ in range(callers)))
+    return samples
+
+
+def summary(samples: list[Sample]) -> dict[str, float]:
+    out = {}
+    for name, priority in (("interactive", INTERACTIVE), ("batch", BATCH)):
+        ttfts = [s * 1e3 for p, s in samples if p == priority]
+        out[f"{name}_ttft_p50_ms"] = round(percentile(ttfts, 50), 1)
+        out[f"{name}_ttft_p99_ms"] = round(percentile(ttfts, 99), 1)
+    return out
+
+
+async def run(args: argparse.Namespace) -> int:
+    log = sys.stderr
+    with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp:
+        state_dir = args.state_dir or Path(tmp)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        # The edge's per-key request limits would refuse the overload itself.
+        limits = state_dir / "ratelimit.yaml"
+        limits.write_text(_UNLIMITED)
+        options = StackOptions(
+            state_dir=state_dir,
+            ratelimit_config=(limits,),
+            ports=StackPorts.free(),
+            log_level="WARNING",
+            inference_env={"SLUICE_INFERENCE_MAX_NUM_SEQS": str(args.slots)},
+        )
+        stack = LocalStack(options)
+        try:
+            print("starting the stack ...", file=log, flush=True)
+            await stack.start()
+            result = await measure(stack, args)
+        finally:
+            await stack.stop()
+    print(json.dumps(result))
+    return 0
+
+
+async def measure(stack: LocalStack, args: argparse.Namespace) -> dict[str, Any]:
+    log = sys.stderr
+    capacity = args.slots * len(stack.ports.inference)
+    async with (
+        GenerationClient(stack.edge, api_key=stack.demo_api_key) as client,
+        insecure_channel(stack.internal) as channel,
+    ):
+        inference = inference_pb2_grpc.InferenceStub(channel)
+
+        async def scheduled(i: int, priority: int, tokens: int) -> float:
+            req = generation_pb2.GenerateRequest(prompt=prompt(i, 16), sampling=sampling(tokens), priority=priority)  # type: ignore[arg-type]
+            stream = client.generate(req, timeout=600)
+            return await first_token_s(e.HasField("delta") async for e in stream)
+
+        async def fcfs(i: int, priority: int, tokens: int) -> float:
+            # No priority: vLLM's default policy serves in arrival order anyway.
+            req = inference_pb2.GenerateRequest(prompt=prompt(i, 16), sampling=sampling(tokens))
+            call = inference.Generate(req, timeout=600)
+            return await first_token_s(r.HasField("delta") async for r in call)
+
+        print(f"low load: one caller, {args.low_load_requests} requests per path ...", file=log, flush=True)
+        low: dict[str, list[float]] = {"scheduled": [], "fcfs": []}
+        for i in range(args.low_load_requests):
+            # Alternating, so that both paths see the same machine.
+            low["scheduled"].append(await scheduled(i, INTERACTIVE, 8) * 1e3)
+            low["fcfs"].append(await fcfs(i, INTERACTIVE, 8) * 1e3)
+        callers = args.overload * capacity
+        figures: dict[str, dict[str, float]] = {}
+        for name, send in (("fcfs", fcfs), ("scheduled", scheduled)):
+            print(f"{name}: {callers} callers on {capacity} slots, {args.requests} requests ...", file=log, flush=True)
+            figures[name] = summary(await overload(send, callers, args.requests, args.output_tokens))
+    low_p50 = {name: round(percentile(values, 50), 2) for name, values in low.items()}
+    print(f"{'path':10} {'interactive p50':>16} {'interactive p99':>16} {'batch p50':>10} {'batch p99':>10}", file=log)
+    for name, f in figures.items():
+        print(
+            f"{name:10} {f['interactive_ttft_p50_ms']:>14.1f}ms {f['interactive_ttft_p99_ms']:>14.1f}ms "
+            f"{f['batch_ttft_p50_ms']:>8.1f}ms {f['batch_ttft_p99_ms']:>8.1f}ms",
+            file=log,
+        )
+    print(f"low load TTFT p50: scheduled {low_p50['scheduled']} ms, fcfs {low_p50['fcfs']} ms", file=log)
+    return {
+        "capacity": capacity,
+        "callers": callers,
+        "overload": figures,
+        "low_load_ttft_p50_ms": low_p50,
+        "comparison": {
+            "interactive_ttft_p99_ratio_scheduled_to_fcfs": round(
+                figures["scheduled"]["interactive_ttft_p99_ms"] / figures["fcfs"]["interactive_ttft_p99_ms"], 3
+            ),
+            "low_load_ttft_p50_added_ms": round(low_p50["scheduled"] - low_p50["fcfs"], 2),
+        },
+    }
