@@ -9,9 +9,11 @@ replicas) serves both sides:
   plain pass-through does: vLLM queues what exceeds its slots, first come
   first served.
 
-Overload: ``4 x capacity`` callers, each sending its next request as soon as
-the last ends; every fifth request is interactive, the rest batch. Reported:
-time to first token p50 / p99 per class. Low load: one caller alternating
+Overload, two ways, every fifth request interactive and the rest batch:
+*closed loop*, ``4 x capacity`` callers each sending its next request when
+its last one ends; *open loop*, requests arriving at 4 x the rate the
+engines served in the FCFS closed loop (saturated), whether or not earlier
+ones were answered. Reported: time to first token p50 / p99 per class. Low load: one caller alternating
 between both paths, time to first token p50 each and the difference (what the
 queue service adds). The last line is one JSON object with every figure.
 """
@@ -24,7 +26,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,7 @@ from sluice_core.channels import insecure_channel
 INTERACTIVE, BATCH = generation_pb2.PRIORITY_INTERACTIVE, generation_pb2.PRIORITY_BATCH
 # (priority, seconds to first token)
 Sample = tuple[int, float]
-Send = Callable[[int, int, int], Awaitable[float]]
+Send = Callable[[int, int, int], Coroutine[Any, Any, float]]
 
 _UNLIMITED = """
 domain: sluice-edge
@@ -76,17 +78,34 @@ def sampling(tokens: int) -> common_pb2.SamplingParams:
     return common_pb2.SamplingParams(max_tokens=tokens, ignore_eos=True)
 
 
-async def overload(send: Send, callers: int, requests: int, tokens: int) -> list[Sample]:
+def priority_of(i: int) -> int:
+    """Every fifth request is interactive."""
+    return INTERACTIVE if i % 5 == 0 else BATCH
+
+
+async def closed_loop(send: Send, callers: int, requests: int, tokens: int) -> tuple[list[Sample], float]:
+    """``callers`` callers, each sending its next request when its last one ends; also the requests/s served."""
     counter = iter(range(requests))
     samples: list[Sample] = []
 
     async def caller() -> None:
         for i in counter:
-            priority = INTERACTIVE if i % 5 == 0 else BATCH
-            samples.append((priority, await send(i, priority, tokens)))
+            samples.append((priority_of(i), await send(i, priority_of(i), tokens)))
 
+    start = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(callers)))
-    return samples
+    return samples, requests / (time.perf_counter() - start)
+
+
+async def open_loop(send: Send, rate: float, requests: int, tokens: int) -> list[Sample]:
+    """Requests arriving every ``1 / rate`` seconds, whether or not earlier ones were answered."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    sent = []
+    for i in range(requests):
+        await asyncio.sleep(max(0.0, start + i / rate - loop.time()))
+        sent.append(asyncio.create_task(send(i, priority_of(i), tokens)))
+    return [(priority_of(i), ttft) for i, ttft in enumerate(await asyncio.gather(*sent))]
 
 
 def summary(samples: list[Sample]) -> dict[str, float]:
@@ -151,28 +170,45 @@ async def measure(stack: LocalStack, args: argparse.Namespace) -> dict[str, Any]
             low["scheduled"].append(await scheduled(i, INTERACTIVE, 8) * 1e3)
             low["fcfs"].append(await fcfs(i, INTERACTIVE, 8) * 1e3)
         callers = args.overload * capacity
-        figures: dict[str, dict[str, float]] = {}
+        figures: dict[str, dict[str, dict[str, float]]] = {"closed_loop": {}, "open_loop": {}}
+        served: dict[str, float] = {}
         for name, send in (("fcfs", fcfs), ("scheduled", scheduled)):
             print(f"{name}: {callers} callers on {capacity} slots, {args.requests} requests ...", file=log, flush=True)
-            figures[name] = summary(await overload(send, callers, args.requests, args.output_tokens))
+            samples, served[name] = await closed_loop(send, callers, args.requests, args.output_tokens)
+            figures["closed_loop"][name] = summary(samples)
+        # Arrivals at the overload factor times what the engines serve when saturated (FCFS: the faster path).
+        rate = args.overload * served["fcfs"]
+        for name, send in (("fcfs", fcfs), ("scheduled", scheduled)):
+            print(f"{name}: {rate:.0f} requests/s arriving, {args.requests} requests ...", file=log, flush=True)
+            figures["open_loop"][name] = summary(await open_loop(send, rate, args.requests, args.output_tokens))
     low_p50 = {name: round(percentile(values, 50), 2) for name, values in low.items()}
-    print(f"{'path':10} {'interactive p50':>16} {'interactive p99':>16} {'batch p50':>10} {'batch p99':>10}", file=log)
-    for name, f in figures.items():
-        print(
-            f"{name:10} {f['interactive_ttft_p50_ms']:>14.1f}ms {f['interactive_ttft_p99_ms']:>14.1f}ms "
-            f"{f['batch_ttft_p50_ms']:>8.1f}ms {f['batch_ttft_p99_ms']:>8.1f}ms",
-            file=log,
-        )
+    print(
+        f"{'load':12} {'path':10} {'interactive p50':>16} {'interactive p99':>16} {'batch p50':>10} {'batch p99':>10}",
+        file=log,
+    )
+    for load, paths in figures.items():
+        for name, f in paths.items():
+            print(
+                f"{load:12} {name:10} {f['interactive_ttft_p50_ms']:>14.1f}ms {f['interactive_ttft_p99_ms']:>14.1f}ms "
+                f"{f['batch_ttft_p50_ms']:>8.1f}ms {f['batch_ttft_p99_ms']:>8.1f}ms",
+                file=log,
+            )
     print(f"low load TTFT p50: scheduled {low_p50['scheduled']} ms, fcfs {low_p50['fcfs']} ms", file=log)
+
+    def p99_ratio(load: str) -> float:
+        paths = figures[load]
+        return round(paths["scheduled"]["interactive_ttft_p99_ms"] / paths["fcfs"]["interactive_ttft_p99_ms"], 3)
+
     return {
         "capacity": capacity,
         "callers": callers,
+        "requests_per_s_served": {name: round(r, 1) for name, r in served.items()},
+        "arrivals_per_s": round(rate, 1),
         "overload": figures,
         "low_load_ttft_p50_ms": low_p50,
         "comparison": {
-            "interactive_ttft_p99_ratio_scheduled_to_fcfs": round(
-                figures["scheduled"]["interactive_ttft_p99_ms"] / figures["fcfs"]["interactive_ttft_p99_ms"], 3
-            ),
+            "closed_loop_interactive_ttft_p99_ratio_scheduled_to_fcfs": p99_ratio("closed_loop"),
+            "open_loop_interactive_ttft_p99_ratio_scheduled_to_fcfs": p99_ratio("open_loop"),
             "low_load_ttft_p50_added_ms": round(low_p50["scheduled"] - low_p50["fcfs"], 2),
         },
     }

@@ -10,6 +10,7 @@ batch that was written but not acknowledged is not counted twice. Only past
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 
@@ -61,10 +62,10 @@ class UsageRecorder:
         """Flush forever: every interval, or sooner when a batch is full; back off while failing."""
         delay = self._interval_s
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), delay)
-            except TimeoutError:
-                pass
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow the cancellation that stops this.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
             self._wake.clear()
             delay = self._interval_s if await self.flush() else min(_RETRY_MAX_S, delay * 2)
 
