@@ -57,7 +57,9 @@ def test_streaming_routes_have_no_request_timeout() -> None:
 def test_inference_is_health_checked_by_service_name_and_least_request_balanced() -> None:
     config = yaml.safe_load(render(LOCAL))
     (cluster,) = [c for c in config["static_resources"]["clusters"] if c["name"] == "inference"]
-    assert cluster["lb_policy"] == "LEAST_REQUEST"
+    (policy,) = cluster["load_balancing_policy"]["policies"]
+    assert policy["typed_extension_config"]["name"] == "envoy.load_balancing_policies.least_request"
+    assert policy["typed_extension_config"]["typed_config"]["selection_method"] == "FULL_SCAN"
     check = cluster["health_checks"][0]
     assert check["grpc_health_check"]["service_name"] == "sluice.inference.v1.Inference"
     assert check["no_traffic_interval"] == check["interval"]

@@ -35,7 +35,7 @@ from sluice_queue.budget import Budgets, Reservation, reserve_tokens
 from sluice_queue.conversations import Conversations
 from sluice_queue.engines import Engines
 from sluice_queue.requests import new_messages, to_inference, with_history
-from sluice_queue.scheduler import Scheduler
+from sluice_queue.scheduler import Scheduler, Ticket
 from sluice_queue.usage import UsageRecorder
 
 logger = logging.getLogger(__name__)
@@ -106,12 +106,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         if request.conversation_id:
             history = await self._conversations.history(request.conversation_id, tenant.id, context.time_remaining())
             with_history(internal, history, added)
-        weight = tenant.scheduling_weight or 1
-        ticket = await self._scheduler.enter(request_id, tenant.id, weight, request.priority)
         progress = _Progress()
+        ticket: Ticket | None = None
         reserving: asyncio.Future[Reservation | None] | None = None
         queue_s: float | None = None
         try:
+            # Shed requests are recorded too (the finally below).
+            ticket = await self._scheduler.enter(request_id, tenant.id, tenant.scheduling_weight, request.priority)
             with _tracer.start_as_current_span("queue.wait") as wait:
                 async for position in ticket.positions():
                     wait.add_event("position", {"position": position})
@@ -139,7 +140,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             progress.outcome = exc.code.name.lower()
             raise
         finally:
-            self._spawn(ticket.release())
+            if ticket is not None:
+                self._spawn(ticket.release())
             timer.finish(progress.outcome, queue_s)
             self._after(request, request_id, tenant, added, progress, reserving, timer, queue_s)
 
