@@ -15,7 +15,8 @@ from redis.asyncio import Redis
 
 from sluice.generation.v1 import generation_pb2
 from sluice_cli.redis_server import RedisServer
-from sluice_core.errors import ResourceExhausted
+from sluice_cli.stack import free_ports
+from sluice_core.errors import ResourceExhausted, Unavailable
 from sluice_queue.scheduler import Scheduler, SchedulerConfig, Ticket
 
 INTERACTIVE, BATCH = generation_pb2.PRIORITY_INTERACTIVE, generation_pb2.PRIORITY_BATCH
@@ -192,3 +193,13 @@ async def test_an_admission_while_the_caller_handles_a_position_is_not_lost(
         await eventually(lambda: waiter.admitted, 2)
         with pytest.raises(StopAsyncIteration):
             await asyncio.wait_for(anext(positions), 1)
+
+
+async def test_without_redis_new_requests_are_unavailable(config: SchedulerConfig) -> None:
+    redis = Redis.from_url(f"redis://127.0.0.1:{free_ports(1)[0]}/0", socket_connect_timeout=0.5)
+    try:
+        with pytest.raises(Unavailable, match="queue is unreachable") as caught:
+            await enter(Scheduler(redis, config), "a")
+        assert caught.value.retry_after_s == config.retry_after_s
+    finally:
+        await redis.aclose()

@@ -138,17 +138,17 @@ class Scheduler:
                 config.lease_ms,
             )
         except RedisError as exc:
-            del self._waiting[request_id]
+            self._forget(request_id)
             raise Unavailable("the request queue is unreachable; retry shortly", config.retry_after_s) from exc
         except asyncio.CancelledError:
             # The caller left while the script ran: whatever it got is given back.
-            del self._waiting[request_id]
+            self._forget(request_id)
             self._spawn_leave(request_id)
             raise
         assert isinstance(answer, list)
         state = _text(answer[0])
         if state == "full":
-            del self._waiting[request_id]
+            self._forget(request_id)
             which = "your tenant's" if _text(answer[1]) == "tenant" else "this priority class's"
             raise ResourceExhausted(f"{which} waiting line is full; retry later", retry_after_s=config.retry_after_s)
         if state == "admitted":
@@ -163,9 +163,13 @@ class Scheduler:
             self._holding[request_id] = ticket
             ticket.update(admitted=True)
 
+    def _forget(self, request_id: str) -> None:
+        """Stop renewing it here (it may have been admitted meanwhile)."""
+        self._waiting.pop(request_id, None)
+        self._holding.pop(request_id, None)
+
     async def leave(self, ticket: Ticket) -> None:
-        self._waiting.pop(ticket.request_id, None)
-        self._holding.pop(ticket.request_id, None)
+        self._forget(ticket.request_id)
         await self._leave(ticket.request_id)
 
     async def _leave(self, request_id: str) -> None:
