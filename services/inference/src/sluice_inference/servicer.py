@@ -15,6 +15,7 @@ from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
 from sluice_core.metrics import RequestMetrics, StreamTimer
 from sluice_inference.host import ModelHost
+from sluice_inference.load import Load
 from sluice_inference.requests import validate
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         load = self._host.load
         load.waiting += 1
         running = False
+        settled = False
         outcome = "error"
         last: RequestOutput | None = None
         with _tracer.start_as_current_span("inference.generate") as span:
@@ -74,6 +76,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                             )
                         if output.finished:
                             outcome = completion.finish_reason or "stop"
+                            # Counted out before the last message goes: the engine has already
+                            # freed the sequence, and the queue may hand its slot on at once.
+                            _count_out(load, running)
+                            settled = True
                             yield inference_pb2.GenerateResponse(finished=self._finished(output, timer))
                         elif timer.last is not None:
                             # Tokens made meanwhile are merged by vLLM into the next output:
@@ -83,10 +89,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 outcome = "cancelled"
                 raise
             finally:
-                if running:
-                    load.running -= 1
-                else:
-                    load.waiting -= 1
+                if not settled:
+                    _count_out(load, running)
                 queue_s = _queue_s(last)
                 timer.finish(outcome, queue_s)
                 _annotate(span, last, timer, queue_s, outcome)
@@ -151,3 +155,11 @@ def _annotate(
         span.set_attribute("gen_ai.latency.time_in_queue", queue_s)
     span.set_attribute("gen_ai.latency.time_to_first_token", timer.ttft_s)
     span.set_attribute("gen_ai.latency.e2e", timer.total_s)
+
+
+def _count_out(load: Load, running: bool) -> None:
+    """The request no longer occupies the engine."""
+    if running:
+        load.running -= 1
+    else:
+        load.waiting -= 1

@@ -214,10 +214,11 @@ class Scheduler:
                     async for message in pubsub.listen():
                         if message["type"] != "message":
                             continue
+                        # Those admitted learn at once; the others' new places wait
+                        # for the next refresh, so that a busy line costs one
+                        # position event per waiter per interval, not one per admission.
                         for request_id in _text(message["data"]).split():
                             self._admit(request_id)
-                        if self._waiting:
-                            self._refresh.set()
             except RedisError as exc:
                 logger.warning("admission channel lost (%s); resubscribing", exc)
                 await asyncio.sleep(0.5)
@@ -267,8 +268,8 @@ class Scheduler:
             for request_id, ticket in list(self._waiting.items()):
                 if request_id in places:
                     ticket.update(position=places[request_id])
-            # Do not spin when admissions arrive in bursts.
-            await asyncio.sleep(0.02)
+            # New waiters ask for a refresh; under a flood of them, at most five per interval.
+            await asyncio.sleep(config.position_interval_s / 5)
 
 
 def _text(value: object) -> str:

@@ -128,7 +128,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     tenant, reserve_tokens(texts, internal.sampling.max_tokens), context.time_remaining()
                 )
             )
-            async for event in self._relay(internal, request, context, timer, queue_s, reserving, progress):
+            relay = self._relay(internal, request, context, timer, queue_s, reserving, progress, ticket)
+            async for event in relay:
                 yield event
         except (asyncio.CancelledError, GeneratorExit):
             progress.outcome = "cancelled"
@@ -154,6 +155,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         queue_s: float,
         reserving: asyncio.Future[Reservation | None],
         progress: _Progress,
+        ticket: Ticket,
     ) -> AsyncIterator[generation_pb2.GenerateEvent]:
         with _tracer.start_as_current_span("queue.stream") as span:
             call = self._inference.Generate(internal, timeout=context.time_remaining())
@@ -183,6 +185,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                             progress.reply.append(response.delta.text)
                         yield generation_pb2.GenerateEvent(delta=response.delta)
                     elif kind == "finished":
+                        # The engine's slot is free now: the next caller need not wait
+                        # for this one's last message to reach its client.
+                        self._spawn(ticket.release())
                         done = response.finished
                         progress.outcome = _OUTCOMES.get(done.reason, "stop")
                         progress.cached_tokens = done.usage.cached_tokens
