@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib import resources
 
+from prometheus_client import Gauge
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -31,6 +32,10 @@ from sluice_core.errors import ResourceExhausted, Unavailable
 logger = logging.getLogger(__name__)
 
 _SCRIPT = resources.files(__package__).joinpath("schedule.lua").read_text()
+
+CAPACITY = Gauge("sluice_queue_capacity_slots", "Slots of the inference replicas seen recently (all queue replicas').")
+WAITING = Gauge("sluice_queue_waiting_requests", "Requests of this replica waiting for a slot.")
+HOLDING = Gauge("sluice_queue_slots_held", "Slots held by this replica's requests.")
 
 INTERACTIVE, BATCH = "1", "2"
 
@@ -112,7 +117,8 @@ class Scheduler:
         self._refresh = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         self._closing = False
-        self.capacity = 0
+        WAITING.set_function(lambda: len(self._waiting))
+        HOLDING.set_function(lambda: len(self._holding))
 
     async def _call(self, *args: str | int) -> object:
         return await self._script(keys=[self._config.prefix], args=list(args))
@@ -187,8 +193,10 @@ class Scheduler:
     async def report_engines(self, slots: dict[str, int]) -> int:
         """Record the inference replicas just seen with their slots; returns the total capacity."""
         pairs = [value for replica, n in slots.items() for value in (replica, n)]
-        self.capacity = int(await self._call("engines", int(self._config.engine_ttl_s * 1e3), *pairs))  # type: ignore[call-overload]
-        return self.capacity
+        capacity = await self._call("engines", int(self._config.engine_ttl_s * 1e3), *pairs)
+        assert isinstance(capacity, int)  # a Lua number comes back as an integer
+        CAPACITY.set(capacity)
+        return capacity
 
     async def run(self) -> None:
         """Listen for admissions, renew leases and refresh positions, until cancelled."""
