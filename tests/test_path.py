@@ -42,12 +42,15 @@ async def refused(stack: LocalStack, key: str | None, req: generation_pb2.Genera
     return caught.value
 
 
-async def tenant_with_key(stack: LocalStack, name: str, tokens_per_minute: int = 0) -> tuple[str, str]:
+async def tenant_with_key(stack: LocalStack, name: str, tokens_per_minute: int = 0, weight: int = 1) -> tuple[str, str]:
     async with grpc.aio.insecure_channel(stack.internal) as channel:
         stub = datastore_pb2_grpc.DataStoreStub(channel)
         tenant = await stub.CreateTenant(
             datastore_pb2.CreateTenantRequest(
-                name=name, tier=datastore_pb2.TIER_STANDARD, tokens_per_minute=tokens_per_minute
+                name=name,
+                tier=datastore_pb2.TIER_STANDARD,
+                tokens_per_minute=tokens_per_minute,
+                scheduling_weight=weight,
             )
         )
         key = (await stub.IssueApiKey(datastore_pb2.IssueApiKeyRequest(tenant_id=tenant.id))).api_key

@@ -157,3 +157,43 @@ async def test_a_killed_queue_replicas_slots_come_back_within_the_lease(stack: L
     await stack.process("queue-1").stop(grace_s=0)
     stack.start_queue(0)
     await stack.wait_ready(replicas=len(await engine_loads(stack)))
+
+
+async def test_tenants_weighted_one_to_three_share_the_slots_one_to_three(stack: LocalStack) -> None:
+    capacity = SLOTS_PER_REPLICA * len(await engine_loads(stack))
+    _, light_key = await tenant_with_key(stack, "light", weight=1)
+    _, heavy_key = await tenant_with_key(stack, "heavy", weight=3)
+    started: list[str] = []
+
+    async def flood(client: GenerationClient, name: str) -> None:
+        async for event in client.generate(request(16), timeout=120):
+            if event.HasField("started"):
+                started.append(name)
+
+    async with (
+        GenerationClient(stack.edge, api_key=stack.demo_api_key) as blocker,
+        GenerationClient(stack.edge, api_key=light_key) as light,
+        GenerationClient(stack.edge, api_key=heavy_key) as heavy,
+    ):
+        # Every slot busy, so that both floods are queued before the first is served.
+        blockers = [blocker.generate(request(1500, generation_pb2.PRIORITY_INTERACTIVE)) for _ in range(capacity)]
+        for stream in blockers:
+            async for event in stream:
+                if event.HasField("delta"):
+                    break
+        per_tenant = WAITING_PER_TENANT
+        floods = [asyncio.create_task(flood(c, n)) for c, n in ((light, "light"), (heavy, "heavy"))
+                  for _ in range(per_tenant)]  # fmt: skip
+
+        async def all_waiting() -> bool:
+            async with Redis.from_url(stack.redis_url) as redis:
+                return bool(await redis.zcard(f"{queue_keys(stack)}:alive") == 2 * per_tenant)
+
+        await eventually(all_waiting, 30, "both floods queued")
+        for stream in blockers:
+            stream.cancel()
+        await asyncio.gather(*floods)
+    # While both had requests waiting: until the heavy tenant's last one started.
+    saturated = started[: len(started) - started[::-1].index("heavy")]
+    share = saturated.count("heavy") / saturated.count("light")
+    assert share == pytest.approx(3, rel=0.1), saturated
