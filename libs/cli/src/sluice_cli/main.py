@@ -15,7 +15,7 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     generate.add_arguments(commands.add_parser("generate", help="stream a completion from the public API"))
     up.add_arguments(commands.add_parser("up", help="run the local stack until Ctrl-C"))
-    benches = commands.add_parser("bench", help="benchmarks: the stack against the bare engine, or rate limiting")
+    benches = commands.add_parser("bench", help="benchmarks (the stack vs the bare engine, or one part)")
     bench_kinds = benches.add_subparsers(dest="bench", required=False)
     bench.add_arguments(benches)
     bench_ratelimit.add_arguments(bench_kinds.add_parser("ratelimit", help="ShouldRateLimit against a bare EVALSHA"))
