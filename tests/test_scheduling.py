@@ -109,8 +109,12 @@ async def test_interactive_waits_one_slot_turnover_behind_a_batch_flood_and_engi
     assert all(o.finished is not None for o in flooded), [o.error for o in flooded if o.error]
     service_s = [(o.finished.timings.total_ms - o.finished.timings.queue_ms) / 1e3 for o in flooded if o.finished]
     assert max(o.finished.timings.queue_ms for o in flooded if o.finished) / 1e3 > max(service_s), "no flood"
-    # It waited at most for the next slot to come free: one batch request's run.
-    assert interactive.ttft_s <= max(service_s), (interactive.ttft_s, sorted(service_s))
+    # It waited at most for the next slot to come free: one slot turnover, a batch
+    # request's run plus the handover to the next request (a quarter on top here,
+    # on two busy cores); its own time to first token, once admitted, comes after.
+    assert interactive.finished is not None
+    waited_s = interactive.finished.timings.queue_ms / 1e3
+    assert waited_s <= 1.25 * max(service_s), (waited_s, sorted(service_s))
     assert peak <= capacity, f"engines held {peak} requests with {capacity} slots"
     assert expired.error is not None and expired.error.code == grpc.StatusCode.DEADLINE_EXCEEDED
     positions = [p for o in flooded for p in o.positions]
