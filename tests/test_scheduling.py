@@ -19,7 +19,7 @@ from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.generation.v1 import generation_pb2
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
 from sluice_cli.stack import LocalStack
-from sluice_client import GenerationClient, StreamError
+from sluice_client import GenerationClient, GenerationStream, StreamError
 from sluice_core.errors import ResourceExhausted
 
 from .conftest import SLOTS_PER_REPLICA, WAITING_PER_TENANT, eventually
@@ -70,6 +70,17 @@ async def engine_loads(stack: LocalStack) -> list[inference_pb2.Load]:
 
 def queue_keys(stack: LocalStack) -> str:
     return f"{{sluice-queue-{stack.ports.edge}}}"
+
+
+async def fill_every_slot(stack: LocalStack, client: GenerationClient) -> list[GenerationStream]:
+    """Long interactive streams holding every slot, each already producing tokens."""
+    capacity = SLOTS_PER_REPLICA * len(await engine_loads(stack))
+    streams = [client.generate(request(1500, generation_pb2.PRIORITY_INTERACTIVE)) for _ in range(capacity)]
+    for stream in streams:
+        async for event in stream:
+            if event.HasField("delta"):
+                break
+    return streams
 
 
 async def test_interactive_waits_one_slot_turnover_behind_a_batch_flood_and_engines_never_overflow(
@@ -124,16 +135,27 @@ async def test_interactive_waits_one_slot_turnover_behind_a_batch_flood_and_engi
 
 
 async def test_a_full_line_sheds_with_a_retry_hint(stack: LocalStack) -> None:
-    capacity = SLOTS_PER_REPLICA * len(await engine_loads(stack))
     _, key = await tenant_with_key(stack, "greedy")
-    async with GenerationClient(stack.edge, api_key=key) as client:
-        outcomes = await asyncio.gather(*(call(client, request(64)) for _ in range(capacity + WAITING_PER_TENANT + 6)))
+    async with (
+        GenerationClient(stack.edge, api_key=stack.demo_api_key) as blocker,
+        GenerationClient(stack.edge, api_key=key) as client,
+    ):
+        blockers = await fill_every_slot(stack, blocker)  # nothing leaves the line meanwhile
+        calls = [asyncio.create_task(call(client, request(8))) for _ in range(WAITING_PER_TENANT + 6)]
+
+        async def six_refused() -> bool:
+            return sum(c.done() for c in calls) >= 6
+
+        await eventually(six_refused, 30, "the requests beyond the tenant's cap refused")
+        for stream in blockers:
+            stream.cancel()
+        outcomes = await asyncio.gather(*calls)
     shed = [o.error for o in outcomes if o.error is not None]
-    assert shed, "some requests beyond the tenant's waiting cap must be refused"
+    assert len(shed) == 6, [str(e) for e in shed]
     for error in shed:
         assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert isinstance(error.error, ResourceExhausted) and error.error.retry_after_s
-    assert len(outcomes) - len(shed) >= capacity + WAITING_PER_TENANT - 2
+    assert sum(o.finished is not None for o in outcomes) == WAITING_PER_TENANT, "the ones in line were served"
 
 
 async def test_a_killed_queue_replicas_slots_come_back_within_the_lease(stack: LocalStack) -> None:
@@ -164,7 +186,6 @@ async def test_a_killed_queue_replicas_slots_come_back_within_the_lease(stack: L
 
 
 async def test_tenants_weighted_one_to_three_share_the_slots_one_to_three(stack: LocalStack) -> None:
-    capacity = SLOTS_PER_REPLICA * len(await engine_loads(stack))
     _, light_key = await tenant_with_key(stack, "light", weight=1)
     _, heavy_key = await tenant_with_key(stack, "heavy", weight=3)
     started: list[str] = []
@@ -180,11 +201,7 @@ async def test_tenants_weighted_one_to_three_share_the_slots_one_to_three(stack:
         GenerationClient(stack.edge, api_key=heavy_key) as heavy,
     ):
         # Every slot busy, so that both floods are queued before the first is served.
-        blockers = [blocker.generate(request(1500, generation_pb2.PRIORITY_INTERACTIVE)) for _ in range(capacity)]
-        for stream in blockers:
-            async for event in stream:
-                if event.HasField("delta"):
-                    break
+        blockers = await fill_every_slot(stack, blocker)
         per_tenant = WAITING_PER_TENANT
         floods = [asyncio.create_task(flood(c, n)) for c, n in ((light, "light"), (heavy, "heavy"))
                   for _ in range(per_tenant)]  # fmt: skip
