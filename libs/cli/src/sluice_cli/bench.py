@@ -46,6 +46,24 @@ _PROMPT_WORDS = (
 ).split()
 
 
+_UNLIMITED_EDGE = """
+domain: sluice-edge
+descriptors:
+  - key: api_key
+    descriptors:
+      - key: method
+        rate_limit: {unlimited: true}
+"""
+
+
+def unlimited_edge(state_dir: Path) -> tuple[Path, ...]:
+    """Rate-limit config for a benchmark's stack: the edge's per-key limits would refuse its own load."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / "ratelimit.yaml"
+    path.write_text(_UNLIMITED_EDGE)
+    return (path,)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--streams", default="1,16", help="concurrencies to measure (default %(default)s)")
     parser.add_argument("--prompt-words", type=int, default=48, help="prompt length in words (default %(default)s)")
@@ -151,7 +169,10 @@ def public_request(i: int, args: argparse.Namespace) -> generation_pb2.GenerateR
 
 
 async def bench_stack(args: argparse.Namespace, concurrencies: list[int], state_dir: Path) -> dict[str, Any]:
-    stack = LocalStack(StackOptions(state_dir=state_dir, ports=StackPorts.free(), log_level="WARNING"))
+    options = StackOptions(
+        state_dir=state_dir, ports=StackPorts.free(), log_level="WARNING", ratelimit_config=unlimited_edge(state_dir)
+    )
+    stack = LocalStack(options)
     try:
         await stack.start()
         async with GenerationClient(stack.edge, api_key=stack.demo_api_key) as client:

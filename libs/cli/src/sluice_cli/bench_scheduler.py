@@ -33,7 +33,7 @@ from typing import Any
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.generation.v1 import generation_pb2
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
-from sluice_cli.bench import percentile, prompt
+from sluice_cli.bench import percentile, prompt, unlimited_edge
 from sluice_cli.stack import LocalStack, StackOptions, StackPorts
 from sluice_client import GenerationClient
 from sluice_core.channels import insecure_channel
@@ -42,15 +42,6 @@ INTERACTIVE, BATCH = generation_pb2.PRIORITY_INTERACTIVE, generation_pb2.PRIORIT
 # (priority, seconds to first token)
 Sample = tuple[int, float]
 Send = Callable[[int, int, int], Coroutine[Any, Any, float]]
-
-_UNLIMITED = """
-domain: sluice-edge
-descriptors:
-  - key: api_key
-    descriptors:
-      - key: method
-        rate_limit: {unlimited: true}
-"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,13 +112,9 @@ async def run(args: argparse.Namespace) -> int:
     log = sys.stderr
     with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp:
         state_dir = args.state_dir or Path(tmp)
-        state_dir.mkdir(parents=True, exist_ok=True)
-        # The edge's per-key request limits would refuse the overload itself.
-        limits = state_dir / "ratelimit.yaml"
-        limits.write_text(_UNLIMITED)
         options = StackOptions(
             state_dir=state_dir,
-            ratelimit_config=(limits,),
+            ratelimit_config=unlimited_edge(state_dir),
             ports=StackPorts.free(),
             log_level="WARNING",
             inference_env={"SLUICE_INFERENCE_MAX_NUM_SEQS": str(args.slots)},
