@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 
 from redis.asyncio import Redis
@@ -11,7 +10,7 @@ from redis.asyncio import Redis
 from sluice.datastore.v1 import datastore_pb2_grpc
 from sluice_core.logs import setup_logging
 from sluice_core.server import GrpcServer
-from sluice_core.telemetry import setup_tracing, shutdown_tracing
+from sluice_core.service import cancel, run
 from sluice_datastore import SERVICE_NAME
 from sluice_datastore.cache import Cache
 from sluice_datastore.database import Database
@@ -51,9 +50,7 @@ async def serve(settings: DataStoreSettings) -> None:
             await server.set_serving(True)
             await server.wait_for_stop()
     finally:
-        listener.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await listener
+        await cancel(listener)
         await redis.aclose()
         await subscriber.aclose()
         await database.close()
@@ -61,15 +58,11 @@ async def serve(settings: DataStoreSettings) -> None:
 
 def main() -> None:
     settings = DataStoreSettings()
-    setup_logging("datastore", settings.log_level, settings.log_format)
     if sys.argv[1:] == ["migrate"]:
+        setup_logging("datastore", settings.log_level, settings.log_format)
         asyncio.run(apply_migrations(settings))
         return
-    setup_tracing("sluice-datastore", settings.replica_id, settings.otlp_endpoint)
-    try:
-        asyncio.run(serve(settings))
-    finally:
-        shutdown_tracing()
+    run("datastore", settings, lambda: serve(settings))
 
 
 if __name__ == "__main__":

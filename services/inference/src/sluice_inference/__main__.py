@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from sluice.inference.v1 import inference_pb2_grpc
-from sluice_core.logs import setup_logging
 from sluice_core.server import GrpcServer
-from sluice_core.telemetry import setup_tracing, shutdown_tracing
+from sluice_core.service import cancel, run
 from sluice_inference import SERVICE_NAME
 from sluice_inference.host import ModelHost
 from sluice_inference.servicer import InferenceServicer
@@ -30,21 +28,14 @@ async def serve(settings: InferenceSettings) -> None:
                 await server.set_serving(True)
                 watcher = asyncio.create_task(host.watch(lambda: server.set_serving(False)))
                 await server.wait_for_stop()
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
+                await cancel(watcher)
     finally:
         await host.close()
 
 
 def main() -> None:
     settings = InferenceSettings()
-    setup_logging("inference", settings.log_level, settings.log_format)
-    setup_tracing("sluice-inference", settings.replica_id, settings.otlp_endpoint)
-    try:
-        asyncio.run(serve(settings))
-    finally:
-        shutdown_tracing()
+    run("inference", settings, lambda: serve(settings))
 
 
 # vLLM starts its engine core in spawned processes that import this module:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from redis.asyncio import Redis
@@ -13,9 +12,8 @@ from sluice.datastore.v1 import datastore_pb2_grpc
 from sluice.generation.v1 import generation_pb2_grpc
 from sluice.inference.v1 import inference_pb2_grpc
 from sluice_core.channels import insecure_channel
-from sluice_core.logs import setup_logging
 from sluice_core.server import GrpcServer
-from sluice_core.telemetry import setup_tracing, shutdown_tracing
+from sluice_core.service import cancel, run
 from sluice_queue import SERVICE_NAME
 from sluice_queue.auth import Authenticator
 from sluice_queue.budget import Budgets
@@ -59,10 +57,7 @@ async def serve(settings: QueueSettings) -> None:
             await server.set_serving(True)
             await server.wait_for_stop()
     finally:
-        for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel(*tasks)
         # Nothing in flight is dropped: refunds and appends finish, usage is written.
         await servicer.drain()
         if not await usage.flush():
@@ -74,12 +69,7 @@ async def serve(settings: QueueSettings) -> None:
 
 def main() -> None:
     settings = QueueSettings()
-    setup_logging("queue", settings.log_level, settings.log_format)
-    setup_tracing("sluice-queue", settings.replica_id, settings.otlp_endpoint)
-    try:
-        asyncio.run(serve(settings))
-    finally:
-        shutdown_tracing()
+    run("queue", settings, lambda: serve(settings))
 
 
 if __name__ == "__main__":

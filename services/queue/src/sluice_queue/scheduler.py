@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 
 from sluice.generation.v1 import generation_pb2
 from sluice_core.errors import ResourceExhausted, Unavailable
+from sluice_core.service import cancel
 
 logger = logging.getLogger(__name__)
 
@@ -208,9 +209,7 @@ class Scheduler:
             # Redis call or a timeout that fires at the same moment (Python 3.11).
             self._closing = True
             self._refresh.set()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel(*tasks)
 
     async def _listen(self) -> None:
         while not self._closing:

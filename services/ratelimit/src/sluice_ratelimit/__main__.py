@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from redis.asyncio import Redis
 
 from envoy_api.envoy.service.ratelimit.v3 import rls_pb2_grpc
-from sluice_core.logs import setup_logging
 from sluice_core.server import GrpcServer
-from sluice_core.telemetry import setup_tracing, shutdown_tracing
+from sluice_core.service import cancel, run
 from sluice_ratelimit import SERVICE_NAME
 from sluice_ratelimit.decisions import Decider, Policy
 from sluice_ratelimit.limiter import Limiter
@@ -45,20 +43,13 @@ async def serve(settings: RateLimitSettings) -> None:
             await server.set_serving(True)
             await server.wait_for_stop()
     finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        await cancel(watcher)
         await redis.aclose()
 
 
 def main() -> None:
     settings = RateLimitSettings()
-    setup_logging("ratelimit", settings.log_level, settings.log_format)
-    setup_tracing("sluice-ratelimit", settings.replica_id, settings.otlp_endpoint)
-    try:
-        asyncio.run(serve(settings))
-    finally:
-        shutdown_tracing()
+    run("ratelimit", settings, lambda: serve(settings))
 
 
 if __name__ == "__main__":
