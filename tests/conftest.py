@@ -15,7 +15,7 @@ from sluice_cli.redis_server import RedisServer
 from sluice_cli.stack import LOOPBACK, LocalStack, StackOptions, StackPorts
 
 SLOTS_PER_REPLICA = 4
-WAITING_PER_TENANT = 40
+WAITING_PER_TENANT = 128
 LIMITED_KEY = "e2e-limited"
 LIMITED_PER_HOUR = 3
 RATE_LIMITS = f"""
