@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import time
 import uuid
@@ -41,8 +42,10 @@ async def running(url: str, config: SchedulerConfig, slots: int) -> AsyncIterato
 
 @pytest.fixture
 def config() -> SchedulerConfig:
-    """Fresh keys for every test."""
-    return SchedulerConfig(prefix=f"{{test-{uuid.uuid4().hex[:8]}}}", lease_s=0.6, position_interval_s=0.05)
+    """Fresh keys for every test; no interactive reserve (tested on its own), so every slot is anyone's."""
+    return SchedulerConfig(
+        prefix=f"{{test-{uuid.uuid4().hex[:8]}}}", lease_s=0.6, position_interval_s=0.05, interactive_reserve=0.0
+    )
 
 
 async def enter(scheduler: Scheduler, tenant: str, priority: int = BATCH, weight: int = 1) -> Ticket:
@@ -82,6 +85,25 @@ async def test_interactive_goes_before_waiting_batch(redis_server: RedisServer, 
         await running_now.release()
         await admitted(interactive)
         assert not any(t.admitted for t in batch)
+
+
+async def test_batch_leaves_the_reserve_to_interactive_requests(
+    redis_server: RedisServer, config: SchedulerConfig
+) -> None:
+    async with running(redis_server.url, dataclasses.replace(config, interactive_reserve=0.25), slots=8) as scheduler:
+        flood = [await enter(scheduler, "flood") for _ in range(8)]
+        assert [t.admitted for t in flood] == [True] * 6 + [False] * 2
+        chats = [await enter(scheduler, "chat", INTERACTIVE) for _ in range(3)]
+        assert [t.admitted for t in chats] == [True, True, False]  # two straight into the reserve
+        await flood[0].release()
+        await admitted(chats[2])  # the free slot goes to the interactive request
+        await chats[0].release()
+        await chats[1].release()
+        await asyncio.sleep(0.2)
+        assert not flood[6].admitted  # two slots free: both kept for interactive work
+        await flood[1].release()
+        await admitted(flood[6])
+        assert not flood[7].admitted
 
 
 async def test_waiters_are_told_when_their_position_changes(redis_server: RedisServer, config: SchedulerConfig) -> None:

@@ -7,7 +7,7 @@
 --   leave     id lease_ms
 --   tick      lease_ms max_positions
 --   renew     lease_ms alive_ms n_leases id...   (the first n_leases ids hold slots, the rest wait)
---   engines   ttl_ms [replica slots]...
+--   engines   ttl_ms reserve_share [replica slots]...
 -- Times are Redis's own clock, so replicas on different hosts agree.
 --
 -- Keys under the prefix:
@@ -23,6 +23,8 @@
 --   count         HASH "class:C" / "tenant:T" -> waiting requests
 --   engines       ZSET inference replica -> last seen (ms)
 --   slots         HASH inference replica -> its slots
+--   capacity      the sum of the slots
+--   reserved      the slots batch requests leave to interactive ones
 --
 -- Fairness is stride scheduling: serving a tenant advances its pass by
 -- 1/weight; within a class the tenant with the lowest pass goes next, so under
@@ -36,6 +38,7 @@ local op = ARGV[1]
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local CLASSES = {'1', '2'} -- interactive, then batch
+local BATCH = '2'
 
 local function k(...)
   return P .. ':' .. table.concat({...}, ':')
@@ -43,6 +46,16 @@ end
 
 local function capacity()
   return tonumber(redis.call('GET', k('capacity')) or '0')
+end
+
+-- Slots a class may not fill: batch work leaves the reserve to interactive
+-- work, so that an interactive request starts at once under a batch flood
+-- instead of waiting for a batch request to finish.
+local function held_back(class)
+  if class == BATCH then
+    return tonumber(redis.call('GET', k('reserved')) or '0')
+  end
+  return 0
 end
 
 local function deactivate(class, tenant)
@@ -80,11 +93,11 @@ local function stride(tenant)
   return 1.0 / math.max(1, tonumber(redis.call('HGET', k('weight'), tenant) or '1'))
 end
 
--- Pops the next waiter by class, then lowest pass, then arrival.
-local function pop_next()
+-- Pops the next waiter by class, then lowest pass, then arrival, given the free slots.
+local function pop_next(free)
   for _, class in ipairs(CLASSES) do
     local active = k('active', class)
-    while true do
+    while free > held_back(class) do
       local head = redis.call('ZRANGE', active, 0, 0, 'WITHSCORES')
       if #head == 0 then
         break
@@ -115,7 +128,7 @@ local function dispatch(lease_ms)
   local free = capacity() - redis.call('ZCARD', k('leases'))
   local admitted = {}
   while free > 0 do
-    local id = pop_next()
+    local id = pop_next(free)
     if not id then
       break
     end
@@ -168,7 +181,7 @@ if op == 'enter' then
   -- Nobody waiting and a slot free: straight in (the common, unloaded case).
   redis.call('ZREMRANGEBYSCORE', k('leases'), '-inf', now)
   local waiting = redis.call('ZCARD', k('alive'))
-  if waiting == 0 and redis.call('ZCARD', k('leases')) < capacity() then
+  if waiting == 0 and redis.call('ZCARD', k('leases')) < capacity() - held_back(class) then
     redis.call('ZADD', k('leases'), now + lease_ms, id)
     return {'admitted'}
   end
@@ -227,8 +240,8 @@ elseif op == 'renew' then
   end
   return lost
 elseif op == 'engines' then
-  local ttl_ms = tonumber(ARGV[2])
-  for i = 3, #ARGV, 2 do
+  local ttl_ms, reserve_share = tonumber(ARGV[2]), tonumber(ARGV[3])
+  for i = 4, #ARGV, 2 do
     redis.call('ZADD', k('engines'), now, ARGV[i])
     redis.call('HSET', k('slots'), ARGV[i], ARGV[i + 1])
   end
@@ -241,9 +254,10 @@ elseif op == 'engines' then
     total = total + tonumber(slots)
   end
   redis.call('SET', k('capacity'), total)
+  redis.call('SET', k('reserved'), math.floor(total * reserve_share))
   -- Kept alive while any replica runs; a queue no replica serves any more
   -- (a local stack that stopped, an old prefix) leaves nothing behind.
-  for _, key in ipairs({k('capacity'), k('engines'), k('slots'), k('pass', '1'), k('pass', '2'), k('vtime'),
+  for _, key in ipairs({k('capacity'), k('reserved'), k('engines'), k('slots'), k('pass', '1'), k('pass', '2'), k('vtime'),
                         k('weight'), k('count')}) do
     redis.call('PEXPIRE', key, 86400000)
   end

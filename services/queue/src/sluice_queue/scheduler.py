@@ -2,7 +2,9 @@
 
 Order: priority class first (interactive before batch), then weighted fair
 across tenants (stride scheduling on their scheduling weights), then first
-come first served within a tenant. Every change is one call of
+come first served within a tenant. Batch requests leave a share of the slots
+free for interactive ones: engines do not preempt, so without it an
+interactive request under a batch flood waits for a batch request to end. Every change is one call of
 ``schedule.lua``, so replicas never disagree and never hand out more slots
 than the inference replicas have.
 
@@ -55,6 +57,8 @@ class SchedulerConfig:
     position_interval_s: float = 0.25
     # Inference replicas unseen for this long no longer count towards capacity.
     engine_ttl_s: float = 10.0
+    # The share of the slots (rounded down) batch requests never take.
+    interactive_reserve: float = 0.25
 
     @property
     def lease_ms(self) -> int:
@@ -121,7 +125,7 @@ class Scheduler:
         WAITING.set_function(lambda: len(self._waiting))
         HOLDING.set_function(lambda: len(self._holding))
 
-    async def _call(self, *args: str | int) -> object:
+    async def _call(self, *args: str | float) -> object:
         return await self._script(keys=[self._config.prefix], args=list(args))
 
     async def enter(
@@ -194,7 +198,8 @@ class Scheduler:
     async def report_engines(self, slots: dict[str, int]) -> int:
         """Record the inference replicas just seen with their slots; returns the total capacity."""
         pairs = [value for replica, n in slots.items() for value in (replica, n)]
-        capacity = await self._call("engines", int(self._config.engine_ttl_s * 1e3), *pairs)
+        config = self._config
+        capacity = await self._call("engines", int(config.engine_ttl_s * 1e3), config.interactive_reserve, *pairs)
         assert isinstance(capacity, int)  # a Lua number comes back as an integer
         CAPACITY.set(capacity)
         return capacity

@@ -30,6 +30,9 @@ class QueueSettings(ServiceSettings):
     engine_interval_s: float = Field(1.0, gt=0, description="How often inference replicas are probed for slots.")
     engine_probes: int = Field(4, gt=0, description="Concurrent probes per round (Envoy spreads them).")
     engine_ttl_s: float = Field(10.0, gt=0, description="A replica unseen this long stops counting as capacity.")
+    interactive_reserve: float = Field(
+        0.25, ge=0, lt=1, description="Share of the slots (rounded down) batch requests leave to interactive ones."
+    )
 
     def scheduler(self) -> SchedulerConfig:
         return SchedulerConfig(
@@ -40,4 +43,5 @@ class QueueSettings(ServiceSettings):
             retry_after_s=self.retry_after_s,
             position_interval_s=self.position_interval_s,
             engine_ttl_s=self.engine_ttl_s,
+            interactive_reserve=self.interactive_reserve,
         )
