@@ -11,10 +11,10 @@ replicas) serves both sides:
 
 Overload, two ways, every fifth request interactive and the rest batch:
 *closed loop*, ``4 x capacity`` callers each sending its next request when
-its last one ends (each caller's first request, all sent at once, is the
-start-up burst, not the overload, and is not counted); *open loop*, requests
-arriving at 4 x the rate the slower path served in its closed loop, whether
-or not earlier ones were answered. Reported: time to first token p50 / p99
+its last one ends (requests sent before every caller's first request has
+ended measure the start-up burst, not the overload, and are not counted);
+*open loop*, requests arriving at 4 x the rate the slower path served in
+its closed loop, whether or not earlier ones were answered. Reported: time to first token p50 / p99
 per class. Low load: one caller taking turns on three paths: fcfs, scheduled,
 and **queue**, the public API on a queue replica's own port (no edge Envoy,
 no edge rate-limit check): queue minus fcfs is what the queue service adds,
@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slots", type=int, default=4, help="slots per inference replica (default %(default)s)")
     parser.add_argument("--overload", type=int, default=4, help="callers per slot (default %(default)s)")
     parser.add_argument(
-        "--requests", type=int, default=300, help="requests counted per path under overload (default %(default)s)"
+        "--requests", type=int, default=500, help="requests per path under overload (default %(default)s)"
     )
     parser.add_argument("--output-tokens", type=int, default=64, help="tokens per response (default %(default)s)")
     parser.add_argument("--low-load-requests", type=int, default=60, help="requests per path at low load")
@@ -79,15 +79,24 @@ def priority_of(i: int) -> int:
 
 
 async def closed_loop(send: Send, callers: int, requests: int, tokens: int) -> tuple[list[Sample], float]:
-    """``callers`` callers, each sending its next request when its last one ends; also the requests/s served."""
+    """``callers`` callers, each sending its next request when its last one ends; also the requests/s served.
+
+    ``requests`` are sent beyond the ``callers`` first ones, but those sent during the start-up burst are not counted.
+    """
     counter = iter(range(requests + callers))
     samples: list[Sample] = []
+    starting = callers  # callers whose first request has not ended yet
 
     async def caller() -> None:
+        nonlocal starting
         for n, i in enumerate(counter):
+            # Requests sent while the start-up burst is still served measure the burst.
+            counted = not starting
             ttft = await send(i, priority_of(i), tokens)
-            if n:
+            if counted:
                 samples.append((priority_of(i), ttft))
+            if n == 0:
+                starting -= 1
 
     start = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(callers)))
@@ -124,6 +133,8 @@ async def run(args: argparse.Namespace) -> int:
             ports=StackPorts.free(),
             log_level="WARNING",
             inference_env={"SLUICE_INFERENCE_MAX_NUM_SEQS": str(args.slots)},
+            # One tenant sends the whole open loop: none of it may be shed (a shed request has no first token).
+            queue_env={"SLUICE_QUEUE_MAX_WAITING_PER_TENANT": str(2 * args.requests)},
         )
         stack = LocalStack(options)
         try:
