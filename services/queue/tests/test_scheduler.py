@@ -125,6 +125,29 @@ async def test_waiters_are_told_when_their_position_changes(redis_server: RedisS
         following.cancel()
 
 
+async def test_waiters_far_back_are_told_of_their_moves_less_often(
+    redis_server: RedisServer, config: SchedulerConfig
+) -> None:
+    async with running(redis_server.url, dataclasses.replace(config, position_interval_s=0.1), slots=1) as scheduler:
+        holder = await enter(scheduler, "a")
+        waiters = [await enter(scheduler, "a") for _ in range(10)]
+        told: dict[Ticket, list[int]] = {w: [] for w in waiters}
+
+        async def follow(waiter: Ticket) -> None:
+            async for position in waiter.positions():
+                told[waiter].append(position)
+
+        following = [asyncio.create_task(follow(w)) for w in waiters]
+        await eventually(lambda: [t[-1:] for t in told.values()] == [[p] for p in range(1, 11)], 2)
+        await holder.release()
+        front, back = waiters[1], waiters[-1]
+        await eventually(lambda: told[front] == [2, 1], 2)  # one wave ahead: told within the interval
+        assert told[back] == [10]  # nine waves ahead: told within nine intervals
+        await eventually(lambda: told[back] == [10, 9], 2)
+        for task in following:
+            task.cancel()
+
+
 async def test_tenants_weighted_one_to_three_share_slots_one_to_three(
     redis_server: RedisServer, config: SchedulerConfig
 ) -> None:

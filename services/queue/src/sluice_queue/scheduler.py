@@ -11,8 +11,11 @@ than the inference replicas have.
 Slots and places in line are leases that this replica renews; when a replica
 dies its leases run out and the slots come back to everyone else. Admissions
 are published on a Redis channel, so a waiter learns at once that its slot is
-free whichever replica freed it; positions are refreshed a few times a second
-while anyone here waits.
+free whichever replica freed it. Positions are refreshed a few times a second
+while anyone here waits; a waiter is told its new place at most once per
+``position_interval_s`` for each wave of admissions (capacity) ahead of it,
+so that near the front every move shows and a long line does not spend the
+CPU the engines need on telling hundreds of waiters of every step.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ class Ticket:
         self._admitted = admitted
         self._error: Exception | None = None
         self._position = 0
+        self._moved_at = 0.0  # loop time of the last position change
         self._changed = asyncio.Event()
         self._released = False
 
@@ -81,9 +85,17 @@ class Ticket:
     def admitted(self) -> bool:
         return self._admitted
 
+    def due(self, position: int, now: float, interval_s: float, capacity: int) -> bool:
+        """Whether to tell this waiter ``position``: at once the first time, then once per interval per wave ahead."""
+        if position == self._position:
+            return False
+        waves = -(-position // max(1, capacity))
+        return not self._position or now - self._moved_at >= interval_s * waves
+
     def update(self, position: int | None = None, admitted: bool = False, error: Exception | None = None) -> None:
         if position is not None:
             self._position = position
+            self._moved_at = asyncio.get_running_loop().time()
         self._admitted = self._admitted or admitted
         self._error = self._error or error
         self._changed.set()
@@ -122,6 +134,7 @@ class Scheduler:
         self._refresh = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._capacity = 1
         WAITING.set_function(lambda: len(self._waiting))
         HOLDING.set_function(lambda: len(self._holding))
 
@@ -202,6 +215,7 @@ class Scheduler:
         capacity = await self._call("engines", int(config.engine_ttl_s * 1e3), config.interactive_reserve, *pairs)
         assert isinstance(capacity, int)  # a Lua number comes back as an integer
         CAPACITY.set(capacity)
+        self._capacity = capacity
         return capacity
 
     async def run(self) -> None:
@@ -277,9 +291,11 @@ class Scheduler:
             for request_id, lease in zip(missing, leased, strict=True):
                 if lease is not None:
                     self._admit(request_id)
+            now = asyncio.get_running_loop().time()
             for request_id, ticket in list(self._waiting.items()):
-                if request_id in places:
-                    ticket.update(position=places[request_id])
+                place = places.get(request_id)
+                if place is not None and ticket.due(place, now, config.position_interval_s, self._capacity):
+                    ticket.update(position=place)
             # New waiters ask for a refresh; under a flood of them, at most five per interval.
             await asyncio.sleep(config.position_interval_s / 5)
 
