@@ -14,12 +14,12 @@ Overload, two ways, every fifth request interactive and the rest batch:
 its last one ends (requests sent before every caller's first request has
 ended measure the start-up burst, not the overload, and are not counted);
 *open loop*, requests arriving at 4 x the rate the slower path served in
-its closed loop, whether or not earlier ones were answered. Reported: time to first token p50 / p99
-per class. Low load: one caller taking turns on three paths: fcfs, scheduled,
-and **queue**, the public API on a queue replica's own port (no edge Envoy,
-no edge rate-limit check): queue minus fcfs is what the queue service adds,
-scheduled minus queue what the edge adds. The last line is one JSON object
-with every figure.
+its closed loop, whether or not earlier ones were answered. Reported: time
+to first token p50 / p99 per class. Low load: one caller taking turns on
+three paths: fcfs, scheduled, and **queue**, the public API on a queue
+replica's own port (no edge Envoy, no edge rate-limit check): queue minus
+fcfs is what the queue service adds, scheduled minus queue what the edge
+adds. The last line is one JSON object with every figure.
 """
 
 from __future__ import annotations

@@ -257,8 +257,8 @@ elseif op == 'engines' then
   redis.call('SET', k('reserved'), math.floor(total * reserve_share))
   -- Kept alive while any replica runs; a queue no replica serves any more
   -- (a local stack that stopped, an old prefix) leaves nothing behind.
-  for _, key in ipairs({k('capacity'), k('reserved'), k('engines'), k('slots'), k('pass', '1'), k('pass', '2'), k('vtime'),
-                        k('weight'), k('count')}) do
+  for _, key in ipairs({k('capacity'), k('reserved'), k('engines'), k('slots'), k('pass', '1'), k('pass', '2'),
+                        k('vtime'), k('weight'), k('count')}) do
     redis.call('PEXPIRE', key, 86400000)
   end
   return total

@@ -4,9 +4,9 @@ Order: priority class first (interactive before batch), then weighted fair
 across tenants (stride scheduling on their scheduling weights), then first
 come first served within a tenant. Batch requests leave a share of the slots
 free for interactive ones: engines do not preempt, so without it an
-interactive request under a batch flood waits for a batch request to end. Every change is one call of
-``schedule.lua``, so replicas never disagree and never hand out more slots
-than the inference replicas have.
+interactive request under a batch flood waits for a batch request to end.
+Every change is one call of ``schedule.lua``, so replicas never disagree and
+never hand out more slots than the inference replicas have.
 
 Slots and places in line are leases that this replica renews; when a replica
 dies its leases run out and the slots come back to everyone else. Admissions
@@ -77,7 +77,7 @@ class Ticket:
         self._admitted = admitted
         self._error: Exception | None = None
         self._position = 0
-        self._moved_at = 0.0  # loop time of the last position change
+        self._told_at = 0.0  # loop time the caller was last given a position
         self._changed = asyncio.Event()
         self._released = False
 
@@ -90,12 +90,12 @@ class Ticket:
         if position == self._position:
             return False
         waves = -(-position // max(1, capacity))
-        return not self._position or now - self._moved_at >= interval_s * waves
+        return not self._position or now - self._told_at >= interval_s * waves
 
     def update(self, position: int | None = None, admitted: bool = False, error: Exception | None = None) -> None:
         if position is not None:
             self._position = position
-            self._moved_at = asyncio.get_running_loop().time()
+            self._told_at = asyncio.get_running_loop().time()
         self._admitted = self._admitted or admitted
         self._error = self._error or error
         self._changed.set()
