@@ -155,7 +155,10 @@ Global___GenerateEvent: _TypeAlias = GenerateEvent  # noqa: Y015
 
 @_typing.final
 class Queued(_message.Message):
-    """Sent while waiting for a slot, whenever the position changes."""
+    """Sent while waiting for a slot when the position changes: near the front at
+    each move (a few times a second), further back about once per wave of
+    admissions ahead, so that a long line costs little to keep informed.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
