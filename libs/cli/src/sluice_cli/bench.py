@@ -137,6 +137,8 @@ async def timed(events: AsyncIterator[int]) -> Timing:
 
 
 async def bench_direct(args: argparse.Namespace, concurrencies: list[int]) -> dict[int, Figures]:
+    # vLLM logs to stdout by default; stdout is for the result line. Set before vLLM is imported.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     from sluice_inference import engine as vllm_engine  # imports vLLM: only when benchmarking
     from sluice_inference.load import Load
 
