@@ -76,6 +76,8 @@ class Ticket:
         self._scheduler = scheduler
         self._admitted = admitted
         self._error: Exception | None = None
+        # Set once the enter script ran: before that Redis does not know the request yet.
+        self.placed = False
         self._position = 0
         self._told_at = 0.0  # loop time the caller was last given a position
         self._changed = asyncio.Event()
@@ -170,6 +172,7 @@ class Scheduler:
             self._spawn_leave(request_id)
             raise
         assert isinstance(answer, list)
+        ticket.placed = True
         state = _text(answer[0])
         if state == "full":
             self._forget(request_id)
@@ -253,7 +256,10 @@ class Scheduler:
         config = self._config
         while not self._closing:
             await asyncio.sleep(config.lease_s / 3)
-            holding, waiting = list(self._holding), list(self._waiting)
+            # A request whose enter script has not run yet is in neither set in Redis:
+            # renewing it would wrongly find it lost.
+            holding = list(self._holding)
+            waiting = [request_id for request_id, ticket in self._waiting.items() if ticket.placed]
             if not holding and not waiting:
                 continue
             try:
