@@ -97,7 +97,8 @@ end
 local function pop_next(free)
   for _, class in ipairs(CLASSES) do
     local active = k('active', class)
-    while free > held_back(class) do
+    local floor = held_back(class)
+    while free > floor do
       local head = redis.call('ZRANGE', active, 0, 0, 'WITHSCORES')
       if #head == 0 then
         break
