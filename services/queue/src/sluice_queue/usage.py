@@ -87,6 +87,7 @@ class UsageRecorder:
                         self._batch_size = size
                 if exc.code() in _REFUSED:
                     self._buffer.popleft()
+                    BUFFERED.set(len(self._buffer))
                     RECORDED.labels("dropped").inc()
                     logger.error("usage record %s refused: %s", batch[0].request_id, exc.details())
                     continue
