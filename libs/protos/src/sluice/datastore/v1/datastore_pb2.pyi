@@ -387,6 +387,7 @@ class CreateTenantRequest(_message.Message):
     scheduling_weight: _builtins.int
     requests_per_minute: _builtins.int
     tokens_per_minute: _builtins.int
+    """At most 4294967295: the rate-limit API carries a limit as a uint32."""
     def __init__(
         self,
         *,
