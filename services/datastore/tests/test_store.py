@@ -217,6 +217,10 @@ async def test_a_batch_with_a_bad_record_writes_nothing(service: Service, postgr
             datastore_pb2.CreateTenantRequest(name="x", tier=datastore_pb2.TIER_FREE, tokens_per_minute=2**32),
             "tokens_per_minute",
         ),
+        (
+            datastore_pb2.CreateTenantRequest(name="x", tier=datastore_pb2.TIER_FREE, requests_per_minute=2**31),
+            "requests_per_minute",
+        ),
         (datastore_pb2.IssueApiKeyRequest(tenant_id="not-a-uuid"), "tenant_id"),
         (datastore_pb2.AppendMessagesRequest(conversation_id=str(uuid.uuid4()), request_id="r"), "messages"),
     ],

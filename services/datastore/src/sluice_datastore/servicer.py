@@ -20,7 +20,8 @@ Context = grpc.aio.ServicerContext[Any, Any]
 MAX_ID_LEN = 128
 MAX_BATCH = 1000
 MAX_MESSAGES = 256
-MAX_TOKENS_PER_MINUTE = 2**32 - 1
+# The columns are int32, except tokens_per_minute: the rate-limit API carries a limit as a uint32.
+_TENANT_MAXIMA = {"scheduling_weight": 2**31 - 1, "requests_per_minute": 2**31 - 1, "tokens_per_minute": 2**32 - 1}
 
 
 def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
@@ -136,11 +137,9 @@ class DataStoreServicer(datastore_pb2_grpc.DataStoreServicer):
             violations.append(FieldViolation("name", "must be 1 to 200 characters"))
         if request.tier == datastore_pb2.TIER_UNSPECIFIED:
             violations.append(FieldViolation("tier", "must be set"))
-        if request.tokens_per_minute > MAX_TOKENS_PER_MINUTE:
-            # The rate-limit API carries a limit as a uint32.
-            violations.append(
-                FieldViolation("tokens_per_minute", f"must be at most {MAX_TOKENS_PER_MINUTE} (0 is no limit)")
-            )
+        for name, largest in _TENANT_MAXIMA.items():
+            if getattr(request, name) > largest:
+                violations.append(FieldViolation(name, f"must be at most {largest}"))
         _raise(violations)
         tenant = await self._store.create_tenant(
             request.name,

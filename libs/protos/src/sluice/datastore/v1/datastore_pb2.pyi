@@ -386,8 +386,10 @@ class CreateTenantRequest(_message.Message):
     tier: Global___Tier.ValueType
     scheduling_weight: _builtins.int
     requests_per_minute: _builtins.int
+    """Weight and requests per minute at most 2147483647, tokens per minute at
+    most 4294967295 (the rate-limit API carries a limit as a uint32).
+    """
     tokens_per_minute: _builtins.int
-    """At most 4294967295: the rate-limit API carries a limit as a uint32."""
     def __init__(
         self,
         *,
