@@ -2,14 +2,16 @@
 
 Tenants are kept in this process for at most a second, so that a hot key
 costs no round trip while a revoked key still stops working within about a
-second (the data-access service drops its own caches at once).
+second (the data-access service drops its own caches at once). A key used in
+the second half of that second is looked up again in the background, so that
+a key in steady use never makes a call wait for its lookup.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import grpc
 
@@ -17,6 +19,7 @@ from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
 from sluice_core.errors import Unauthenticated
 
 _TTL_S = 1.0
+_REFRESH_TIMEOUT_S = 5.0
 _PRUNE_AT = 10_000
 
 Metadata = Iterable[tuple[str, str | bytes]]
@@ -34,8 +37,11 @@ def api_key_from(metadata: Metadata | None) -> str | None:
 
 
 class Authenticator:
-    def __init__(self, datastore: datastore_pb2_grpc.DataStoreAsyncStub) -> None:
+    def __init__(
+        self, datastore: datastore_pb2_grpc.DataStoreAsyncStub, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._datastore = datastore
+        self._clock = clock
         self._known: dict[str, tuple[float, datastore_pb2.Tenant]] = {}
         self._inflight: dict[str, asyncio.Task[datastore_pb2.Tenant]] = {}
 
@@ -43,17 +49,23 @@ class Authenticator:
         api_key = api_key_from(metadata)
         if api_key is None:
             raise Unauthenticated("no API key: send it as 'authorization: Bearer <key>' or 'x-api-key: <key>'")
-        now = time.monotonic()
+        now = self._clock()
         known = self._known.get(api_key)
         if known is not None and known[0] > now:
+            if known[0] - now < _TTL_S / 2 and api_key not in self._inflight:
+                self._start_lookup(api_key, _REFRESH_TIMEOUT_S)
             return known[1]
         # Concurrent first calls with one key share one lookup.
-        task = self._inflight.get(api_key)
-        if task is None:
-            task = asyncio.ensure_future(self._lookup(api_key, timeout_s))
-            self._inflight[api_key] = task
-            task.add_done_callback(lambda _: self._inflight.pop(api_key, None))
-        return await asyncio.shield(task)
+        if api_key not in self._inflight:
+            self._start_lookup(api_key, timeout_s)
+        return await asyncio.shield(self._inflight[api_key])
+
+    def _start_lookup(self, api_key: str, timeout_s: float | None) -> None:
+        task = asyncio.ensure_future(self._lookup(api_key, timeout_s))
+        self._inflight[api_key] = task
+        task.add_done_callback(lambda _: self._inflight.pop(api_key, None))
+        # A refresh ahead has no caller to raise to; a call waiting on it sees the error itself.
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
     async def _lookup(self, api_key: str, timeout_s: float | None) -> datastore_pb2.Tenant:
         try:
@@ -62,9 +74,10 @@ class Authenticator:
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
+                self._known.pop(api_key, None)
                 raise Unauthenticated("unknown or revoked API key") from None
             raise
-        now = time.monotonic()
+        now = self._clock()
         if len(self._known) >= _PRUNE_AT:
             self._known = {k: v for k, v in self._known.items() if v[0] > now}
         self._known[api_key] = (now + _TTL_S, tenant)

@@ -1,0 +1,83 @@
+"""A key in steady use never waits for its lookup, and a revoked one still stops working within a second."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from sluice.datastore.v1 import datastore_pb2
+from sluice_core.errors import Unauthenticated
+from sluice_queue.auth import Authenticator
+
+KEY = [("authorization", "Bearer k1")]
+
+
+class SlowDataStore:
+    """Stands in for the data-access stub: each lookup takes a while; ``revoked`` keys are unknown."""
+
+    def __init__(self) -> None:
+        self.lookups = 0
+        self.revoked: set[str] = set()
+        self.answer = asyncio.Event()
+
+    async def GetTenantByApiKey(
+        self,
+        request: datastore_pb2.GetTenantByApiKeyRequest,
+        timeout: float | None,  # noqa: ASYNC109 - the stub's
+    ) -> datastore_pb2.Tenant:
+        self.lookups += 1
+        await self.answer.wait()
+        if request.api_key in self.revoked:
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.NOT_FOUND, grpc.aio.Metadata(), grpc.aio.Metadata(), "no such key"
+            )
+        return datastore_pb2.Tenant(id="t1", name="one")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+async def settle() -> None:
+    """Let lookups that were answered finish."""
+    await asyncio.sleep(0.01)
+
+
+async def test_a_key_in_use_is_looked_up_again_before_it_expires(clock: Clock) -> None:
+    datastore = SlowDataStore()
+    authenticator = Authenticator(datastore, clock)  # type: ignore[arg-type]
+    datastore.answer.set()
+    assert (await authenticator.tenant(KEY, None)).id == "t1"
+    datastore.answer.clear()  # from now on, a call that waits for a lookup hangs
+    for _ in range(5):
+        clock.now += 0.3
+        async with asyncio.timeout(1):
+            assert (await authenticator.tenant(KEY, None)).id == "t1"
+        datastore.answer.set()  # the refresh started by that call ends
+        await settle()
+        datastore.answer.clear()
+    assert datastore.lookups > 1
+
+
+async def test_a_revoked_key_stops_working_within_a_second(clock: Clock) -> None:
+    datastore = SlowDataStore()
+    authenticator = Authenticator(datastore, clock)  # type: ignore[arg-type]
+    datastore.answer.set()
+    await authenticator.tenant(KEY, None)
+    datastore.revoked.add("k1")
+    clock.now += 0.6
+    await authenticator.tenant(KEY, None)  # still known; its refresh finds the key revoked
+    await settle()
+    with pytest.raises(Unauthenticated):
+        await authenticator.tenant(KEY, None)
