@@ -40,18 +40,13 @@ async def serve(settings: QueueSettings) -> None:
     scheduler = Scheduler(redis, settings.scheduler())
     engines = Engines(inference, scheduler.report_engines, settings.engine_interval_s, settings.engine_probes)
     usage = UsageRecorder(datastore, settings.usage_batch_size, settings.usage_flush_interval_s)
+    budgets = Budgets(ratelimit, settings.budget_domain)
     servicer = GenerationServicer(
-        inference,
-        scheduler,
-        engines,
-        Authenticator(datastore),
-        Budgets(ratelimit, settings.budget_domain),
-        Conversations(datastore),
-        usage,
+        inference, scheduler, engines, Authenticator(datastore), budgets, Conversations(datastore), usage
     )
     server = GrpcServer(settings, health_names=[SERVICE_NAME])
     server.add(generation_pb2_grpc.add_GenerationServicer_to_server, servicer, SERVICE_NAME)
-    tasks = [asyncio.create_task(job.run()) for job in (engines, scheduler, usage)]
+    tasks = [asyncio.create_task(job.run()) for job in (engines, scheduler, usage, budgets)]
     try:
         async with server:
             await server.set_serving(True)
@@ -60,6 +55,7 @@ async def serve(settings: QueueSettings) -> None:
         await cancel(*tasks)
         # Nothing in flight is dropped: refunds and appends finish, usage is written.
         await servicer.drain()
+        await budgets.close()
         if not await usage.flush():
             logger.error("%d usage records could not be written before shutdown", usage.pending)
         for channel in channels.values():

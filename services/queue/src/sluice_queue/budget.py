@@ -6,7 +6,10 @@ The prompt's token count is not known before the replica tokenizes it, so
 the reservation counts one token per byte of prompt text, an upper bound
 for byte-level tokenizers (every token stands for at least one byte); the
 end of the stream refunds what was not used. A caller that goes away is
-charged for what it was sent.
+charged for what it was sent. Refunds are gathered for ``refund_interval_s``
+and sent together, one call for every tenant's: a call per request would
+cost the rate-limit service as much again as the reservations, and land in
+the middle of the next request's start.
 
 If the rate-limit service cannot be reached, the request goes ahead (fail
 open, as Envoy's own limits do) and the failure is logged.
@@ -14,6 +17,7 @@ open, as Envoy's own limits do) and the failure is logged.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -47,9 +51,16 @@ def reserve_tokens(texts: list[str], max_tokens: int) -> int:
 
 
 class Budgets:
-    def __init__(self, ratelimit: rls_pb2_grpc.RateLimitServiceAsyncStub, domain: str) -> None:
+    def __init__(
+        self, ratelimit: rls_pb2_grpc.RateLimitServiceAsyncStub, domain: str, refund_interval_s: float = 0.1
+    ) -> None:
         self._ratelimit = ratelimit
         self._domain = domain
+        self._refund_interval_s = refund_interval_s
+        # Tokens to give back, by tenant and its limit (the rate-limit service keys a budget by both).
+        self._refunds: dict[tuple[str, int], int] = {}
+        self._refunding = asyncio.Event()
+        self._sending: asyncio.Future[None] | None = None
 
     async def reserve(self, tenant: datastore_pb2.Tenant, tokens: int, timeout_s: float | None) -> Reservation | None:
         """Take the request's share of the tenant's budgets; RESOURCE_EXHAUSTED when over one."""
@@ -82,20 +93,47 @@ class Budgets:
             raise ResourceExhausted(f"over the tenant's {what} per minute; retry in {retry:.0f} s", retry_after_s=retry)
         return Reservation(tenant.id, tenant.tokens_per_minute, tokens) if tenant.tokens_per_minute else None
 
-    async def settle(self, reservation: Reservation, used: int) -> None:
-        """Give back what was reserved but not used."""
+    def settle(self, reservation: Reservation, used: int) -> None:
+        """Give back, with the next refunds, what was reserved but not used."""
         unused = reservation.tokens - used
-        if unused <= 0:
+        if unused > 0:
+            key = (reservation.tenant_id, reservation.tokens_per_minute)
+            self._refunds[key] = self._refunds.get(key, 0) + unused
+            self._refunding.set()
+
+    async def run(self) -> None:
+        """Send the refunds gathered each interval, until cancelled (then call ``close``)."""
+        while True:
+            await self._refunding.wait()
+            await asyncio.sleep(self._refund_interval_s)
+            # A refund cut off half-way could not be sent again (it may have been applied): it finishes.
+            self._sending = asyncio.ensure_future(self._refund())
+            await asyncio.shield(self._sending)
+
+    async def close(self) -> None:
+        """Send what is still to be refunded (at shutdown)."""
+        if self._sending is not None:
+            await self._sending
+        await self._refund()
+
+    async def _refund(self) -> None:
+        self._refunding.clear()
+        refunds, self._refunds = self._refunds, {}
+        if not refunds:
             return
-        refund = _descriptor("tenant_tokens", reservation.tenant_id, reservation.tokens_per_minute, unused)
-        refund.is_negative_hits = True
+        descriptors = []
+        for (tenant_id, per_minute), tokens in refunds.items():
+            refund = _descriptor("tenant_tokens", tenant_id, per_minute, tokens)
+            refund.is_negative_hits = True
+            descriptors.append(refund)
         try:
             await self._ratelimit.ShouldRateLimit(
-                rls_pb2.RateLimitRequest(domain=self._domain, descriptors=[refund]), timeout=5.0
+                rls_pb2.RateLimitRequest(domain=self._domain, descriptors=descriptors), timeout=5.0
             )
         except grpc.aio.AioRpcError as exc:
+            # Not sent again: a call that timed out may have been applied, and a refund twice is a gift.
             logger.warning(
-                "could not refund %d tokens to tenant %s: %s", unused, reservation.tenant_id, exc.code().name
+                "could not refund %d tokens to %d tenants: %s", sum(refunds.values()), len(refunds), exc.code().name
             )
 
 
