@@ -122,15 +122,18 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             texts = (
                 [m.content for m in internal.messages.messages] if internal.HasField("messages") else [internal.prompt]
             )
-            # The budget is reserved while the replica starts: the check costs no time to first token.
-            reserving = asyncio.ensure_future(
-                self._budgets.reserve(
-                    tenant, reserve_tokens(texts, internal.sampling.max_tokens), context.time_remaining()
+            with _tracer.start_as_current_span("queue.stream") as span:
+                # The generation is sent first and the budget reserved while the replica
+                # starts: the check costs no time to first token.
+                call = self._inference.Generate(internal, timeout=context.time_remaining())
+                reserving = asyncio.ensure_future(
+                    self._budgets.reserve(
+                        tenant, reserve_tokens(texts, internal.sampling.max_tokens), context.time_remaining()
+                    )
                 )
-            )
-            relay = self._relay(internal, request, context, timer, queue_s, reserving, progress, ticket)
-            async for event in relay:
-                yield event
+                relay = self._relay(span, call, internal, request, timer, queue_s, reserving, progress, ticket)
+                async for event in relay:
+                    yield event
         except (asyncio.CancelledError, GeneratorExit):
             progress.outcome = "cancelled"
             raise
@@ -148,73 +151,72 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
     async def _relay(
         self,
+        span: trace.Span,
+        call: grpc.aio.UnaryStreamCall[inference_pb2.GenerateRequest, inference_pb2.GenerateResponse],
         internal: inference_pb2.GenerateRequest,
         request: generation_pb2.GenerateRequest,
-        context: Context,
         timer: StreamTimer,
         queue_s: float,
         reserving: asyncio.Future[Reservation | None],
         progress: _Progress,
         ticket: Ticket,
     ) -> AsyncIterator[generation_pb2.GenerateEvent]:
-        with _tracer.start_as_current_span("queue.stream") as span:
-            call = self._inference.Generate(internal, timeout=context.time_remaining())
-            try:
-                async for response in call:
-                    kind = response.WhichOneof("event")
-                    if kind == "accepted":
-                        progress.prompt_tokens = response.accepted.prompt_tokens
-                        progress.model = self._engines.model_name
-                        yield generation_pb2.GenerateEvent(
-                            started=generation_pb2.Started(
-                                request_id=internal.request_id,
-                                model=progress.model,
-                                history_messages_dropped=response.accepted.history_messages_dropped,
-                                prompt_tokens=response.accepted.prompt_tokens,
-                            )
+        try:
+            async for response in call:
+                kind = response.WhichOneof("event")
+                if kind == "accepted":
+                    progress.prompt_tokens = response.accepted.prompt_tokens
+                    progress.model = self._engines.model_name
+                    yield generation_pb2.GenerateEvent(
+                        started=generation_pb2.Started(
+                            request_id=internal.request_id,
+                            model=progress.model,
+                            history_messages_dropped=response.accepted.history_messages_dropped,
+                            prompt_tokens=response.accepted.prompt_tokens,
                         )
-                    elif kind == "delta":
-                        if not reserving.done():
-                            await reserving  # no token leaves before the budget says yes
-                        reserving.result()  # over budget: raises, and the finally below stops the replica
-                        if timer.first is None:
-                            span.add_event("first_token")
-                        timer.chunk(len(response.delta.token_ids))
-                        progress.completion_tokens += len(response.delta.token_ids)
-                        if request.conversation_id:
-                            progress.reply.append(response.delta.text)
-                        yield generation_pb2.GenerateEvent(delta=response.delta)
-                    elif kind == "finished":
-                        # The engine's slot is free now: the next caller need not wait
-                        # for this one's last message to reach its client.
-                        self._spawn(ticket.release())
-                        done = response.finished
-                        progress.outcome = _OUTCOMES.get(done.reason, "stop")
-                        progress.cached_tokens = done.usage.cached_tokens
-                        span.set_attribute("sluice.replica_id", done.replica_id)
-                        self._engines.seen(done.replica_id)
-                        span.set_attribute("gen_ai.usage.prompt_tokens", done.usage.prompt_tokens)
-                        span.set_attribute("gen_ai.usage.completion_tokens", done.usage.completion_tokens)
-                        span.set_attribute("gen_ai.latency.time_to_first_token", timer.ttft_s)
-                        yield generation_pb2.GenerateEvent(
-                            finished=generation_pb2.Finished(
-                                reason=done.reason,
-                                usage=done.usage,
-                                timings=common_pb2.Timings(
-                                    queue_ms=queue_s * 1e3 + done.timings.queue_ms,
-                                    time_to_first_token_ms=timer.ttft_s * 1e3,
-                                    total_ms=(time.perf_counter() - timer.start) * 1e3,
-                                    time_per_output_token_ms=timer.tpot_s * 1e3,
-                                ),
-                                request_id=internal.request_id,
-                                client_request_id=request.client_request_id,
-                            )
+                    )
+                elif kind == "delta":
+                    if not reserving.done():
+                        await reserving  # no token leaves before the budget says yes
+                    reserving.result()  # over budget: raises, and the finally below stops the replica
+                    if timer.first is None:
+                        span.add_event("first_token")
+                    timer.chunk(len(response.delta.token_ids))
+                    progress.completion_tokens += len(response.delta.token_ids)
+                    if request.conversation_id:
+                        progress.reply.append(response.delta.text)
+                    yield generation_pb2.GenerateEvent(delta=response.delta)
+                elif kind == "finished":
+                    # The engine's slot is free now: the next caller need not wait
+                    # for this one's last message to reach its client.
+                    self._spawn(ticket.release())
+                    done = response.finished
+                    progress.outcome = _OUTCOMES.get(done.reason, "stop")
+                    progress.cached_tokens = done.usage.cached_tokens
+                    span.set_attribute("sluice.replica_id", done.replica_id)
+                    self._engines.seen(done.replica_id)
+                    span.set_attribute("gen_ai.usage.prompt_tokens", done.usage.prompt_tokens)
+                    span.set_attribute("gen_ai.usage.completion_tokens", done.usage.completion_tokens)
+                    span.set_attribute("gen_ai.latency.time_to_first_token", timer.ttft_s)
+                    yield generation_pb2.GenerateEvent(
+                        finished=generation_pb2.Finished(
+                            reason=done.reason,
+                            usage=done.usage,
+                            timings=common_pb2.Timings(
+                                queue_ms=queue_s * 1e3 + done.timings.queue_ms,
+                                time_to_first_token_ms=timer.ttft_s * 1e3,
+                                total_ms=(time.perf_counter() - timer.start) * 1e3,
+                                time_per_output_token_ms=timer.tpot_s * 1e3,
+                            ),
+                            request_id=internal.request_id,
+                            client_request_id=request.client_request_id,
                         )
-                if not reserving.done():
-                    await reserving
-            finally:
-                # Whether the caller left or this hop failed, stop the generation.
-                call.cancel()
+                    )
+            if not reserving.done():
+                await reserving
+        finally:
+            # Whether the caller left or this hop failed, stop the generation.
+            call.cancel()
 
     def _after(
         self,
@@ -262,7 +264,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         except Exception:
             return
         if reservation is not None:
-            await self._budgets.settle(reservation, used)
+            self._budgets.settle(reservation, used)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(self._logged(work))
