@@ -55,13 +55,23 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             span.set_attribute("sluice.request_id", valid.request_id)
             span.set_attribute("gen_ai.request.max_tokens", valid.sampling.max_tokens)
             try:
-                yield inference_pb2.GenerateResponse(
-                    accepted=inference_pb2.Accepted(
-                        prompt_tokens=len(valid.prompt_token_ids), history_messages_dropped=valid.history_dropped
-                    )
-                )
                 async with aclosing(self._host.generate(valid)) as outputs:
-                    async for output in outputs:
+                    # The engine takes the request while the accepted message is written.
+                    first = asyncio.ensure_future(anext(outputs, None))
+                    try:
+                        yield inference_pb2.GenerateResponse(
+                            accepted=inference_pb2.Accepted(
+                                prompt_tokens=len(valid.prompt_token_ids),
+                                history_messages_dropped=valid.history_dropped,
+                            )
+                        )
+                        output = await first
+                    finally:
+                        if not first.done():
+                            # The caller went away: the engine aborts the request, then `outputs` can close.
+                            first.cancel()
+                            await asyncio.wait([first])
+                    while output is not None:
                         last = output
                         completion = output.outputs[0]
                         if completion.token_ids:
@@ -85,6 +95,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                             # Tokens made meanwhile are merged by vLLM into the next output:
                             # one message per interval instead of one per engine step.
                             await asyncio.sleep(timer.last + self._chunk_interval_s - time.perf_counter())
+                        output = await anext(outputs, None)
             except (asyncio.CancelledError, GeneratorExit):
                 outcome = "cancelled"
                 raise
