@@ -40,16 +40,22 @@ async def tenant_id(stub: datastore_pb2_grpc.DataStoreAsyncStub, name_or_id: str
     return str((await stub.GetTenant(request)).id)
 
 
-async def ensure_tenant_key(stub: datastore_pb2_grpc.DataStoreAsyncStub, name: str) -> str:
-    """A new API key for tenant ``name``, creating the tenant if there is none."""
+async def ensure_tenant_key(
+    stub: datastore_pb2_grpc.DataStoreAsyncStub, name: str, requests_per_minute: int = 0, tokens_per_minute: int = 0
+) -> str:
+    """A new API key for tenant ``name``, creating the tenant (with these limits) if there is none."""
     try:
         found = await tenant_id(stub, name)
     except grpc.aio.AioRpcError as exc:
         if exc.code() != grpc.StatusCode.NOT_FOUND:
             raise
-        found = (
-            await stub.CreateTenant(datastore_pb2.CreateTenantRequest(name=name, tier=datastore_pb2.TIER_STANDARD))
-        ).id
+        create = datastore_pb2.CreateTenantRequest(
+            name=name,
+            tier=datastore_pb2.TIER_STANDARD,
+            requests_per_minute=requests_per_minute,
+            tokens_per_minute=tokens_per_minute,
+        )
+        found = (await stub.CreateTenant(create)).id
     return str((await stub.IssueApiKey(datastore_pb2.IssueApiKeyRequest(tenant_id=found))).api_key)
 
 

@@ -4,7 +4,8 @@ One local stack (two inference replicas with ``--slots`` each, two queue
 replicas) serves both sides:
 
 - **scheduled**: the public API through Envoy's edge listener (Envoy -> queue
-  [API key, budget, shared scheduler] -> Envoy -> inference);
+  [API key, budget, shared scheduler] -> Envoy -> inference), as a tenant
+  whose request and token budgets are reserved and refunded on every request;
 - **fcfs**: ``Inference.Generate`` through Envoy's internal listener, what a
   plain pass-through does: vLLM queues what exceeds its slots, first come
   first served.
@@ -37,7 +38,7 @@ from typing import Any
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.generation.v1 import generation_pb2
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
-from sluice_cli.bench import percentile, prompt, unlimited_edge
+from sluice_cli.bench import budgeted_key, percentile, prompt, unlimited_edge
 from sluice_cli.stack import LOOPBACK, LocalStack, StackOptions, StackPorts
 from sluice_client import GenerationClient
 from sluice_core.channels import insecure_channel
@@ -150,9 +151,10 @@ async def run(args: argparse.Namespace) -> int:
 async def measure(stack: LocalStack, args: argparse.Namespace) -> dict[str, Any]:
     log = sys.stderr
     capacity = args.slots * len(stack.ports.inference)
+    api_key = await budgeted_key(stack)
     async with (
-        GenerationClient(stack.edge, api_key=stack.demo_api_key) as client,
-        GenerationClient(f"{LOOPBACK}:{stack.ports.queue[0]}", api_key=stack.demo_api_key) as queue_client,
+        GenerationClient(stack.edge, api_key=api_key) as client,
+        GenerationClient(f"{LOOPBACK}:{stack.ports.queue[0]}", api_key=api_key) as queue_client,
         insecure_channel(stack.internal) as channel,
     ):
         inference = inference_pb2_grpc.InferenceStub(channel)
