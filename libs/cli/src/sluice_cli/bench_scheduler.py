@@ -16,9 +16,10 @@ its last one ends (requests sent before every caller's first request has
 ended measure the start-up burst, not the overload, and are not counted);
 *open loop*, requests arriving at 4 x the rate the slower path served in
 its closed loop, whether or not earlier ones were answered. Reported: time
-to first token p50 / p99 per class. Low load: one caller taking turns on
-three paths: fcfs, scheduled, and **queue**, the public API on a queue
-replica's own port (no edge Envoy, no edge rate-limit check): queue minus
+to first token p50 / p99 per class. Low load: one caller taking turns, in
+a shuffled order each round, on three paths: fcfs, scheduled, and
+**queue**, the public API on a queue replica's own port (no edge Envoy, no
+edge rate-limit check): queue minus
 fcfs is what the queue service adds, scheduled minus queue what the edge
 adds. The last line is one JSON object with every figure.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import sys
 import tempfile
 import time
@@ -56,7 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--requests", type=int, default=500, help="requests per path under overload (default %(default)s)"
     )
     parser.add_argument("--output-tokens", type=int, default=64, help="tokens per response (default %(default)s)")
-    parser.add_argument("--low-load-requests", type=int, default=60, help="requests per path at low load")
+    parser.add_argument(
+        "--low-load-requests", type=int, default=200, help="requests per path at low load (default %(default)s)"
+    )
     parser.add_argument("--state-dir", type=Path, help="where the stack keeps logs (default: a temporary folder)")
 
 
@@ -176,12 +180,15 @@ async def measure(stack: LocalStack, args: argparse.Namespace) -> dict[str, Any]
             return await first_token_s(r.HasField("delta") async for r in call)
 
         print(f"low load: one caller, {args.low_load_requests} requests per path ...", file=log, flush=True)
-        low: dict[str, list[float]] = {"scheduled": [], "queue": [], "fcfs": []}
+        turns = {"scheduled": scheduled, "queue": queue, "fcfs": fcfs}
+        low: dict[str, list[float]] = {name: [] for name in turns}
+        order = random.Random(0)
         for i in range(args.low_load_requests):
-            # Taking turns, so that every path sees the same machine.
-            low["scheduled"].append(await scheduled(i, INTERACTIVE, 8) * 1e3)
-            low["queue"].append(await queue(i, INTERACTIVE, 8) * 1e3)
-            low["fcfs"].append(await fcfs(i, INTERACTIVE, 8) * 1e3)
+            # Taking turns, so that every path sees the same machine, in a new order each
+            # round: the work a request leaves behind (its slot's release, its refund, its
+            # spans) overlaps the next request's start, and must not always fall on one path.
+            for name in order.sample(list(turns), len(turns)):
+                low[name].append(await turns[name](i, INTERACTIVE, 8) * 1e3)
         callers = args.overload * capacity
         figures: dict[str, dict[str, dict[str, float]]] = {"closed_loop": {}, "open_loop": {}}
         served: dict[str, float] = {}
