@@ -1,8 +1,9 @@
 """``sluice bench``: the whole stack against the bare engine, in the same run.
 
 The local stack is started on free ports and measured through Envoy's edge
-listener (Envoy -> queue -> Envoy -> inference), as a tenant whose request
-and token budgets are checked on every request; then an in-process vLLM
+listener (Envoy -> queue -> Envoy -> inference) with the demo tenant's key,
+as a user right after ``sluice up`` (the readiness check has used that key;
+the tenant has no budgets to check); then an in-process vLLM
 ``AsyncLLM`` with a replica's engine settings is measured directly. The
 stack goes first so that its client runs in a process without vLLM (whose
 heap would make the client's own garbage collection pauses part of the
@@ -30,12 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from sluice.common.v1 import generation_pb2 as common_pb2
-from sluice.datastore.v1 import datastore_pb2_grpc
 from sluice.generation.v1 import generation_pb2
-from sluice_cli.admin import ensure_tenant_key
 from sluice_cli.stack import LocalStack, StackOptions, StackPorts, cpu_engine_env, replica_cpus
 from sluice_client import GenerationClient
-from sluice_core.channels import insecure_channel
 from sluice_core.sampling import Sampling
 from sluice_inference import tiny_model
 from sluice_inference.settings import DEFAULT_TINY_MODEL_DIR, InferenceSettings
@@ -66,16 +64,6 @@ def unlimited_edge(state_dir: Path) -> tuple[Path, ...]:
     path = state_dir / "ratelimit.yaml"
     path.write_text(_UNLIMITED_EDGE)
     return (path,)
-
-
-async def budgeted_key(stack: LocalStack) -> str:
-    """An API key of tenant "bench", whose budgets are too large to refuse a benchmark's load.
-
-    Unlike the demo tenant (no limits), its requests pay for the budget reservation and refund, as a limited
-    tenant's do.
-    """
-    async with insecure_channel(stack.internal) as channel:
-        return await ensure_tenant_key(datastore_pb2_grpc.DataStoreStub(channel), "bench", 2**31 - 1, 2**32 - 1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -191,7 +179,7 @@ async def bench_stack(args: argparse.Namespace, concurrencies: list[int], state_
     stack = LocalStack(options)
     try:
         await stack.start()
-        async with GenerationClient(stack.edge, api_key=await budgeted_key(stack)) as client:
+        async with GenerationClient(stack.edge, api_key=stack.demo_api_key) as client:
 
             async def chunks(i: int) -> AsyncIterator[int]:
                 async for event in client.generate(public_request(i, args), timeout=300):

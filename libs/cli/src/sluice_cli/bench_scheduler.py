@@ -38,9 +38,11 @@ from pathlib import Path
 from typing import Any
 
 from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.datastore.v1 import datastore_pb2_grpc
 from sluice.generation.v1 import generation_pb2
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
-from sluice_cli.bench import budgeted_key, percentile, prompt, unlimited_edge
+from sluice_cli.admin import ensure_tenant_key
+from sluice_cli.bench import percentile, prompt, unlimited_edge
 from sluice_cli.stack import LOOPBACK, LocalStack, StackOptions, StackPorts
 from sluice_client import GenerationClient
 from sluice_core.channels import insecure_channel
@@ -126,6 +128,16 @@ def summary(samples: list[Sample]) -> dict[str, float]:
         out[f"{name}_ttft_p50_ms"] = round(percentile(ttfts, 50), 1)
         out[f"{name}_ttft_p99_ms"] = round(percentile(ttfts, 99), 1)
     return out
+
+
+async def budgeted_key(stack: LocalStack) -> str:
+    """An API key of tenant "bench", whose budgets are too large to refuse a benchmark's load.
+
+    Unlike the demo tenant (no limits), its requests pay for the budget reservation and refund, as a limited
+    tenant's do.
+    """
+    async with insecure_channel(stack.internal) as channel:
+        return await ensure_tenant_key(datastore_pb2_grpc.DataStoreStub(channel), "bench", 2**31 - 1, 2**32 - 1)
 
 
 async def run(args: argparse.Namespace) -> int:
