@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.inference.v1 import inference_pb2
 from sluice_core import errors
+from sluice_inference.servicer import InferenceServicer
 
 from .conftest import MAX_NUM_SEQS, MAX_QUEUED, Replica
 
@@ -58,6 +59,16 @@ async def test_streams_tokens_as_they_are_generated(replica: Replica) -> None:
     assert responses[0].accepted.prompt_tokens == finished.usage.prompt_tokens  # announced before any token
     assert 0 < finished.timings.time_to_first_token_ms <= finished.timings.total_ms
     assert finished.replica_id == "test-replica"
+
+
+async def test_a_message_budget_sends_the_first_token_at_once_then_fewer_larger_chunks(replica: Replica) -> None:
+    # Alone on the replica, a stream gets the whole budget: one chunk per 50 ms.
+    servicer = InferenceServicer(replica.host, "test-replica", messages_per_s=20)
+    request = generate(max_tokens=64, ignore_eos=True)
+    chunks = [len(r.delta.token_ids) async for r in servicer.Generate(request, None) if r.HasField("delta")]  # type: ignore[arg-type]
+    assert sum(chunks) == 64
+    assert chunks[0] == 1, "the first token must not wait for the next chunk"
+    assert len(chunks) <= 16, f"{len(chunks)} chunks: the tokens of each interval were not merged"
 
 
 async def test_same_seed_same_text(replica: Replica) -> None:

@@ -34,10 +34,10 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, host: ModelHost, replica_id: str, chunk_interval_s: float = 0.0) -> None:
+    def __init__(self, host: ModelHost, replica_id: str, messages_per_s: float = 0.0) -> None:
         self._host = host
         self._replica_id = replica_id
-        self._chunk_interval_s = chunk_interval_s
+        self._messages_per_s = messages_per_s
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: Context
@@ -91,10 +91,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                             _count_out(load, running)
                             settled = True
                             yield inference_pb2.GenerateResponse(finished=self._finished(output, timer))
-                        elif timer.last is not None:
-                            # Tokens made meanwhile are merged by vLLM into the next output:
-                            # one message per interval instead of one per engine step.
-                            await asyncio.sleep(timer.last + self._chunk_interval_s - time.perf_counter())
+                        elif timer.last is not None and self._messages_per_s:
+                            # Tokens made meanwhile are merged by vLLM into the next output. The
+                            # replica's message rate is shared by its running streams: one stream
+                            # gets a message every few steps, many get larger, rarer chunks.
+                            interval_s = load.running / self._messages_per_s
+                            await asyncio.sleep(timer.last + interval_s - time.perf_counter())
                         output = await anext(outputs, None)
             except (asyncio.CancelledError, GeneratorExit):
                 outcome = "cancelled"

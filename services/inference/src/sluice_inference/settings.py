@@ -44,12 +44,13 @@ class InferenceSettings(ServiceSettings):
     max_num_queued_reqs: int | None = Field(
         256, gt=0, description="Requests waiting in the engine beyond which new ones get RESOURCE_EXHAUSTED."
     )
-    chunk_interval_ms: float = Field(
-        50.0,
+    chunk_messages_per_s: float = Field(
+        80.0,
         ge=0,
-        description="After the first token (sent at once), send at most one chunk per interval, "
-        "with every token made meanwhile: fewer, larger messages cost every hop less CPU (20 updates a "
-        "second still read as a flowing stream). 0 sends each step.",
+        description="Token messages per second this replica sends, shared by its running streams: after "
+        "the first token (sent at once), a stream sends at most one chunk per (running streams / this) "
+        "seconds, with every token made meanwhile. One stream gets a chunk every 12.5 ms, eight every "
+        "100 ms: fewer, larger messages cost every hop less CPU when many streams run. 0 sends each step.",
     )
     enforce_eager: bool = Field(False, description="Skip torch.compile: starts faster, generates a little slower.")
     seed: int = 0
