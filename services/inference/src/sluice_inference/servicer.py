@@ -14,6 +14,7 @@ from opentelemetry import trace
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
 from sluice_core.metrics import RequestMetrics, StreamTimer
+from sluice_inference.chunking import hold_s
 from sluice_inference.host import ModelHost
 from sluice_inference.load import Load
 from sluice_inference.requests import validate
@@ -91,12 +92,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                             _count_out(load, running)
                             settled = True
                             yield inference_pb2.GenerateResponse(finished=self._finished(output, timer))
-                        elif timer.last is not None and self._messages_per_s:
-                            # Tokens made meanwhile are merged by vLLM into the next output. The
-                            # replica's message rate is shared by its running streams: one stream
-                            # gets a message every few steps, many get larger, rarer chunks.
-                            interval_s = load.running / self._messages_per_s
-                            await asyncio.sleep(timer.last + interval_s - time.perf_counter())
+                        elif timer.last is not None:
+                            # Tokens made meanwhile are merged by vLLM into the next output.
+                            left = valid.sampling.max_tokens - timer.tokens
+                            wait_s = hold_s(load.running, self._messages_per_s, left, timer.tpot_s)
+                            await asyncio.sleep(timer.last + wait_s - time.perf_counter())
                         output = await anext(outputs, None)
             except (asyncio.CancelledError, GeneratorExit):
                 outcome = "cancelled"
