@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slots", type=int, default=4, help="slots per inference replica (default %(default)s)")
     parser.add_argument("--overload", type=int, default=4, help="callers per slot (default %(default)s)")
     parser.add_argument(
-        "--requests", type=int, default=500, help="requests per path under overload (default %(default)s)"
+        "--requests", type=int, default=1000, help="requests per path under overload (default %(default)s)"
     )
     parser.add_argument("--output-tokens", type=int, default=64, help="tokens per response (default %(default)s)")
     parser.add_argument(
@@ -149,7 +149,11 @@ async def run(args: argparse.Namespace) -> int:
             ratelimit_config=unlimited_edge(state_dir),
             ports=StackPorts.free(),
             log_level="WARNING",
-            inference_env={"SLUICE_INFERENCE_MAX_NUM_SEQS": str(args.slots)},
+            inference_env={
+                "SLUICE_INFERENCE_MAX_NUM_SEQS": str(args.slots),
+                # The pass-through queues the whole open loop in vLLM, shedding none of it.
+                "SLUICE_INFERENCE_MAX_NUM_QUEUED_REQS": str(args.requests),
+            },
             # One tenant sends the whole open loop: none of it may be shed (a shed request has no first token).
             queue_env={"SLUICE_QUEUE_MAX_WAITING_PER_TENANT": str(2 * args.requests)},
         )
