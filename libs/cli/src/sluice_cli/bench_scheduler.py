@@ -19,9 +19,9 @@ its closed loop, whether or not earlier ones were answered. Reported: time
 to first token p50 / p99 per class. Low load: one caller taking turns, in
 a shuffled order each round, on three paths: fcfs, scheduled, and
 **queue**, the public API on a queue replica's own port (no edge Envoy, no
-edge rate-limit check): queue minus
-fcfs is what the queue service adds, scheduled minus queue what the edge
-adds. The last line is one JSON object with every figure.
+edge rate-limit check): queue minus fcfs is what the queue service adds,
+scheduled minus queue what the edge adds. The last line is one JSON object
+with every figure.
 """
 
 from __future__ import annotations
