@@ -46,6 +46,7 @@ from sluice_cli.bench import percentile, prompt, unlimited_edge
 from sluice_cli.stack import LOOPBACK, LocalStack, StackOptions, StackPorts
 from sluice_client import GenerationClient
 from sluice_core.channels import insecure_channel
+from sluice_datastore.servicer import TENANT_MAXIMA
 
 INTERACTIVE, BATCH = generation_pb2.PRIORITY_INTERACTIVE, generation_pb2.PRIORITY_BATCH
 # (priority, seconds to first token)
@@ -137,7 +138,9 @@ async def budgeted_key(stack: LocalStack) -> str:
     tenant's do.
     """
     async with insecure_channel(stack.internal) as channel:
-        return await ensure_tenant_key(datastore_pb2_grpc.DataStoreStub(channel), "bench", 2**31 - 1, 2**32 - 1)
+        stub = datastore_pb2_grpc.DataStoreStub(channel)
+        most = TENANT_MAXIMA
+        return await ensure_tenant_key(stub, "bench", most["requests_per_minute"], most["tokens_per_minute"])
 
 
 async def run(args: argparse.Namespace) -> int:

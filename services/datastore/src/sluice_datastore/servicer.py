@@ -21,7 +21,7 @@ MAX_ID_LEN = 128
 MAX_BATCH = 1000
 MAX_MESSAGES = 256
 # The columns are int32, except tokens_per_minute: the rate-limit API carries a limit as a uint32.
-_TENANT_MAXIMA = {"scheduling_weight": 2**31 - 1, "requests_per_minute": 2**31 - 1, "tokens_per_minute": 2**32 - 1}
+TENANT_MAXIMA = {"scheduling_weight": 2**31 - 1, "requests_per_minute": 2**31 - 1, "tokens_per_minute": 2**32 - 1}
 
 
 def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
@@ -137,7 +137,7 @@ class DataStoreServicer(datastore_pb2_grpc.DataStoreServicer):
             violations.append(FieldViolation("name", "must be 1 to 200 characters"))
         if request.tier == datastore_pb2.TIER_UNSPECIFIED:
             violations.append(FieldViolation("tier", "must be set"))
-        for name, largest in _TENANT_MAXIMA.items():
+        for name, largest in TENANT_MAXIMA.items():
             if getattr(request, name) > largest:
                 violations.append(FieldViolation(name, f"must be at most {largest}"))
         _raise(violations)
