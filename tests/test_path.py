@@ -146,18 +146,24 @@ async def test_conversations_carry_history_and_store_the_exchange(stack: LocalSt
     async with GenerationClient(stack.edge, api_key=key) as client:
         conversation = await client.create_conversation(timeout=10)
     first = await run(stack, key, request("The first question", conversation_id=conversation))
-    second = await run(stack, key, request("The second one", conversation_id=conversation))
+    second: list[generation_pb2.GenerateEvent] = []
+    async with (
+        GenerationClient(stack.edge, api_key=key) as client,
+        grpc.aio.insecure_channel(stack.internal) as channel,
+    ):
+        async for event in client.generate(request("The second one", conversation_id=conversation), timeout=60):
+            second.append(event)
+            if event.HasField("finished"):
+                # Read as soon as the caller hears it finished: a next turn sent now must see it.
+                stored = [
+                    (m.role, m.content)
+                    async for m in datastore_pb2_grpc.DataStoreStub(channel).GetConversation(
+                        datastore_pb2.GetConversationRequest(conversation_id=conversation)
+                    )
+                ]
     alone = await run(stack, key, request("The second one"))
     assert second[0].started.prompt_tokens > alone[0].started.prompt_tokens  # the history went in front
     replies = ["".join(e.delta.text for e in events if e.HasField("delta")) for events in (first, second)]
-    await asyncio.sleep(0.5)  # the exchange is stored after the stream ends
-    async with grpc.aio.insecure_channel(stack.internal) as channel:
-        stored = [
-            (m.role, m.content)
-            async for m in datastore_pb2_grpc.DataStoreStub(channel).GetConversation(
-                datastore_pb2.GetConversationRequest(conversation_id=conversation)
-            )
-        ]
     user, assistant = common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT
     assert stored == [
         (user, "The first question"),

@@ -41,23 +41,26 @@ async def serve(settings: QueueSettings) -> None:
     engines = Engines(inference, scheduler.report_engines, settings.engine_interval_s, settings.engine_probes)
     usage = UsageRecorder(datastore, settings.usage_batch_size, settings.usage_flush_interval_s)
     budgets = Budgets(ratelimit, settings.budget_domain)
+    conversations = Conversations(datastore)
     servicer = GenerationServicer(
-        inference, scheduler, engines, Authenticator(datastore), budgets, Conversations(datastore), usage
+        inference, scheduler, engines, Authenticator(datastore), budgets, conversations, usage
     )
     server = GrpcServer(settings, health_names=[SERVICE_NAME])
     server.add(generation_pb2_grpc.add_GenerationServicer_to_server, servicer, SERVICE_NAME)
-    tasks = [asyncio.create_task(job.run()) for job in (engines, scheduler, usage, budgets)]
+    tasks = [asyncio.create_task(job.run()) for job in (engines, scheduler, usage, budgets, conversations)]
     try:
         async with server:
             await server.set_serving(True)
             await server.wait_for_stop()
     finally:
         await cancel(*tasks)
-        # Nothing in flight is dropped: refunds and appends finish, usage is written.
+        # Nothing in flight is dropped: refunds finish, usage and kept exchanges are written.
         await servicer.drain()
         await budgets.close()
         if not await usage.flush():
             logger.error("%d usage records could not be written before shutdown", usage.pending)
+        if not await conversations.flush():
+            logger.error("%d exchanges could not be stored before shutdown", conversations.pending)
         for channel in channels.values():
             await channel.close()
         await redis.aclose()

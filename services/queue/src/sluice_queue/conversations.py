@@ -3,24 +3,51 @@
 History is read through the data-access service (only the caller's tenant's
 conversations); the replica drops its oldest turns if the whole does not fit
 the model (reported in the Started event). After a successful finish, the
-new messages and the reply are appended, idempotently by request id.
+new messages and the reply are appended, idempotently by request id, before
+the caller is told the request finished: a client that sends its next turn
+as soon as it sees ``finished`` gets this exchange in the history. When the
+data-access service is away, the exchange is kept and appended later, in
+order behind any other kept exchange of its conversation, so nothing said is
+lost.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections import deque
+
 import grpc
+from prometheus_client import Gauge
 
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
 from sluice_core.errors import NotFound
 
+logger = logging.getLogger(__name__)
+
+KEPT = Gauge("sluice_queue_exchanges_kept", "Finished exchanges waiting to be appended to their conversations.")
+
 # The newest turns read; older ones would not fit a model's context anyway.
 HISTORY_LIMIT = 256
+_RETRY_MAX_S = 5.0
+# Answers that a retry will not change (the conversation was deleted, say).
+_REFUSED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
 
 
 class Conversations:
-    def __init__(self, datastore: datastore_pb2_grpc.DataStoreAsyncStub) -> None:
+    def __init__(
+        self,
+        datastore: datastore_pb2_grpc.DataStoreAsyncStub,
+        store_timeout_s: float = 2.0,
+        retry_interval_s: float = 0.5,
+    ) -> None:
         self._datastore = datastore
+        self._store_timeout_s = store_timeout_s
+        self._retry_interval_s = retry_interval_s
+        self._kept: deque[datastore_pb2.AppendMessagesRequest] = deque()
+        self._wake = asyncio.Event()
 
     async def create(self, tenant_id: str, timeout_s: float | None) -> str:
         created = await self._datastore.CreateConversation(
@@ -44,16 +71,66 @@ class Conversations:
                 raise NotFound(f"no conversation {conversation_id!r} for this API key's tenant") from None
             raise
 
-    async def append(
-        self, conversation_id: str, request_id: str, new: list[common_pb2.ChatMessage], reply: str, reply_tokens: int
+    async def store(
+        self,
+        conversation_id: str,
+        request_id: str,
+        new: list[common_pb2.ChatMessage],
+        reply: str,
+        reply_tokens: int,
+        timeout_s: float | None,
     ) -> None:
+        """Append the exchange now; if the data-access service cannot take it, keep it for ``run`` to append."""
         messages = [datastore_pb2.NewMessage(role=m.role, content=m.content) for m in new]
         messages.append(
             datastore_pb2.NewMessage(role=common_pb2.ROLE_ASSISTANT, content=reply, token_count=reply_tokens)
         )
-        await self._datastore.AppendMessages(
-            datastore_pb2.AppendMessagesRequest(
-                conversation_id=conversation_id, request_id=request_id, messages=messages
-            ),
-            timeout=10.0,
+        exchange = datastore_pb2.AppendMessagesRequest(
+            conversation_id=conversation_id, request_id=request_id, messages=messages
         )
+        if any(kept.conversation_id == conversation_id for kept in self._kept):
+            self._keep(exchange)  # an earlier turn goes first
+            return
+        timeout = self._store_timeout_s if timeout_s is None else min(timeout_s, self._store_timeout_s)
+        try:
+            await self._datastore.AppendMessages(exchange, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in _REFUSED:
+                logger.error("exchange %s not stored in %s: %s", request_id, conversation_id, exc.details())
+            else:
+                logger.warning("exchange %s kept to store later (%s %s)", request_id, exc.code().name, exc.details())
+                self._keep(exchange)
+
+    def _keep(self, exchange: datastore_pb2.AppendMessagesRequest) -> None:
+        self._kept.append(exchange)
+        KEPT.set(len(self._kept))
+        self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._kept)
+
+    async def run(self) -> None:
+        """Append kept exchanges, oldest first, backing off while the data-access service fails."""
+        delay = self._retry_interval_s
+        while True:
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow the cancellation that stops this.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay if self._kept else None):
+                    await self._wake.wait()
+            self._wake.clear()
+            delay = self._retry_interval_s if await self.flush() else min(_RETRY_MAX_S, delay * 2)
+
+    async def flush(self, timeout_s: float = 10.0) -> bool:
+        """Append what is kept, in order; False (the rest kept) if the data-access service failed."""
+        while self._kept:
+            exchange = self._kept[0]
+            try:
+                await self._datastore.AppendMessages(exchange, timeout=timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in _REFUSED:
+                    return False
+                logger.error("exchange %s not stored: %s", exchange.request_id, exc.details())
+            self._kept.popleft()
+            KEPT.set(len(self._kept))
+        return True

@@ -5,9 +5,9 @@ its conversation's history, waits for a slot (told its position as it moves
 up), then streams tokens from inference through Envoy's internal listener
 while its tenant's budget is reserved. The caller's deadline goes along with
 the inner call; a caller that goes away cancels it, which aborts the
-generation in the engine. At the end, whatever the outcome, unused budget is
-refunded, usage is recorded, and a successful exchange is appended to its
-conversation.
+generation in the engine. A successful exchange is appended to its
+conversation before the finished event goes out; at the end, whatever the
+outcome, unused budget is refunded and usage is recorded.
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ _OUTCOMES = {
     common_pb2.FINISH_REASON_LENGTH: "length",
     common_pb2.FINISH_REASON_ABORT: "abort",
 }
+
+# Outcomes whose exchange is appended to its conversation.
+_STORED = ("stop", "length")
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -133,6 +136,16 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 )
                 relay = self._relay(span, call, internal, request, timer, queue_s, reserving, progress, ticket)
                 async for event in relay:
+                    if event.HasField("finished") and request.conversation_id and progress.outcome in _STORED:
+                        # Stored before the caller hears it finished: its next turn will see this one.
+                        await self._conversations.store(
+                            request.conversation_id,
+                            request_id,
+                            added,
+                            "".join(progress.reply),
+                            progress.completion_tokens,
+                            context.time_remaining(),
+                        )
                     yield event
         except (asyncio.CancelledError, GeneratorExit):
             progress.outcome = "cancelled"
@@ -147,7 +160,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             if ticket is not None:
                 self._spawn(ticket.release())
             timer.finish(progress.outcome, queue_s)
-            self._after(request, request_id, tenant, added, progress, reserving, timer, queue_s)
+            self._after(request_id, tenant, progress, reserving, timer, queue_s)
 
     async def _relay(
         self,
@@ -220,16 +233,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
     def _after(
         self,
-        request: generation_pb2.GenerateRequest,
         request_id: str,
         tenant: datastore_pb2.Tenant,
-        added: list[common_pb2.ChatMessage],
         progress: _Progress,
         reserving: asyncio.Future[Reservation | None] | None,
         timer: StreamTimer,
         queue_s: float | None,
     ) -> None:
-        """Refund, record and store, off the caller's path (and whether or not it is still there)."""
+        """Refund and record, off the caller's path (and whether or not it is still there)."""
         if reserving is not None:
             # What the caller was sent is charged, even if it went away.
             self._spawn(self._settle(reserving, progress.prompt_tokens + progress.completion_tokens))
@@ -250,13 +261,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 finished_at=finished,
             )
         )
-        if request.conversation_id and progress.outcome in ("stop", "length"):
-            reply = "".join(progress.reply)
-            self._spawn(
-                self._conversations.append(
-                    request.conversation_id, request_id, added, reply, progress.completion_tokens
-                )
-            )
 
     async def _settle(self, reserving: asyncio.Future[Reservation | None], used: int) -> None:
         try:
@@ -279,6 +283,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             logger.exception("after a request")
 
     async def drain(self) -> None:
-        """Wait for refunds and conversation appends still under way (at shutdown)."""
+        """Wait for refunds still under way (at shutdown)."""
         if self._background:
             await asyncio.wait(self._background, timeout=10)

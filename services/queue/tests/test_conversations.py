@@ -1,0 +1,86 @@
+"""A finished exchange reaches its conversation even when the data-access service is briefly away."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.datastore.v1 import datastore_pb2
+from sluice_queue.conversations import Conversations
+
+QUESTION = [common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content="where does the river go?")]
+
+
+class FlakyDataStore:
+    """Stands in for the data-access stub: fails while ``away``; ``gone`` conversations are NOT_FOUND."""
+
+    def __init__(self) -> None:
+        self.away = False
+        self.gone: set[str] = set()
+        self.appended: list[tuple[str, str]] = []
+        self.changed = asyncio.Event()
+
+    async def AppendMessages(
+        self,
+        request: datastore_pb2.AppendMessagesRequest,
+        timeout: float,  # noqa: ASYNC109 - the stub's
+    ) -> datastore_pb2.AppendMessagesResponse:
+        if self.away:
+            raise _error(grpc.StatusCode.UNAVAILABLE, "no healthy upstream")
+        if request.conversation_id in self.gone:
+            raise _error(grpc.StatusCode.NOT_FOUND, "no such conversation")
+        self.appended.append((request.conversation_id, request.messages[-1].content))
+        self.changed.set()
+        return datastore_pb2.AppendMessagesResponse()
+
+
+def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+@pytest.fixture
+def datastore() -> FlakyDataStore:
+    return FlakyDataStore()
+
+
+async def store(conversations: Conversations, conversation_id: str, reply: str) -> None:
+    await conversations.store(conversation_id, f"request-{reply}", QUESTION, reply, 3, timeout_s=5.0)
+
+
+async def test_an_exchange_is_stored_before_store_returns(datastore: FlakyDataStore) -> None:
+    conversations = Conversations(datastore)  # type: ignore[arg-type]
+    await store(conversations, "c1", "to the sea")
+    assert datastore.appended == [("c1", "to the sea")]
+    assert conversations.pending == 0
+
+
+async def test_exchanges_wait_while_the_datastore_is_away_then_go_in_order(datastore: FlakyDataStore) -> None:
+    conversations = Conversations(datastore, retry_interval_s=0.01)  # type: ignore[arg-type]
+    datastore.away = True
+    await store(conversations, "c1", "first")
+    datastore.away = False
+    # A later turn of the same conversation waits behind the kept one; another conversation does not.
+    await store(conversations, "c1", "second")
+    await store(conversations, "c2", "elsewhere")
+    assert datastore.appended == [("c2", "elsewhere")]
+    assert conversations.pending == 2
+    retrying = asyncio.create_task(conversations.run())
+    try:
+        async with asyncio.timeout(5):
+            while len(datastore.appended) < 3:
+                datastore.changed.clear()
+                await datastore.changed.wait()
+    finally:
+        retrying.cancel()
+    assert datastore.appended == [("c2", "elsewhere"), ("c1", "first"), ("c1", "second")]
+
+
+async def test_an_exchange_of_a_deleted_conversation_is_not_retried(datastore: FlakyDataStore) -> None:
+    conversations = Conversations(datastore)  # type: ignore[arg-type]
+    datastore.gone = {"c1"}
+    await store(conversations, "c1", "lost")
+    assert conversations.pending == 0
+    assert await conversations.flush()
