@@ -42,6 +42,7 @@ async def replica() -> AsyncIterator[Replica]:
         max_num_queued_reqs=MAX_QUEUED,
         enforce_eager=True,  # starts faster; the end-to-end tests run the default
         warmup_requests=2,
+        warmup_prompt_tokens=8,
         drain_delay_s=0,
         replica_id="test-replica",
     )

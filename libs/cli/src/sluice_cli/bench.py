@@ -150,7 +150,9 @@ async def bench_direct(args: argparse.Namespace, concurrencies: list[int]) -> di
     model_dir = settings.model or str(await asyncio.to_thread(tiny_model.ensure, DEFAULT_TINY_MODEL_DIR))
     engine = await asyncio.to_thread(vllm_engine.build, settings, model_dir, Load())
     try:
-        await vllm_engine.warm_up(engine, vllm_engine.tokenizer(engine), settings.warmup_requests)
+        await vllm_engine.warm_up(
+            engine, vllm_engine.tokenizer(engine), settings.warmup_requests, settings.warmup_prompt_tokens
+        )
         params = vllm_engine.sampling_params(Sampling(max_tokens=args.output_tokens, ignore_eos=True))
 
         async def chunks(i: int) -> AsyncIterator[int]:

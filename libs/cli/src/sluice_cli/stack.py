@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.datastore.v1 import datastore_pb2_grpc
 from sluice.generation.v1 import generation_pb2
+from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
 from sluice_cli.admin import ensure_tenant_key
 from sluice_cli.envoy_config import EnvoyLayout, HostPort, render, repo_root
 from sluice_cli.postgres_server import PostgresServer, ensure_database
@@ -324,7 +325,8 @@ class LocalStack:
                 )
 
     async def wait_ready(self, replicas: int, timeout_s: float = 300.0) -> None:
-        """Until Envoy sees every service healthy and a real request (the demo tenant's) streams through the edge."""
+        """Until Envoy sees every service healthy, a real request (the demo tenant's) streams
+        through the edge, and every queue and inference replica has served one."""
         deadline = time.monotonic() + timeout_s
         while True:
             self.check_alive()
@@ -337,6 +339,7 @@ class LocalStack:
             if ready and not self.demo_api_key:
                 await self.demo_key()
             if ready and await self._generates():
+                await self._warm_replicas(replicas)
                 return
             if time.monotonic() > deadline:
                 raise StackError(
@@ -352,16 +355,33 @@ class LocalStack:
         self.demo_api_key = key
         return key
 
-    async def _generates(self) -> bool:
+    async def _generates(self, target: str | None = None) -> bool:
         request = generation_pb2.GenerateRequest(prompt="ready?", sampling=common_pb2.SamplingParams(max_tokens=2))
         try:
-            async with GenerationClient(self.edge, api_key=self.demo_api_key) as client:
+            async with GenerationClient(target or self.edge, api_key=self.demo_api_key) as client:
                 async for _ in client.generate(request, timeout=10.0):
                     pass
         except StreamError as exc:
             logger.debug("not ready yet: %s", exc)
             return False
         return True
+
+    async def _warm_replicas(self, replicas: int) -> None:
+        """One request straight to each replica, so that the first user request finds none cold.
+
+        Envoy spreads the readiness request to one queue and one inference
+        replica; another replica's first request would pay for its API-key
+        cache, its connections through Envoy and its first pass through the
+        request path (tens of milliseconds on a small machine).
+        """
+        for port in self.ports.queue:
+            if not await self._generates(f"{LOOPBACK}:{port}"):
+                raise StackError(f"the queue replica on port {port} did not serve a request")
+        request = inference_pb2.GenerateRequest(prompt="ready?", sampling=common_pb2.SamplingParams(max_tokens=2))
+        for index in range(replicas):
+            async with grpc.aio.insecure_channel(self.inference_address(index)) as channel:
+                async for _ in inference_pb2_grpc.InferenceStub(channel).Generate(request, timeout=10.0):
+                    pass
 
     async def envoy_admin(self, path: str) -> str:
         url = f"http://{LOOPBACK}:{self.ports.admin}{path}"

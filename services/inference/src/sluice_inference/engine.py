@@ -8,6 +8,7 @@ checks (NOT_SERVING).
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -131,16 +132,27 @@ async def stream(engine: AsyncLLM, request: ValidRequest, priority: int) -> Asyn
         raise Unavailable(ENGINE_DEAD) from exc
 
 
-async def warm_up(engine: AsyncLLM, prompt_tokenizer: HfPromptTokenizer, concurrency: int) -> None:
+async def warm_up(engine: AsyncLLM, prompt_tokenizer: HfPromptTokenizer, concurrency: int, prompt_tokens: int) -> None:
     """Run the paths a first request takes (prefill, decode, greedy and random
-    sampling, a small batch) so that it is no slower than later ones."""
+    sampling, a small batch) so that it is no slower than later ones, then one
+    prefill of every prompt length up to ``prompt_tokens``."""
 
-    async def one(i: int) -> None:
-        sampling = Sampling(max_tokens=16, temperature=0.0 if i % 2 == 0 else 0.8, top_p=0.95, top_k=40, seed=i)
-        prompt = prompt_tokenizer.encode(f"Warm-up request {i}: the river runs to the sea.")
-        request = ValidRequest(f"warmup-{i}", prompt, sampling, priority=0)
+    async def run(request: ValidRequest) -> None:
         async for _ in stream(engine, request, priority=0):
             pass
 
-    await one(0)
-    await asyncio.gather(*(one(i) for i in range(1, concurrency + 1)))
+    def one(i: int) -> ValidRequest:
+        sampling = Sampling(max_tokens=16, temperature=0.0 if i % 2 == 0 else 0.8, top_p=0.95, top_k=40, seed=i)
+        prompt = prompt_tokenizer.encode(f"Warm-up request {i}: the river runs to the sea.")
+        return ValidRequest(f"warmup-{i}", prompt, sampling, priority=0)
+
+    await run(one(0))
+    await asyncio.gather(*(run(one(i)) for i in range(1, concurrency + 1)))
+    # The first engine step over a new number of tokens sets up kernels for that shape.
+    # Token ids drawn at random per length: a shared prefix would be served from the
+    # prefix cache, and the step would not cover the whole length.
+    words = prompt_tokenizer.encode("the keeper walks the channel and writes the level of the river in a book")
+    longest = min(prompt_tokens, engine.vllm_config.model_config.max_model_len - 1)
+    for n in range(1, longest + 1):
+        ids = random.Random(n).choices(words, k=n)
+        await run(ValidRequest(f"warmup-length-{n}", ids, Sampling(max_tokens=1), priority=0))

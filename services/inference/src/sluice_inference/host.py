@@ -48,7 +48,8 @@ class ModelHost:
         self._built = engine = await asyncio.to_thread(vllm.build, self._settings, model_dir, self.load)
         self.spec = vllm.describe(engine)
         self.tokenizer = vllm.tokenizer(engine)
-        await vllm.warm_up(engine, self.tokenizer, self._settings.warmup_requests)
+        settings = self._settings
+        await vllm.warm_up(engine, self.tokenizer, settings.warmup_requests, settings.warmup_prompt_tokens)
         self._engine = engine
         logger.info("serving %s", self.spec)
 
