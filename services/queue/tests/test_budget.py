@@ -1,47 +1,118 @@
-"""Refunds of unused budget are gathered per tenant and sent together, none lost at shutdown."""
+"""Budgets: reserved ahead so most requests need no call, refused exactly, and every token given back."""
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from envoy_api.envoy.service.ratelimit.v3 import rls_pb2
-from sluice_queue.budget import Budgets, Reservation
+from sluice.datastore.v1 import datastore_pb2
+from sluice_core.errors import ResourceExhausted
+from sluice_queue.budget import Budgets
+
+OK, OVER = rls_pb2.RateLimitResponse.OK, rls_pb2.RateLimitResponse.OVER_LIMIT
 
 
-class RecordingRateLimit:
-    """Stands in for the rate-limit stub: records each call's (tenant, hits, negative) descriptors."""
-
+class Clock:
     def __init__(self) -> None:
-        self.calls: list[list[tuple[str, int, bool]]] = []
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class RateLimit:
+    """Stands in for the rate-limit stub: a budget per (key, tenant) of ``left`` hits; records every call."""
+
+    def __init__(self, left: dict[tuple[str, str], int]) -> None:
+        self.left = left
+        self.calls: list[list[tuple[str, str, int, bool]]] = []
 
     async def ShouldRateLimit(
         self,
         request: rls_pb2.RateLimitRequest,
         timeout: float,  # noqa: ASYNC109 - the stub's
     ) -> rls_pb2.RateLimitResponse:
-        self.calls.append([(d.entries[0].value, d.hits_addend.value, d.is_negative_hits) for d in request.descriptors])
-        return rls_pb2.RateLimitResponse(overall_code=rls_pb2.RateLimitResponse.OK)
+        asked = [
+            (d.entries[0].key, d.entries[0].value, d.hits_addend.value, d.is_negative_hits) for d in request.descriptors
+        ]
+        self.calls.append(asked)
+        fits = [negative or self.left[(key, tenant)] >= hits for key, tenant, hits, negative in asked]
+        if all(fits):
+            for key, tenant, hits, negative in asked:
+                self.left[(key, tenant)] += hits if negative else -hits
+        statuses = [rls_pb2.RateLimitResponse.DescriptorStatus(code=OK if fit else OVER) for fit in fits]
+        return rls_pb2.RateLimitResponse(overall_code=OK if all(fits) else OVER, statuses=statuses)
 
 
-async def test_refunds_are_gathered_per_tenant_into_one_call() -> None:
-    ratelimit = RecordingRateLimit()
-    budgets = Budgets(ratelimit, "sluice-budget", refund_interval_s=0.05)  # type: ignore[arg-type]
-    running = asyncio.create_task(budgets.run())
-    budgets.settle(Reservation("a", 1000, tokens=100), used=30)
-    budgets.settle(Reservation("a", 1000, tokens=100), used=90)
-    budgets.settle(Reservation("b", 500, tokens=50), used=20)
-    budgets.settle(Reservation("b", 500, tokens=50), used=50)  # nothing unused
-    await asyncio.sleep(0.2)
-    assert ratelimit.calls == [[("a", 80, True), ("b", 30, True)]]
+def tenant(tenant_id: str, tokens_per_minute: int, requests_per_minute: int = 0) -> datastore_pb2.Tenant:
+    return datastore_pb2.Tenant(
+        id=tenant_id, tokens_per_minute=tokens_per_minute, requests_per_minute=requests_per_minute
+    )
+
+
+def budgets(ratelimit: RateLimit, clock: Clock, **settings: float) -> Budgets:
+    return Budgets(ratelimit, "sluice-budget", clock=clock, **settings)  # type: ignore[arg-type]
+
+
+async def test_one_call_reserves_ahead_for_the_next_requests() -> None:
+    ratelimit, clock = RateLimit({("tenant_tokens", "a"): 6000, ("tenant_requests", "a"): 600}), Clock()
+    budget = budgets(ratelimit, clock)  # a lease is 3 s: 300 tokens and 30 requests of these limits
+    first = await budget.reserve(tenant("a", 6000, 600), 100, timeout_s=1)
+    assert ratelimit.calls == [[("tenant_requests", "a", 31, False), ("tenant_tokens", "a", 400, False)]]
+    for _ in range(3):
+        assert await budget.reserve(tenant("a", 6000, 600), 100, timeout_s=1) is not None
+    assert len(ratelimit.calls) == 1, "the next three came out of the allowance"
+    await budget.reserve(tenant("a", 6000, 600), 100, timeout_s=1)
+    assert len(ratelimit.calls) == 2, "the allowance was spent"
+    assert first is not None and first.tokens == 100
+
+
+async def test_unused_and_idle_allowances_go_back_so_the_tenant_pays_what_it_used() -> None:
+    ratelimit, clock = RateLimit({("tenant_tokens", "a"): 6000}), Clock()
+    budget = budgets(ratelimit, clock, refund_interval_s=0.01, idle_s=1.0)
+    running = asyncio.create_task(budget.run())
+    reservations = [await budget.reserve(tenant("a", 6000), 100, timeout_s=1) for _ in range(2)]
+    for reservation in reservations:
+        assert reservation is not None
+        budget.settle(reservation, used=40)
+    await asyncio.sleep(0.05)
+    assert ratelimit.left[("tenant_tokens", "a")] < 6000 - 80, "the unused part is kept here for the next requests"
+    clock.now = 1.0
+    await asyncio.sleep(0.05)
+    assert ratelimit.left[("tenant_tokens", "a")] == 6000 - 80
     running.cancel()
 
 
-async def test_refunds_still_gathered_at_shutdown_are_sent() -> None:
-    ratelimit = RecordingRateLimit()
-    budgets = Budgets(ratelimit, "sluice-budget", refund_interval_s=60)  # type: ignore[arg-type]
-    running = asyncio.create_task(budgets.run())
-    budgets.settle(Reservation("a", 1000, tokens=100), used=1)
+async def test_near_its_limit_a_tenant_gets_an_exact_reservation_then_a_refusal_with_a_hint() -> None:
+    ratelimit, clock = RateLimit({("tenant_tokens", "a"): 150}), Clock()
+    budget = budgets(ratelimit, clock)
+    assert await budget.reserve(tenant("a", 6000), 100, timeout_s=1) is not None  # 100 + a 300 lease does not fit
+    assert ratelimit.calls == [[("tenant_tokens", "a", 400, False)], [("tenant_tokens", "a", 100, False)]]
+    with pytest.raises(ResourceExhausted, match="tokens per minute"):
+        await budget.reserve(tenant("a", 6000), 100, timeout_s=1)
+    assert ratelimit.left[("tenant_tokens", "a")] == 50, "a refusal consumes nothing"
+
+
+async def test_a_budget_too_small_for_a_lease_is_reserved_per_request() -> None:
+    ratelimit, clock = RateLimit({("tenant_tokens", "a"): 600}), Clock()
+    budget = budgets(ratelimit, clock)  # a lease of 30 tokens holds no request of 100
+    for _ in range(2):
+        await budget.reserve(tenant("a", 600), 100, timeout_s=1)
+    assert ratelimit.calls == [[("tenant_tokens", "a", 100, False)]] * 2
+
+
+async def test_give_backs_are_gathered_per_tenant_into_one_call_and_sent_at_shutdown() -> None:
+    ratelimit, clock = RateLimit({("tenant_tokens", "a"): 600, ("tenant_tokens", "b"): 600}), Clock()
+    budget = budgets(ratelimit, clock, refund_interval_s=60)
+    running = asyncio.create_task(budget.run())
+    for name, used in (("a", 30), ("a", 90), ("b", 20)):
+        reservation = await budget.reserve(tenant(name, 600), 100, timeout_s=1)
+        assert reservation is not None
+        budget.settle(reservation, used)
     await asyncio.sleep(0)
     running.cancel()
-    await budgets.close()
-    assert ratelimit.calls == [[("a", 99, True)]]
+    await budget.close()
+    assert ratelimit.calls[-1] == [("tenant_tokens", "a", 80, True), ("tenant_tokens", "b", 80, True)]
+    assert ratelimit.left == {("tenant_tokens", "a"): 600 - 120, ("tenant_tokens", "b"): 600 - 20}

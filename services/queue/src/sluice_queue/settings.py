@@ -18,6 +18,15 @@ class QueueSettings(ServiceSettings):
     datastore_target: str = Field("127.0.0.1:8081", description="The data-access service (through Envoy).")
     ratelimit_target: str = Field("127.0.0.1:8081", description="The rate-limit service, for budgets (through Envoy).")
     budget_domain: str = Field("sluice-budget", description="The rate-limit domain of per-tenant budgets.")
+    budget_lease_s: float = Field(
+        3.0,
+        ge=0,
+        description="Seconds' worth of a tenant's limits a replica reserves ahead, so that most requests need no "
+        "rate-limit call; 0 reserves for each request alone.",
+    )
+    budget_idle_s: float = Field(
+        1.0, gt=0, description="A tenant's allowance unused for this long goes back to the rate-limit service."
+    )
     usage_batch_size: int = Field(200, gt=0, description="Usage records per write.")
     usage_flush_interval_s: float = Field(0.5, gt=0, description="How often buffered usage records are written.")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="The shared waiting line and slot leases.")
