@@ -8,7 +8,9 @@ checks (NOT_SERVING).
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,7 +30,11 @@ from sluice_inference.prompts import HfPromptTokenizer
 from sluice_inference.requests import ValidRequest
 from sluice_inference.settings import InferenceSettings
 
+logger = logging.getLogger(__name__)
+
 RETRY_AFTER_S = 1.0
+# How long the warm-up may spend prefilling prompts of every length.
+_LENGTH_SWEEP_S = 20.0
 ENGINE_DEAD = "the model engine has stopped; this replica is out of service"
 
 
@@ -153,6 +159,11 @@ async def warm_up(engine: AsyncLLM, prompt_tokenizer: HfPromptTokenizer, concurr
     # prefix cache, and the step would not cover the whole length.
     words = prompt_tokenizer.encode("the keeper walks the channel and writes the level of the river in a book")
     longest = min(prompt_tokens, engine.vllm_config.model_config.max_model_len - 1)
+    # A large model on a CPU would take minutes; there the set-up is a small share of a prefill anyway.
+    stop = time.monotonic() + _LENGTH_SWEEP_S
     for n in range(1, longest + 1):
+        if time.monotonic() > stop:
+            logger.info("warm-up: prompt lengths 1 to %d prefilled, the rest left cold", n - 1)
+            break
         ids = random.Random(n).choices(words, k=n)
         await run(ValidRequest(f"warmup-length-{n}", ids, Sampling(max_tokens=1), priority=0))

@@ -60,5 +60,6 @@ class InferenceSettings(ServiceSettings):
         ge=0,
         description="Before reporting SERVING, prefill one prompt of every length up to this many tokens: "
         "the engine's first step over a number of tokens it has not seen is slower (about 3 ms more on "
-        "this CPU, for a 4 ms prefill), so without it most requests with short prompts would pay that once.",
+        "this CPU, for a 4 ms prefill), so without it most requests with short prompts would pay that once. "
+        "The sweep stops after 20 s (a large model on a CPU).",
     )
