@@ -1,7 +1,8 @@
-"""Migrations: applied once, in order, and an edited applied migration is refused."""
+"""Migrations: applied once, in order, and an edited applied migration is refused; the hot statements match."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -9,6 +10,7 @@ import pytest
 
 from sluice_cli.postgres_server import PostgresServer
 from sluice_datastore import migrate as migrator
+from sluice_datastore.database import Database
 
 
 @pytest.fixture
@@ -42,3 +44,22 @@ async def test_an_edited_migration_is_refused(
     monkeypatch.setattr(migrator, "migrations", lambda: edited)
     with pytest.raises(migrator.MigrationError, match="changed after it was applied"):
         await migrator.migrate(empty_database)
+
+
+async def test_every_hot_statement_prepares_against_the_migrated_schema(
+    postgres: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="sluice_datastore.database"):
+        database = await Database.connect(postgres.url, warm=True)
+        await database.close()
+    assert not caplog.records, "a hot statement no longer matches the schema"
+
+
+async def test_a_warm_pool_still_connects_before_the_schema_exists(
+    empty_database: asyncpg.Connection, postgres: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="sluice_datastore.database"):
+        database = await Database.connect(postgres.url.rsplit("/", 1)[0] + "/migrate_test", warm=True)
+    assert await database.primary.fetchval("SELECT 1") == 1
+    await database.close()
+    assert "could not prepare" in caplog.text

@@ -35,7 +35,7 @@ async def serve(settings: DataStoreSettings) -> None:
         await apply_migrations(settings)
     timeout_s = settings.redis_timeout_ms / 1e3
     database = await Database.connect(
-        settings.database_url, settings.replica_urls, settings.pool_size, settings.statement_timeout_ms
+        settings.database_url, settings.replica_urls, settings.pool_size, settings.statement_timeout_ms, warm=True
     )
     redis = Redis.from_url(settings.redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
     # The subscription blocks on reads: it must not share the short timeout.
