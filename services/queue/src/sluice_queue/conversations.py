@@ -14,7 +14,6 @@ lost.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 
@@ -24,6 +23,7 @@ from prometheus_client import Gauge
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
 from sluice_core.errors import NotFound
+from sluice_queue.flushing import flush_forever
 
 logger = logging.getLogger(__name__)
 
@@ -112,14 +112,7 @@ class Conversations:
 
     async def run(self) -> None:
         """Append kept exchanges, oldest first, backing off while the data-access service fails."""
-        delay = self._retry_interval_s
-        while True:
-            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow the cancellation that stops this.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay if self._kept else None):
-                    await self._wake.wait()
-            self._wake.clear()
-            delay = self._retry_interval_s if await self.flush() else min(_RETRY_MAX_S, delay * 2)
+        await flush_forever(self.flush, self._wake, self._retry_interval_s, _RETRY_MAX_S, lambda: bool(self._kept))
 
     async def flush(self, timeout_s: float = 10.0) -> bool:
         """Append what is kept, in order; False (the rest kept) if the data-access service failed."""

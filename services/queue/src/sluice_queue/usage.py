@@ -10,7 +10,6 @@ batch that was written but not acknowledged is not counted twice. Only past
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 
@@ -18,6 +17,7 @@ import grpc
 from prometheus_client import Counter, Gauge
 
 from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
+from sluice_queue.flushing import flush_forever
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +60,7 @@ class UsageRecorder:
 
     async def run(self) -> None:
         """Flush forever: every interval, or sooner when a batch is full; back off while failing."""
-        delay = self._interval_s
-        while True:
-            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow the cancellation that stops this.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._wake.wait()
-            self._wake.clear()
-            delay = self._interval_s if await self.flush() else min(_RETRY_MAX_S, delay * 2)
+        await flush_forever(self.flush, self._wake, self._interval_s, _RETRY_MAX_S)
 
     async def flush(self, timeout_s: float = 10.0) -> bool:
         """Send what is buffered; False (records kept) if the data-access service failed."""
