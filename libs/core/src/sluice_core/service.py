@@ -22,7 +22,15 @@ def run(name: str, settings: ServiceSettings, serve: Callable[[], Coroutine[Any,
 
 
 async def cancel(*tasks: asyncio.Task[Any]) -> None:
-    """Stop background jobs and wait until they have (whatever they raise on the way out)."""
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    """Stop background jobs and wait until they have (whatever they raise on the way out).
+
+    A job can lose a cancellation (a library that catches it mid-read; Python 3.11's
+    ``wait_for`` when its timeout fires at the same moment) and carry on: it is asked
+    again every second.
+    """
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
+    await asyncio.gather(*tasks, return_exceptions=True)  # collects what they raised

@@ -225,10 +225,15 @@ class Scheduler:
         """Listen for admissions, renew leases and refresh positions, until cancelled."""
         tasks = [asyncio.create_task(job()) for job in (self._listen, self._renew, self._positions)]
         try:
-            await asyncio.gather(*tasks)
+            # Not gather: cancelling a gather waits for every loop to take it, and a loop
+            # can lose a cancellation (see below). This returns at once when cancelled.
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()  # a loop that failed
         finally:
-            # The loops also stop on this flag: a cancellation can be lost in a
-            # Redis call or a timeout that fires at the same moment (Python 3.11).
+            # The loops also stop on this flag: a cancellation can be lost in a Redis
+            # read (redis-py's pub/sub, seen here) or a timeout that fires at the same
+            # moment (Python 3.11).
             self._closing = True
             self._refresh.set()
             await cancel(*tasks)
@@ -240,8 +245,10 @@ class Scheduler:
                     await pubsub.subscribe(f"{self._config.prefix}:admitted")
                     # Admissions made while (re)subscribing are found by the next refresh.
                     self._refresh.set()
-                    async for message in pubsub.listen():
-                        if message["type"] != "message":
+                    while not self._closing:
+                        # A timeout, so that the flag is seen even if a cancellation was lost.
+                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                        if message is None or message["type"] != "message":
                             continue
                         # Those admitted learn at once; the others' new places wait
                         # for the next refresh, so that a busy line costs one
