@@ -81,10 +81,16 @@ async def test_unexpected_errors_are_internal_and_hide_details(stub: inference_p
 
 
 async def test_success_returns_the_trace_id(stub: inference_pb2_grpc.InferenceAsyncStub) -> None:
-    call = stub.GetLoad(inference_pb2.GetLoadRequest())
-    assert (await call).running == 1
+    call = stub.Generate(inference_pb2.GenerateRequest(prompt="fine"))
+    assert [response async for response in call] == [inference_pb2.GenerateResponse()]
     metadata = dict(await call.trailing_metadata() or ())
     assert len(str(metadata[TRACE_ID_KEY])) == 32
+
+
+async def test_capacity_probes_are_not_traced(stub: inference_pb2_grpc.InferenceAsyncStub) -> None:
+    call = stub.GetLoad(inference_pb2.GetLoadRequest())
+    assert (await call).running == 1
+    assert TRACE_ID_KEY not in dict(await call.trailing_metadata() or ())
 
 
 async def test_health_reports_not_serving_until_ready() -> None:

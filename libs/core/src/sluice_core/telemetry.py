@@ -9,12 +9,19 @@ from __future__ import annotations
 
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient, GrpcAioInstrumentorServer
+from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient, GrpcAioInstrumentorServer, filters
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 TRACE_ID_KEY = "x-trace-id"
+
+# Health checks and the queue's capacity probes run several times a second on every
+# replica: traced, they would outnumber the requests in the trace store (4,000 probe
+# spans against 190 requests in one benchmark) and cost every process CPU to export.
+_TRACED = filters.negate(
+    filters.any_of(filters.health_check(), filters.method_name("GetModelInfo"), filters.method_name("GetLoad"))
+)
 
 _provider: TracerProvider | None = None
 
@@ -32,8 +39,8 @@ def setup_tracing(service: str, replica_id: str, otlp_endpoint: str | None) -> T
     if otlp_endpoint:
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True)))
     trace.set_tracer_provider(provider)
-    GrpcAioInstrumentorServer().instrument()  # type: ignore[no-untyped-call]
-    GrpcAioInstrumentorClient().instrument()  # type: ignore[no-untyped-call]
+    GrpcAioInstrumentorServer(filter_=_TRACED).instrument()  # type: ignore[no-untyped-call]
+    GrpcAioInstrumentorClient(filter_=_TRACED).instrument()  # type: ignore[no-untyped-call]
     _provider = provider
     return provider
 
