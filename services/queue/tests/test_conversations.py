@@ -84,3 +84,13 @@ async def test_an_exchange_of_a_deleted_conversation_is_not_retried(datastore: F
     await store(conversations, "c1", "lost")
     assert conversations.pending == 0
     assert await conversations.flush()
+
+
+async def test_past_the_cap_the_oldest_kept_exchange_goes(datastore: FlakyDataStore) -> None:
+    conversations = Conversations(datastore, max_kept=2)  # type: ignore[arg-type]
+    datastore.away = True
+    for name in ("c1", "c2", "c3"):
+        await store(conversations, name, f"reply-{name}")
+    datastore.away = False
+    assert await conversations.flush()
+    assert datastore.appended == [("c2", "reply-c2"), ("c3", "reply-c3")]

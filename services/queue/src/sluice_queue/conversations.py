@@ -18,7 +18,7 @@ import logging
 from collections import deque
 
 import grpc
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
@@ -28,6 +28,9 @@ from sluice_queue.flushing import flush_forever
 logger = logging.getLogger(__name__)
 
 KEPT = Gauge("sluice_queue_exchanges_kept", "Finished exchanges waiting to be appended to their conversations.")
+LOST = Counter(
+    "sluice_queue_exchanges_lost", "Exchanges not stored: refused by the data-access service, or over the cap."
+)
 
 # The newest turns read; older ones would not fit a model's context anyway.
 HISTORY_LIMIT = 256
@@ -42,10 +45,12 @@ class Conversations:
         datastore: datastore_pb2_grpc.DataStoreAsyncStub,
         store_timeout_s: float = 2.0,
         retry_interval_s: float = 0.5,
+        max_kept: int = 10_000,
     ) -> None:
         self._datastore = datastore
         self._store_timeout_s = store_timeout_s
         self._retry_interval_s = retry_interval_s
+        self._max_kept = max_kept
         self._kept: deque[datastore_pb2.AppendMessagesRequest] = deque()
         self._wake = asyncio.Event()
 
@@ -96,12 +101,18 @@ class Conversations:
             await self._datastore.AppendMessages(exchange, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             if exc.code() in _REFUSED:
+                LOST.inc()
                 logger.error("exchange %s not stored in %s: %s", request_id, conversation_id, exc.details())
             else:
                 logger.warning("exchange %s kept to store later (%s %s)", request_id, exc.code().name, exc.details())
                 self._keep(exchange)
 
     def _keep(self, exchange: datastore_pb2.AppendMessagesRequest) -> None:
+        if len(self._kept) >= self._max_kept:
+            # Memory is finite: past the cap the oldest goes, loudly.
+            dropped = self._kept.popleft()
+            LOST.inc()
+            logger.error("%d exchanges kept; dropped %s's", self._max_kept, dropped.request_id)
         self._kept.append(exchange)
         KEPT.set(len(self._kept))
         self._wake.set()
@@ -123,6 +134,7 @@ class Conversations:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in _REFUSED:
                     return False
+                LOST.inc()
                 logger.error("exchange %s not stored: %s", exchange.request_id, exc.details())
             self._kept.popleft()
             KEPT.set(len(self._kept))
