@@ -338,8 +338,7 @@ class LocalStack:
             )
             if ready and not self.demo_api_key:
                 await self.demo_key()
-            if ready and await self._generates():
-                await self._warm_replicas(replicas)
+            if ready and await self._generates() and await self._warm_replicas(replicas):
                 return
             if time.monotonic() > deadline:
                 raise StackError(
@@ -366,22 +365,28 @@ class LocalStack:
             return False
         return True
 
-    async def _warm_replicas(self, replicas: int) -> None:
-        """One request straight to each replica, so that the first user request finds none cold.
+    async def _warm_replicas(self, replicas: int) -> bool:
+        """Whether each replica served one request sent straight to it, so that the first user request finds none cold.
 
         Envoy spreads the readiness request to one queue and one inference
         replica; another replica's first request would pay for its API-key
         cache, its connections through Envoy and its first pass through the
-        request path (tens of milliseconds on a small machine).
+        request path (tens of milliseconds on a small machine). A replica
+        that Envoy already finds healthy may still be finding its engines.
         """
         for port in self.ports.queue:
             if not await self._generates(f"{LOOPBACK}:{port}"):
-                raise StackError(f"the queue replica on port {port} did not serve a request")
+                return False
         request = inference_pb2.GenerateRequest(prompt="ready?", sampling=common_pb2.SamplingParams(max_tokens=2))
         for index in range(replicas):
             async with grpc.aio.insecure_channel(self.inference_address(index)) as channel:
-                async for _ in inference_pb2_grpc.InferenceStub(channel).Generate(request, timeout=10.0):
-                    pass
+                try:
+                    async for _ in inference_pb2_grpc.InferenceStub(channel).Generate(request, timeout=10.0):
+                        pass
+                except grpc.aio.AioRpcError as exc:
+                    logger.debug("inference replica %d not ready yet: %s", index + 1, exc.details())
+                    return False
+        return True
 
     async def envoy_admin(self, path: str) -> str:
         url = f"http://{LOOPBACK}:{self.ports.admin}{path}"
