@@ -7,7 +7,7 @@ while its tenant's budget is reserved. The caller's deadline goes along with
 the inner call; a caller that goes away cancels it, which aborts the
 generation in the engine. A successful exchange is appended to its
 conversation before the finished event goes out; at the end, whatever the
-outcome, unused budget is refunded and usage is recorded.
+outcome, unused budget is given back and usage is recorded.
 """
 
 from __future__ import annotations
@@ -240,7 +240,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         timer: StreamTimer,
         queue_s: float | None,
     ) -> None:
-        """Refund and record, off the caller's path (and whether or not it is still there)."""
+        """Settle the budget and record usage, off the caller's path (and whether or not it is still there)."""
         if reserving is not None:
             # What the caller was sent is charged, even if it went away.
             self._spawn(self._settle(reserving, progress.prompt_tokens + progress.completion_tokens))
@@ -283,6 +283,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             logger.exception("after a request")
 
     async def drain(self) -> None:
-        """Wait for refunds still under way (at shutdown)."""
+        """Wait for slot releases and budget settlements still under way (at shutdown)."""
         if self._background:
             await asyncio.wait(self._background, timeout=10)
