@@ -66,6 +66,8 @@ async def test_a_replica_still_loading_gets_no_traffic(stack: LocalStack) -> Non
     assert sent >= 5, "the replica loaded too fast to watch"
     assert requests_served(stack, 1) == 0
     await stack.wait_ready(replicas=2)
+    # Ready means Envoy has sent the new replica a request: no user request pays for the first one.
+    assert await stack.unvisited_hosts() == []
 
 
 async def test_tokens_stream_through_the_stack(stack: LocalStack) -> None:

@@ -27,7 +27,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.datastore.v1 import datastore_pb2_grpc
 from sluice.generation.v1 import generation_pb2
-from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
 from sluice_cli.admin import ensure_tenant_key
 from sluice_cli.envoy_config import EnvoyLayout, HostPort, render, repo_root
 from sluice_cli.postgres_server import PostgresServer, ensure_database
@@ -258,7 +257,9 @@ class LocalStack:
             "-c", str(config),
             # Several stacks (a dev stack, a test run) may share a machine.
             "--disable-hot-restart",
-            "--concurrency", "2",
+            # One worker: each worker keeps its own connections to every replica, and
+            # one is plenty on a laptop; a second only adds connections to warm.
+            "--concurrency", "1",
             "--log-level", "warning",
         ]  # fmt: skip
         self._spawn("envoy", argv, {})
@@ -338,7 +339,7 @@ class LocalStack:
             )
             if ready and not self.demo_api_key:
                 await self.demo_key()
-            if ready and await self._generates() and await self._warm_replicas(replicas):
+            if ready and await self._generates() and await self._warm_paths():
                 return
             if time.monotonic() > deadline:
                 raise StackError(
@@ -365,28 +366,28 @@ class LocalStack:
             return False
         return True
 
-    async def _warm_replicas(self, replicas: int) -> bool:
-        """Whether each replica served one request sent straight to it, so that the first user request finds none cold.
+    async def _warm_paths(self) -> bool:
+        """Whether Envoy has routed a request to every healthy queue and inference replica.
 
-        Envoy spreads the readiness request to one queue and one inference
-        replica; another replica's first request would pay for its API-key
-        cache, its connections through Envoy and its first pass through the
-        request path (tens of milliseconds on a small machine). A replica
-        that Envoy already finds healthy may still be finding its engines.
+        Envoy connects to a replica when it first routes a request there, and a
+        replica's first request pays for its API-key cache, its own connections
+        and its first pass through the request path: tens of milliseconds on a
+        small machine, which the first user request must not meet. Requests go
+        through the edge two at a time (least-request spreads them) until every
+        replica has served one. A replica that Envoy already finds healthy may
+        still be finding its engines: a refused request means not ready yet.
         """
-        for port in self.ports.queue:
-            if not await self._generates(f"{LOOPBACK}:{port}"):
+        # A few rounds per poll: the demo key's burst limit counts these too.
+        for _ in range(4):
+            if not await self.unvisited_hosts():
+                return True
+            if not all(await asyncio.gather(self._generates(), self._generates())):
                 return False
-        request = inference_pb2.GenerateRequest(prompt="ready?", sampling=common_pb2.SamplingParams(max_tokens=2))
-        for index in range(replicas):
-            async with grpc.aio.insecure_channel(self.inference_address(index)) as channel:
-                try:
-                    async for _ in inference_pb2_grpc.InferenceStub(channel).Generate(request, timeout=10.0):
-                        pass
-                except grpc.aio.AioRpcError as exc:
-                    logger.debug("inference replica %d not ready yet: %s", index + 1, exc.details())
-                    return False
-        return True
+        return not await self.unvisited_hosts()
+
+    async def unvisited_hosts(self) -> list[dict[str, str]]:
+        """Healthy queue and inference replicas Envoy has not routed a request to yet."""
+        return [host for host in await self._healthy("queue", "inference") if host.get("rq_total") == "0"]
 
     async def envoy_admin(self, path: str) -> str:
         url = f"http://{LOOPBACK}:{self.ports.admin}{path}"
@@ -402,11 +403,17 @@ class LocalStack:
 
     async def healthy_hosts(self, cluster: str) -> int:
         """How many hosts of ``cluster`` Envoy would route to now."""
-        clusters = await self.envoy_admin("/clusters")
-        flags = [
-            line for line in clusters.splitlines() if line.startswith(f"{cluster}::") and "::health_flags::" in line
-        ]
-        return sum(1 for line in flags if line.endswith("::healthy"))
+        return len(await self._healthy(cluster))
+
+    async def _healthy(self, *clusters: str) -> list[dict[str, str]]:
+        """Envoy's figures (``rq_total``, ...) for each host of ``clusters`` it would route to now."""
+        hosts: dict[tuple[str, str], dict[str, str]] = {}
+        for line in (await self.envoy_admin("/clusters")).splitlines():
+            parts = line.split("::")
+            # Host lines name an address (cluster::127.0.0.1:8000::stat::value); others name a setting.
+            if len(parts) == 4 and parts[0] in clusters and parts[1][:1].isdigit():
+                hosts.setdefault((parts[0], parts[1]), {})[parts[2]] = parts[3]
+        return [stats for stats in hosts.values() if stats.get("health_flags") == "healthy"]
 
     async def replica_status(self, index: int) -> int | None:
         """The replica's health (``HealthCheckResponse.ServingStatus``), None while it does not answer."""
