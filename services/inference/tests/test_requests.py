@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jinja2
 import pytest
 
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.inference.v1 import inference_pb2
 from sluice_core.errors import InvalidArgument
-from sluice_inference.prompts import render_plain
+from sluice_inference.prompts import ChatTemplateError, HfPromptTokenizer, render_plain
 from sluice_inference.requests import validate
 
 
@@ -48,6 +49,7 @@ def test_a_good_request_passes_with_its_sampling() -> None:
         (request(max_tokens=0), "sampling.max_tokens"),
         (request(temperature=-0.1), "sampling.temperature"),
         (request(temperature=float("inf")), "sampling.temperature"),
+        (request(temperature=2.5), "sampling.temperature"),
         (request(top_p=0.0), "sampling.top_p"),
         (request(top_p=1.5), "sampling.top_p"),
         (request(top_p=float("nan")), "sampling.top_p"),
@@ -55,6 +57,7 @@ def test_a_good_request_passes_with_its_sampling() -> None:
         (request(repetition_penalty=0.0), "sampling.repetition_penalty"),
         (request(stop=[""]), "sampling.stop"),
         (request(stop=[str(i) for i in range(17)]), "sampling.stop"),
+        (request(stop=["x" * 257]), "sampling.stop"),
         (request(min_tokens=9), "sampling.min_tokens"),
         (inference_pb2.GenerateRequest(prompt="hi"), "sampling.max_tokens"),
         (inference_pb2.GenerateRequest(sampling=common_pb2.SamplingParams(max_tokens=1)), "prompt"),
@@ -87,9 +90,13 @@ def test_max_tokens_must_fit_beside_the_prompt() -> None:
     validate(request(max_tokens=13), WordTokenizer(), max_model_len=16, vocab_size=100)
 
 
-def test_chat_messages_need_a_role() -> None:
+@pytest.mark.parametrize("role", [common_pb2.ROLE_UNSPECIFIED, 7])
+def test_chat_messages_need_a_known_role(role: int) -> None:
     messages = common_pb2.ChatMessages(
-        messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content="hi"), common_pb2.ChatMessage(content="x")]
+        messages=[
+            common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content="hi"),
+            common_pb2.ChatMessage(role=role, content="x"),  # type: ignore[arg-type]
+        ]
     )
     req = inference_pb2.GenerateRequest(messages=messages, sampling=common_pb2.SamplingParams(max_tokens=1))
     assert fields(req) == ["messages.messages[1].role"]
@@ -116,8 +123,57 @@ def test_the_oldest_history_is_dropped_to_fit_keeping_the_system_message() -> No
     # Plain template, one token per word: "System: be brief" 3, "User: one two three" 4,
     # "Assistant: four five six" 4, "User: seven" 2, "Assistant:" 1 -> 14 in all.
     assert validate(request, WordTokenizer(), max_model_len=18, vocab_size=100).history_dropped == 0
+    # The whole turn goes: a conversation that starts with the assistant's answer breaks chat templates.
     fitted = validate(request, WordTokenizer(), max_model_len=14, vocab_size=100)
-    assert fitted.history_dropped == 1 and len(fitted.prompt_token_ids) == 10
-    tight = validate(request, WordTokenizer(), max_model_len=11, vocab_size=100)
-    assert tight.history_dropped == 2  # the system message stays
+    assert fitted.history_dropped == 2 and len(fitted.prompt_token_ids) == 6  # the system message stays
     assert fields(request, max_model_len=9) == ["sampling.max_tokens"]  # nothing left to drop
+
+
+class AlternatingTokenizer(WordTokenizer):
+    """Like strict chat templates (Mistral's, say): user first, then turns alternating. Counts its renderings."""
+
+    renderings = 0
+
+    def encode_chat(self, messages: Sequence[common_pb2.ChatMessage]) -> list[int]:
+        self.renderings += 1
+        turns = [m.role for m in messages if m.role != common_pb2.ROLE_SYSTEM]
+        if any(role != (common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT)[i % 2] for i, role in enumerate(turns)):
+            raise ChatTemplateError("Conversation roles must alternate user/assistant/user/assistant/...")
+        return super().encode_chat(messages)
+
+
+def test_a_long_history_is_cut_in_whole_turns_in_a_few_renderings() -> None:
+    user, assistant = common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT
+    history = [(user, "a question of five words"), (assistant, "an answer of five words")] * 128
+    request = inference_pb2.GenerateRequest(
+        messages=chat(*history, (user, "and now?")),
+        history_messages=len(history),
+        sampling=common_pb2.SamplingParams(max_tokens=8),
+    )
+    tokenizer = AlternatingTokenizer()
+    fitted = validate(request, tokenizer, max_model_len=64, vocab_size=100)
+    # Each turn is 6 + 6 tokens: four turns, the new question (3) and "Assistant:" (1) fit 56.
+    assert fitted.history_dropped == 248 and len(fitted.prompt_token_ids) == 52
+    assert tokenizer.renderings <= 12, "one rendering per dropped message took seconds for long conversations"
+
+
+def test_messages_the_chat_template_refuses_are_invalid() -> None:
+    user = common_pb2.ROLE_USER
+    request = inference_pb2.GenerateRequest(
+        messages=chat((user, "one"), (user, "two")), sampling=common_pb2.SamplingParams(max_tokens=1)
+    )
+    with pytest.raises(InvalidArgument) as caught:
+        validate(request, AlternatingTokenizer(), max_model_len=64, vocab_size=100)
+    assert caught.value.violations[0].field == "messages"
+    assert "must alternate" in caught.value.violations[0].description
+
+
+def test_a_template_error_becomes_a_chat_template_error() -> None:
+    class RaisingTemplate:
+        chat_template = "{{ raise_exception('roles must alternate') }}"
+
+        def apply_chat_template(self, *args: object, **kwargs: object) -> str:
+            raise jinja2.TemplateError("roles must alternate")
+
+    with pytest.raises(ChatTemplateError, match="roles must alternate"):
+        HfPromptTokenizer(RaisingTemplate()).encode_chat([common_pb2.ChatMessage(role=common_pb2.ROLE_USER)])

@@ -29,6 +29,10 @@ def test_chat_messages_pass_through() -> None:
     assert internal.messages == messages
 
 
+def chat(*turns: tuple[common_pb2.Role.ValueType, str]) -> common_pb2.ChatMessages:
+    return common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in turns])
+
+
 @pytest.mark.parametrize(
     ("request_", "fields"),
     [
@@ -41,6 +45,10 @@ def test_chat_messages_pass_through() -> None:
         (generation_pb2.GenerateRequest(prompt="x"), ["sampling.max_tokens"]),
         (public(client_request_id="x" * 129), ["client_request_id"]),
         (public(priority=7), ["priority"]),
+        (public(prompt=None, messages=common_pb2.ChatMessages()), ["messages"]),
+        (public(prompt=None, messages=chat((9, "hi"))), ["messages.messages[0].role"]),  # type: ignore[arg-type]
+        (public(prompt=None, messages=chat((common_pb2.ROLE_USER, " "))), ["messages"]),
+        (public(sampling=common_pb2.SamplingParams(max_tokens=1, stop=["x" * 257])), ["sampling.stop"]),
     ],
 )
 def test_bad_input_is_rejected_before_queueing(request_: generation_pb2.GenerateRequest, fields: list[str]) -> None:

@@ -9,6 +9,11 @@ from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice_core.errors import FieldViolation
 
 MAX_STOP_STRINGS = 16
+# vLLM holds back as many characters as the longest stop string (less one)
+# until it knows they do not begin a stop: a very long one holds back the whole text.
+MAX_STOP_CHARS = 256
+# vLLM refuses more (and by then the request has waited for its slot).
+MAX_TEMPERATURE = 2.0
 
 
 @dataclass(frozen=True)
@@ -51,8 +56,8 @@ def validate_sampling(params: common_pb2.SamplingParams, out: list[FieldViolatio
     )
     check(
         "temperature",
-        math.isfinite(sampling.temperature) and sampling.temperature >= 0,
-        "must be at least 0 (0 is greedy)",
+        0 <= sampling.temperature <= MAX_TEMPERATURE,
+        f"must be in [0, {MAX_TEMPERATURE:g}] (0 is greedy)",
     )
     check("top_p", 0 < sampling.top_p <= 1, "must be in (0, 1]")
     check("min_p", 0 <= sampling.min_p <= 1, "must be in [0, 1]")
@@ -65,6 +70,9 @@ def validate_sampling(params: common_pb2.SamplingParams, out: list[FieldViolatio
     )
     check("stop", len(sampling.stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings")
     check("stop", all(sampling.stop), "stop strings must not be empty")
+    check(
+        "stop", all(len(stop) <= MAX_STOP_CHARS for stop in sampling.stop), f"at most {MAX_STOP_CHARS} characters each"
+    )
     check(
         "min_tokens",
         params.max_tokens == 0 or sampling.min_tokens <= sampling.max_tokens,

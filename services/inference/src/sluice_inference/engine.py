@@ -133,7 +133,7 @@ async def stream(engine: AsyncLLM, request: ValidRequest, priority: int) -> Asyn
         # The engine's queue is full (max_num_queued_reqs): shed, with a hint.
         raise ResourceExhausted(f"this replica's engine queue is full: {exc}", retry_after_s=RETRY_AFTER_S) from exc
     except VLLMValidationError as exc:
-        raise InvalidArgument.field(exc.parameter or "request", str(exc)) from exc
+        raise InvalidArgument.field(f"sampling.{exc.parameter}" if exc.parameter else "request", str(exc)) from exc
     except EngineDeadError as exc:
         raise Unavailable(ENGINE_DEAD) from exc
 

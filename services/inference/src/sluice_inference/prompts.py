@@ -13,13 +13,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sluice.common.v1 import generation_pb2 as common_pb2
+import jinja2
 
-ROLE_NAMES = {
-    common_pb2.ROLE_SYSTEM: "system",
-    common_pb2.ROLE_USER: "user",
-    common_pb2.ROLE_ASSISTANT: "assistant",
-}
+from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice_core.messages import ROLE_NAMES
+
+
+class ChatTemplateError(ValueError):
+    """The model's chat template refused the messages (say, two user turns in a row)."""
 
 
 def render_plain(messages: Sequence[common_pb2.ChatMessage]) -> str:
@@ -43,7 +44,10 @@ class HfPromptTokenizer:
         if not self.has_chat_template:
             return self.encode(render_plain(messages))
         conversation = [{"role": ROLE_NAMES[m.role], "content": m.content} for m in messages]
-        text: str = self._tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        try:
+            text: str = self._tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        except jinja2.TemplateError as exc:  # the template's own raise_exception(...)
+            raise ChatTemplateError(str(exc)) from exc
         # Chat templates write their own special tokens (BOS included).
         ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False)
         return ids

@@ -14,7 +14,9 @@ from typing import Protocol
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.inference.v1 import inference_pb2
 from sluice_core.errors import FieldViolation, InvalidArgument
+from sluice_core.messages import validate_messages
 from sluice_core.sampling import Sampling, validate_sampling
+from sluice_inference.prompts import ChatTemplateError
 
 MAX_REQUEST_ID_LEN = 128
 
@@ -33,7 +35,9 @@ class PromptTokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
-    def encode_chat(self, messages: Sequence[common_pb2.ChatMessage]) -> list[int]: ...
+    def encode_chat(self, messages: Sequence[common_pb2.ChatMessage]) -> list[int]:
+        """Raises ``ChatTemplateError`` when the model's chat template refuses the messages."""
+        ...
 
 
 def validate(
@@ -95,21 +99,12 @@ def _prompt_token_ids(
             return tokenizer.encode(request.prompt), 0
         case "messages":
             messages = list(request.messages.messages)
-            if not messages:
-                out.append(FieldViolation("messages", "must hold at least one message"))
-                return None, 0
-            bad = [i for i, m in enumerate(messages) if m.role == common_pb2.ROLE_UNSPECIFIED]
-            for i in bad:
-                out.append(FieldViolation(f"messages.messages[{i}].role", "must be set"))
-            if not any(m.content.strip() for m in messages):
-                out.append(FieldViolation("messages", "every message is empty"))
+            if not validate_messages(messages, out):
                 return None, 0
             if request.history_messages > len(messages):
                 out.append(FieldViolation("history_messages", "more than there are messages"))
                 return None, 0
-            if bad:
-                return None, 0
-            return _fit_history(messages, request.history_messages, tokenizer, room)
+            return _fit_history(messages, request.history_messages, tokenizer, room, out)
         case "prompt_token_ids":
             ids = list(request.prompt_token_ids.ids)
             if not ids:
@@ -127,15 +122,40 @@ def _prompt_token_ids(
 
 
 def _fit_history(
-    messages: list[common_pb2.ChatMessage], history: int, tokenizer: PromptTokenizer, room: int
-) -> tuple[list[int], int]:
-    """Drop the oldest history messages (keeping a leading system message) until the prompt fits ``room``."""
-    keep_first = 1 if messages and messages[0].role == common_pb2.ROLE_SYSTEM and history > 0 else 0
+    messages: list[common_pb2.ChatMessage],
+    history: int,
+    tokenizer: PromptTokenizer,
+    room: int,
+    out: list[FieldViolation],
+) -> tuple[list[int] | None, int]:
+    """Drop the oldest history messages (keeping a leading system message) until the prompt fits ``room``.
+
+    History is cut only before one of its user messages (or as a whole), so
+    that what is left alternates as chat templates expect. The prompt only
+    shrinks as more is cut: a binary search renders it O(log n) times, not
+    once per message (hundreds of turns took seconds).
+    """
+    keep_first = 1 if history > 0 and messages[0].role == common_pb2.ROLE_SYSTEM else 0
     droppable = history - keep_first
-    dropped = 0
-    while True:
-        kept = messages[:keep_first] + messages[keep_first + dropped :]
-        ids = tokenizer.encode_chat(kept)
-        if len(ids) <= room or dropped >= droppable:
-            return ids, dropped
-        dropped += 1
+    cuts = [d for d in range(1, droppable) if messages[keep_first + d].role == common_pb2.ROLE_USER]
+    cuts = [0, *cuts, droppable] if droppable else [0]
+    encoded: dict[int, list[int]] = {}
+
+    def prompt(dropped: int) -> list[int]:
+        if dropped not in encoded:
+            encoded[dropped] = tokenizer.encode_chat(messages[:keep_first] + messages[keep_first + dropped :])
+        return encoded[dropped]
+
+    try:
+        # The first cut that fits (the last one if none does).
+        low, high = 0, len(cuts) - 1
+        while low < high:
+            middle = low if low == 0 else (low + high) // 2  # no cut first: the usual case
+            if len(prompt(cuts[middle])) <= room:
+                high = middle
+            else:
+                low = middle + 1
+        return prompt(cuts[low]), cuts[low]
+    except ChatTemplateError as exc:
+        out.append(FieldViolation("messages", f"the model's chat template refuses them: {exc}"))
+        return None, 0

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
@@ -33,19 +35,37 @@ _FINISH_REASONS = {
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
+# Longer inputs are checked (tokenized, their history fitted) on a thread of
+# their own: megabytes of text take seconds to tokenize, which must not stop
+# every other stream of the replica. Shorter ones stay on the loop, where
+# they take well under a millisecond.
+_INLINE_INPUT_CHARS = 16_384
+
+
+def _input_chars(request: inference_pb2.GenerateRequest) -> int:
+    return len(request.prompt) + sum(len(m.content) for m in request.messages.messages)
+
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, host: ModelHost, replica_id: str, messages_per_s: float = 0.0) -> None:
         self._host = host
         self._replica_id = replica_id
         self._messages_per_s = messages_per_s
+        # One thread: long inputs wait for each other rather than share the CPU (and the GIL).
+        self._long_inputs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="long-inputs")
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         timer = METRICS.stream()
         spec, tokenizer = self._host.require_ready()
-        valid = validate(request, tokenizer, max_model_len=spec.max_model_len, vocab_size=spec.vocab_size)
+        check = functools.partial(
+            validate, request, tokenizer, max_model_len=spec.max_model_len, vocab_size=spec.vocab_size
+        )
+        if _input_chars(request) > _INLINE_INPUT_CHARS:
+            valid = await asyncio.get_running_loop().run_in_executor(self._long_inputs, check)
+        else:
+            valid = check()
         load = self._host.load
         load.waiting += 1
         running = False

@@ -11,6 +11,7 @@ from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.generation.v1 import generation_pb2
 from sluice.inference.v1 import inference_pb2
 from sluice_core.errors import FieldViolation, InvalidArgument
+from sluice_core.messages import validate_messages
 from sluice_core.sampling import validate_sampling
 
 MAX_CLIENT_REQUEST_ID_LEN = 128
@@ -28,8 +29,8 @@ def to_inference(request: generation_pb2.GenerateRequest, request_id: str) -> in
     match request.WhichOneof("input"):
         case "prompt" if not request.prompt.strip():
             violations.append(FieldViolation("prompt", "must not be empty"))
-        case "messages" if not request.messages.messages:
-            violations.append(FieldViolation("messages", "must hold at least one message"))
+        case "messages":
+            validate_messages(request.messages.messages, violations)
         case None:
             violations.append(FieldViolation("prompt", "one of prompt or messages is required"))
     if request.HasField("sampling"):

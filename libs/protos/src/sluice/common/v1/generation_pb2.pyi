@@ -88,7 +88,7 @@ class SamplingParams(_message.Message):
     max_tokens must fit in the model's context length.
     """
     temperature: _builtins.float
-    """0 is greedy decoding. Must be >= 0."""
+    """In [0, 2]; 0 is greedy decoding."""
     top_p: _builtins.float
     """Nucleus sampling mass, in (0, 1]."""
     top_k: _builtins.int
@@ -109,7 +109,9 @@ class SamplingParams(_message.Message):
     """Generate at least this many tokens before a stop can apply."""
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Generation stops before any of these strings (at most 16, each non-empty)."""
+        """Generation stops before any of these strings (at most 16, each 1 to 256
+        characters).
+        """
 
     def __init__(
         self,
