@@ -28,6 +28,10 @@ class SlowDataStore:
         timeout: float | None,  # noqa: ASYNC109 - the stub's
     ) -> datastore_pb2.Tenant:
         self.lookups += 1
+        if len(request.api_key) > 256:
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.INVALID_ARGUMENT, grpc.aio.Metadata(), grpc.aio.Metadata(), "api_key: too long"
+            )
         await self.answer.wait()
         if request.api_key in self.revoked:
             raise grpc.aio.AioRpcError(
@@ -58,12 +62,12 @@ async def test_a_key_in_use_is_looked_up_again_before_it_expires(clock: Clock) -
     datastore = SlowDataStore()
     authenticator = Authenticator(datastore, clock)  # type: ignore[arg-type]
     datastore.answer.set()
-    assert (await authenticator.tenant(KEY, None)).id == "t1"
+    assert (await authenticator.tenant(KEY)).id == "t1"
     datastore.answer.clear()  # from now on, a call that waits for a lookup hangs
     for _ in range(5):
         clock.now += 0.3
         async with asyncio.timeout(1):
-            assert (await authenticator.tenant(KEY, None)).id == "t1"
+            assert (await authenticator.tenant(KEY)).id == "t1"
         datastore.answer.set()  # the refresh started by that call ends
         await settle()
         datastore.answer.clear()
@@ -74,10 +78,29 @@ async def test_a_revoked_key_stops_working_within_a_second(clock: Clock) -> None
     datastore = SlowDataStore()
     authenticator = Authenticator(datastore, clock)  # type: ignore[arg-type]
     datastore.answer.set()
-    await authenticator.tenant(KEY, None)
+    await authenticator.tenant(KEY)
     datastore.revoked.add("k1")
     clock.now += 0.6
-    await authenticator.tenant(KEY, None)  # still known; its refresh finds the key revoked
+    await authenticator.tenant(KEY)  # still known; its refresh finds the key revoked
     await settle()
     with pytest.raises(Unauthenticated):
-        await authenticator.tenant(KEY, None)
+        await authenticator.tenant(KEY)
+
+
+async def test_a_caller_leaving_does_not_fail_the_others_waiting_for_the_same_lookup(clock: Clock) -> None:
+    datastore = SlowDataStore()
+    authenticator = Authenticator(datastore, clock)  # type: ignore[arg-type]
+    first = asyncio.create_task(authenticator.tenant(KEY))
+    second = asyncio.create_task(authenticator.tenant(KEY))
+    await settle()
+    first.cancel()  # its caller went away
+    await settle()
+    datastore.answer.set()
+    assert (await second).id == "t1"
+    assert datastore.lookups == 1
+
+
+async def test_a_malformed_key_is_unauthenticated(clock: Clock) -> None:
+    authenticator = Authenticator(SlowDataStore(), clock)  # type: ignore[arg-type]
+    with pytest.raises(Unauthenticated, match="malformed API key"):
+        await authenticator.tenant([("x-api-key", "k" * 300)])

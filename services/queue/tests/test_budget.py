@@ -9,7 +9,7 @@ import pytest
 from envoy_api.envoy.service.ratelimit.v3 import rls_pb2
 from sluice.datastore.v1 import datastore_pb2
 from sluice_core.errors import ResourceExhausted
-from sluice_queue.budget import Budgets
+from sluice_queue.budget import Budgets, reserve_tokens
 
 OK, OVER = rls_pb2.RateLimitResponse.OK, rls_pb2.RateLimitResponse.OVER_LIMIT
 
@@ -116,3 +116,18 @@ async def test_give_backs_are_gathered_per_tenant_into_one_call_and_sent_at_shut
     await budget.close()
     assert ratelimit.calls[-1] == [("tenant_tokens", "a", 80, True), ("tenant_tokens", "b", 80, True)]
     assert ratelimit.left == {("tenant_tokens", "a"): 600 - 120, ("tenant_tokens", "b"): 600 - 20}
+
+
+async def test_a_request_larger_than_the_whole_budget_is_refused_without_a_retry_hint() -> None:
+    ratelimit = RateLimit({("tenant_tokens", "a"): 1000, ("tenant_requests", "a"): 600})
+    with pytest.raises(ResourceExhausted, match="lower max_tokens") as refused:
+        await budgets(ratelimit, Clock()).reserve(tenant("a", 1000), 1001, None)
+    assert refused.value.retry_after_s is None
+    assert ratelimit.calls == []
+
+
+def test_a_reservation_is_at_most_the_models_context() -> None:
+    # A long conversation is cut to the context by inference; counted in bytes it would be far more.
+    assert reserve_tokens(["x" * 100_000], 64, context=2048) == 2048
+    assert reserve_tokens(["hello"], 64, context=2048) == 5 + 16 + 64
+    assert reserve_tokens(["x" * 100_000], 64, context=0) == 100_000 + 16 + 64  # not known yet

@@ -19,6 +19,7 @@ class FlakyDataStore:
 
     def __init__(self) -> None:
         self.away = False
+        self.stuck = False
         self.gone: set[str] = set()
         self.appended: list[tuple[str, str]] = []
         self.changed = asyncio.Event()
@@ -30,6 +31,8 @@ class FlakyDataStore:
     ) -> datastore_pb2.AppendMessagesResponse:
         if self.away:
             raise _error(grpc.StatusCode.UNAVAILABLE, "no healthy upstream")
+        if self.stuck:
+            await asyncio.Event().wait()
         if request.conversation_id in self.gone:
             raise _error(grpc.StatusCode.NOT_FOUND, "no such conversation")
         self.appended.append((request.conversation_id, request.messages[-1].content))
@@ -94,3 +97,17 @@ async def test_past_the_cap_the_oldest_kept_exchange_goes(datastore: FlakyDataSt
     datastore.away = False
     assert await conversations.flush()
     assert datastore.appended == [("c2", "reply-c2"), ("c3", "reply-c3")]
+
+
+async def test_an_exchange_whose_caller_leaves_mid_append_is_kept(datastore: FlakyDataStore) -> None:
+    conversations = Conversations(datastore)  # type: ignore[arg-type]
+    datastore.stuck = True
+    storing = asyncio.create_task(store(conversations, "c1", "to the sea"))
+    await asyncio.sleep(0.01)
+    storing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await storing
+    assert conversations.pending == 1
+    datastore.stuck = False
+    assert await conversations.flush()
+    assert datastore.appended == [("c1", "to the sea")]

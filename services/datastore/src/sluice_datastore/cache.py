@@ -18,7 +18,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import Counter
 from redis.asyncio import Redis
@@ -56,7 +56,7 @@ class Cache:
         self._lock_ttl_s = lock_ttl_s
         self._backoff_s = backoff_s
         self._down_until = 0.0
-        self._inflight: dict[str, asyncio.Future[object]] = {}
+        self._inflight: dict[str, asyncio.Task[Any]] = {}
 
     @property
     def redis_up(self) -> bool:
@@ -74,21 +74,21 @@ class Cache:
     ) -> T | None:
         """The cached value, or ``load()`` once across this process and others; None is cached too."""
         flight = f"{key}#{field}"
-        if (pending := self._inflight.get(flight)) is not None:
-            return await pending  # type: ignore[return-value]
-        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        self._inflight[flight] = future
-        try:
-            value = await self._fetch(kind, key, field, load, codec, ttl_s, negative_ttl_s)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: waiters get it; nobody else needs to
-            raise
-        else:
-            future.set_result(value)
-            return value
-        finally:
+        task: asyncio.Task[T | None] | None = self._inflight.get(flight)
+        if task is None:
+            # A task of its own: a caller that leaves (cancelled, or past its deadline)
+            # must not fail the others waiting for the same load.
+            fetch = self._fetch(kind, key, field, load, codec, ttl_s, negative_ttl_s)
+            task = asyncio.ensure_future(fetch)
+            self._inflight[flight] = task
+            task.add_done_callback(lambda done: self._landed(flight, done))
+        return await asyncio.shield(task)
+
+    def _landed(self, flight: str, task: asyncio.Task[Any]) -> None:
+        if self._inflight.get(flight) is task:
             del self._inflight[flight]
+        if not task.cancelled():
+            task.exception()  # retrieved: a failure with no caller left waiting is not worth a warning
 
     async def _fetch(
         self,

@@ -19,7 +19,8 @@ from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
 from sluice_core.errors import Unauthenticated
 
 _TTL_S = 1.0
-_REFRESH_TIMEOUT_S = 5.0
+# A lookup is shared by every call waiting for the key: no one call's deadline bounds it.
+_LOOKUP_TIMEOUT_S = 5.0
 _PRUNE_AT = 10_000
 
 Metadata = Iterable[tuple[str, str | bytes]]
@@ -45,7 +46,7 @@ class Authenticator:
         self._known: dict[str, tuple[float, datastore_pb2.Tenant]] = {}
         self._inflight: dict[str, asyncio.Task[datastore_pb2.Tenant]] = {}
 
-    async def tenant(self, metadata: Metadata | None, timeout_s: float | None) -> datastore_pb2.Tenant:
+    async def tenant(self, metadata: Metadata | None) -> datastore_pb2.Tenant:
         api_key = api_key_from(metadata)
         if api_key is None:
             raise Unauthenticated("no API key: send it as 'authorization: Bearer <key>' or 'x-api-key: <key>'")
@@ -53,29 +54,32 @@ class Authenticator:
         known = self._known.get(api_key)
         if known is not None and known[0] > now:
             if known[0] - now < _TTL_S / 2 and api_key not in self._inflight:
-                self._start_lookup(api_key, _REFRESH_TIMEOUT_S)
+                self._start_lookup(api_key)
             return known[1]
         # Concurrent first calls with one key share one lookup.
         if api_key not in self._inflight:
-            self._start_lookup(api_key, timeout_s)
+            self._start_lookup(api_key)
         return await asyncio.shield(self._inflight[api_key])
 
-    def _start_lookup(self, api_key: str, timeout_s: float | None) -> None:
-        task = asyncio.ensure_future(self._lookup(api_key, timeout_s))
+    def _start_lookup(self, api_key: str) -> None:
+        task = asyncio.ensure_future(self._lookup(api_key))
         self._inflight[api_key] = task
         task.add_done_callback(lambda _: self._inflight.pop(api_key, None))
         # A refresh ahead has no caller to raise to; a call waiting on it sees the error itself.
         task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
-    async def _lookup(self, api_key: str, timeout_s: float | None) -> datastore_pb2.Tenant:
+    async def _lookup(self, api_key: str) -> datastore_pb2.Tenant:
         try:
             tenant = await self._datastore.GetTenantByApiKey(
-                datastore_pb2.GetTenantByApiKeyRequest(api_key=api_key), timeout=timeout_s
+                datastore_pb2.GetTenantByApiKeyRequest(api_key=api_key), timeout=_LOOKUP_TIMEOUT_S
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 self._known.pop(api_key, None)
                 raise Unauthenticated("unknown or revoked API key") from None
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                # The data-access service's field is not the caller's: the key is what is wrong.
+                raise Unauthenticated(f"malformed API key: {exc.details()}") from None
             raise
         now = self._clock()
         if len(self._known) >= _PRUNE_AT:

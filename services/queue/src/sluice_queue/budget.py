@@ -89,9 +89,15 @@ class _Allowance:
     used_at: float
 
 
-def reserve_tokens(texts: list[str], max_tokens: int) -> int:
-    """An upper bound of prompt + completion tokens."""
-    return sum(len(t.encode()) + _TEMPLATE_BYTES_PER_MESSAGE for t in texts) + max_tokens
+def reserve_tokens(texts: list[str], max_tokens: int, context: int) -> int:
+    """An upper bound of prompt + completion tokens: at most the model's ``context`` (0: not known yet).
+
+    Inference cuts a conversation's history to fit the context, so a long one
+    costs no more than that; counted in bytes, it could exceed the tenant's
+    whole budget and be refused forever.
+    """
+    estimate = sum(len(t.encode()) + _TEMPLATE_BYTES_PER_MESSAGE for t in texts) + max_tokens
+    return min(estimate, context) if context else estimate
 
 
 class Budgets:
@@ -120,6 +126,12 @@ class Budgets:
         limits = Limits(tenant.id, tenant.requests_per_minute, tenant.tokens_per_minute)
         if not limits.requests_per_minute and not limits.tokens_per_minute:
             return None
+        if tokens > limits.tokens_per_minute > 0:
+            # No retry hint: waiting would not help.
+            raise ResourceExhausted(
+                f"this request may take {tokens} tokens (prompt and max_tokens), more than its tenant's "
+                f"budget of {limits.tokens_per_minute} tokens a minute; lower max_tokens or shorten the prompt"
+            )
         need = Hits(1 if limits.requests_per_minute else 0, tokens if limits.tokens_per_minute else 0)
         reservation = Reservation(limits, tokens) if limits.tokens_per_minute else None
         allowance = self._allowances.get(limits)

@@ -106,6 +106,11 @@ class Conversations:
             else:
                 logger.warning("exchange %s kept to store later (%s %s)", request_id, exc.code().name, exc.details())
                 self._keep(exchange)
+        except asyncio.CancelledError:
+            # The caller left at its last token: the exchange still happened. Whether
+            # the append landed is unknown; appends are idempotent by request id.
+            self._keep(exchange)
+            raise
 
     def _keep(self, exchange: datastore_pb2.AppendMessagesRequest) -> None:
         if len(self._kept) >= self._max_kept:

@@ -38,6 +38,11 @@ class Engines:
     def model_name(self) -> str:
         return self.info.model_name if self.info is not None else ""
 
+    @property
+    def max_model_len(self) -> int:
+        """The model's context length in tokens (0 until a replica has answered)."""
+        return self.info.max_model_len if self.info is not None else 0
+
     def seen(self, replica_id: str) -> None:
         """A replica just finished a stream: it is alive."""
         self._seen.add(replica_id)

@@ -90,7 +90,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def CreateConversation(
         self, request: generation_pb2.CreateConversationRequest, context: Context
     ) -> generation_pb2.Conversation:
-        tenant = await self._auth.tenant(context.invocation_metadata(), context.time_remaining())
+        tenant = await self._auth.tenant(context.invocation_metadata())
         return generation_pb2.Conversation(id=await self._conversations.create(tenant.id, context.time_remaining()))
 
     async def Generate(
@@ -103,7 +103,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         if request.client_request_id:
             span.set_attribute("sluice.client_request_id", request.client_request_id)
         internal = to_inference(request, request_id)
-        tenant = await self._auth.tenant(context.invocation_metadata(), context.time_remaining())
+        tenant = await self._auth.tenant(context.invocation_metadata())
         span.set_attribute("sluice.tenant", tenant.name)
         added = new_messages(request)
         if request.conversation_id:
@@ -131,7 +131,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 call = self._inference.Generate(internal, timeout=context.time_remaining())
                 reserving = asyncio.ensure_future(
                     self._budgets.reserve(
-                        tenant, reserve_tokens(texts, internal.sampling.max_tokens), context.time_remaining()
+                        tenant,
+                        reserve_tokens(texts, internal.sampling.max_tokens, self._engines.max_model_len),
+                        context.time_remaining(),
                     )
                 )
                 relay = self._relay(span, call, internal, request, timer, queue_s, reserving, progress, ticket)
