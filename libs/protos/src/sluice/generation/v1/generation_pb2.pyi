@@ -190,7 +190,9 @@ class Started(_message.Message):
     """Sluice's id for this request (in logs, traces and usage records)."""
     model: _builtins.str
     history_messages_dropped: _builtins.int
-    """History messages left out, oldest first, so the prompt fits the model."""
+    """History messages left out, oldest first and in whole turns (the history
+    is cut before a user message), so the prompt fits the model.
+    """
     prompt_tokens: _builtins.int
     def __init__(
         self,
