@@ -56,6 +56,7 @@ async def serve(settings: QueueSettings) -> None:
         await cancel(*tasks)
         # Nothing in flight is dropped: refunds finish, usage and kept exchanges are written.
         await servicer.drain()
+        await scheduler.drain()
         await budgets.close()
         if not await usage.flush():
             logger.error("%d usage records could not be written before shutdown", usage.pending)

@@ -211,6 +211,11 @@ class Scheduler:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    async def drain(self) -> None:
+        """Wait for the leaves of callers that left mid-enter (at shutdown): their slots come back now."""
+        if self._background:
+            await asyncio.wait(self._background, timeout=5)
+
     async def report_engines(self, slots: dict[str, int]) -> int:
         """Record the inference replicas just seen with their slots; returns the total capacity."""
         pairs = [value for replica, n in slots.items() for value in (replica, n)]
