@@ -6,8 +6,8 @@ import pytest
 
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.generation.v1 import generation_pb2
-from sluice_core.errors import InvalidArgument
-from sluice_queue.requests import new_messages, to_inference, with_history
+from sluice_core.errors import FieldViolation, InvalidArgument
+from sluice_queue.requests import in_public_terms, new_messages, to_inference, with_history
 
 
 def public(**fields: object) -> generation_pb2.GenerateRequest:
@@ -68,3 +68,23 @@ def test_history_goes_before_the_new_turn() -> None:
     assert [m.content for m in internal.messages.messages] == ["earlier", "reply", "now"]
     assert internal.messages.messages[2].role == common_pb2.ROLE_USER
     assert internal.history_messages == 2
+
+
+def test_inference_complaints_about_a_conversation_name_the_callers_fields() -> None:
+    complaints = InvalidArgument(
+        [
+            FieldViolation("messages", "the prompt is 3000 tokens"),
+            FieldViolation("messages.messages[1].content", "a stored message"),
+            FieldViolation("messages.messages[3].content", "too long"),
+            FieldViolation("sampling.max_tokens", "does not fit"),
+        ]
+    )
+    with_prompt = in_public_terms(complaints, public(conversation_id="c"), history=2)
+    assert [v.field for v in with_prompt.violations] == ["prompt", "conversation_id", "prompt", "sampling.max_tokens"]
+    with_messages = in_public_terms(complaints, public(prompt=None, messages=chat((common_pb2.ROLE_USER, "hi"))), 2)
+    assert [v.field for v in with_messages.violations] == [
+        "messages",
+        "conversation_id",
+        "messages.messages[1].content",
+        "sampling.max_tokens",
+    ]

@@ -7,6 +7,8 @@ with the same field names.
 
 from __future__ import annotations
 
+import re
+
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.generation.v1 import generation_pb2
 from sluice.inference.v1 import inference_pb2
@@ -15,6 +17,7 @@ from sluice_core.messages import validate_messages
 from sluice_core.sampling import validate_sampling
 
 MAX_CLIENT_REQUEST_ID_LEN = 128
+_MESSAGE_FIELD = re.compile(r"messages\.messages\[(\d+)\](.*)")
 
 # The engine runs lower priority values first.
 ENGINE_PRIORITY = {
@@ -65,3 +68,27 @@ def with_history(internal: inference_pb2.GenerateRequest, history: list[common_p
     """Turn the internal request into chat messages: the conversation's turns, then this request's."""
     internal.messages.CopyFrom(common_pb2.ChatMessages(messages=[*history, *new]))
     internal.history_messages = len(history)
+
+
+def in_public_terms(error: InvalidArgument, request: generation_pb2.GenerateRequest, history: int) -> InvalidArgument:
+    """Inference's complaints about a request sent with its conversation's history, in the caller's field names.
+
+    Inference sees the history and this request's turn as one list of messages;
+    the caller sent a prompt, or messages counted from its own first one.
+    """
+    own = request.WhichOneof("input") or "prompt"
+    renamed = []
+    for violation in error.violations:
+        field = violation.field
+        if field == "messages":
+            field = own
+        elif (found := _MESSAGE_FIELD.fullmatch(field)) is not None:
+            index = int(found[1]) - history
+            if index < 0:
+                field = "conversation_id"  # a stored message
+            elif own == "messages":
+                field = f"messages.messages[{index}]{found[2]}"
+            else:
+                field = own
+        renamed.append(FieldViolation(field, violation.description))
+    return InvalidArgument(renamed)

@@ -28,13 +28,13 @@ from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.datastore.v1 import datastore_pb2
 from sluice.generation.v1 import generation_pb2, generation_pb2_grpc
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
-from sluice_core.errors import SluiceError
+from sluice_core.errors import InvalidArgument, SluiceError, from_rpc_error
 from sluice_core.metrics import RequestMetrics, StreamTimer
 from sluice_queue.auth import Authenticator
 from sluice_queue.budget import Budgets, Reservation, reserve_tokens
 from sluice_queue.conversations import Conversations
 from sluice_queue.engines import Engines
-from sluice_queue.requests import new_messages, to_inference, with_history
+from sluice_queue.requests import in_public_terms, new_messages, to_inference, with_history
 from sluice_queue.scheduler import Scheduler, Ticket
 from sluice_queue.usage import UsageRecorder
 
@@ -154,6 +154,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             raise
         except grpc.aio.AioRpcError as exc:
             progress.outcome = exc.code().name.lower()
+            if request.conversation_id and isinstance(error := from_rpc_error(exc), InvalidArgument):
+                raise in_public_terms(error, request, internal.history_messages) from None
             raise
         except SluiceError as exc:
             progress.outcome = exc.code.name.lower()
