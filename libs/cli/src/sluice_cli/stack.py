@@ -355,10 +355,11 @@ class LocalStack:
         self.demo_api_key = key
         return key
 
-    async def _generates(self, target: str | None = None) -> bool:
+    async def _generates(self) -> bool:
+        """Whether a request (the demo tenant's) streams through the edge."""
         request = generation_pb2.GenerateRequest(prompt="ready?", sampling=common_pb2.SamplingParams(max_tokens=2))
         try:
-            async with GenerationClient(target or self.edge, api_key=self.demo_api_key) as client:
+            async with GenerationClient(self.edge, api_key=self.demo_api_key) as client:
                 async for _ in client.generate(request, timeout=10.0):
                     pass
         except StreamError as exc:
