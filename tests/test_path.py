@@ -114,11 +114,20 @@ async def test_the_token_budget_is_reserved_then_settled_to_what_was_used(stack:
 
 
 async def test_over_the_budget_is_resource_exhausted_with_a_retry_hint(stack: LocalStack) -> None:
-    _, key = await tenant_with_key(stack, "frugal", tokens_per_minute=30)
+    _, key = await tenant_with_key(stack, "frugal", tokens_per_minute=100)
+    async with GenerationClient(stack.edge, api_key=key) as client:
+        async for _ in client.generate(request("river", max_tokens=40), timeout=60):
+            pass
+    # 61 tokens reserved (5 bytes of prompt, 16 of template, 40), about 45 of 100 left.
     error = await refused(stack, key, request("river", max_tokens=40))
     assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert isinstance(error.error, ResourceExhausted) and error.error.retry_after_s
     assert "tokens per minute" in error.error.message
+    # More than the whole budget: waiting would not help, so no hint.
+    too_large = await refused(stack, key, request("river", max_tokens=120))
+    assert too_large.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert isinstance(too_large.error, ResourceExhausted) and too_large.error.retry_after_s is None
+    assert "lower max_tokens" in too_large.error.message
 
 
 async def test_a_caller_that_leaves_is_charged_for_what_it_got(stack: LocalStack) -> None:

@@ -50,10 +50,6 @@ class GenerationStream:
         except grpc.aio.AioRpcError as exc:
             self.trace_id = _trace_id(exc.trailing_metadata())
             raise StreamError(from_rpc_error(exc), exc.code(), self.trace_id) from None
-        finally:
-            # A caller that stops reading (break, an exception) stops the generation and
-            # frees its slot, instead of leaving it running until the deadline.
-            self._call.cancel()
         self.trace_id = _trace_id(await self._call.trailing_metadata())
 
     def cancel(self) -> None:
