@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
 
 import pytest
 
 from sluice_ratelimit.config import ConfigError, Limit, load, parse
+from sluice_ratelimit.reload import ConfigStore
 
 EXAMPLE = """
 domain: edge
@@ -63,9 +66,11 @@ def test_unmatched_descriptors_have_no_rule() -> None:
         ("domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: fortnight, requests_per_unit: 1}\n",
          "descriptors[0].rate_limit.unit: unknown unit 'fortnight'"),
         ("domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: minute, requests_per_unit: 0}\n",
-         "descriptors[0].rate_limit.requests_per_unit: expected a whole number above 0"),
+         "descriptors[0].rate_limit.requests_per_unit: expected a whole number from 1 to 4294967295"),
         ("domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: minute, requests_per_unit: '5'}\n",
-         "requests_per_unit: expected a whole number above 0"),
+         "requests_per_unit: expected a whole number from 1"),
+        ("domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: month, requests_per_unit: 5000000000}\n",
+         "requests_per_unit: expected a whole number from 1 to 4294967295"),
         ("domain: d\ndescriptors:\n  - key: k\n    colour: blue\n", "descriptors[0].colour: unknown key"),
         ("domain: d\ndescriptors:\n  - key: k\n    detailed_metric: true\n", "not supported by sluice"),
         ("domain: d\ndescriptors:\n  - value: v\n", "descriptors[0].key: expected a non-empty string"),
@@ -96,3 +101,33 @@ def test_several_files_and_domains(tmp_path: Path) -> None:
         load([tmp_path])
     with pytest.raises(ConfigError, match="no such file or folder"):
         load([tmp_path / "missing"])
+
+
+def test_files_that_are_not_utf8_or_nest_too_deeply_are_configuration_errors(tmp_path: Path) -> None:
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("domain: d\ndescriptors:\n  - key: k\n    value: café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.yaml: not UTF-8 text"):
+        load([latin1])
+    deep = "domain: d\ndescriptors: " + "[{key: k, descriptors: " * 2000 + "[]" + "}]" * 2000 + "\n"
+    with pytest.raises(ConfigError, match="deep.yaml: nested too deeply"):
+        parse(deep, tmp_path / "deep.yaml")
+
+
+async def test_watching_goes_on_after_an_unexpected_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "a.yaml").write_text("domain: a\ndescriptors: []\n")
+    store = ConfigStore([tmp_path])
+    calls = 0
+    went_on = threading.Event()
+
+    def reload_if_changed() -> bool:  # runs on a thread
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise MemoryError("a file far too large")
+        went_on.set()
+        return False
+
+    monkeypatch.setattr(store, "reload_if_changed", reload_if_changed)
+    watching = asyncio.create_task(store.watch(0.001))
+    assert await asyncio.to_thread(went_on.wait, 5)
+    watching.cancel()

@@ -41,6 +41,8 @@ UNIT_SECONDS = {
     "month": 30 * 86400,
     "year": 365 * 86400,
 }
+# Envoy's API carries a limit as a uint32.
+MAX_REQUESTS_PER_UNIT = 2**32 - 1
 # The response's RateLimit.Unit values (WEEK is 7; the others follow SECOND = 1).
 UNIT_PROTO = {"second": 1, "minute": 2, "hour": 3, "day": 4, "week": 7, "month": 5, "year": 6}
 # A descriptor's limit override uses envoy.type.v3.RateLimitUnit, which has no week.
@@ -141,7 +143,11 @@ def load(paths: Iterable[Path]) -> Config:
     files = config_files(paths)
     domains: dict[str, Domain] = {}
     for path in files:
-        domain = parse(path.read_text(), path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        domain = parse(text, path)
         if domain.name in domains:
             raise ConfigError(f"{path}: domain {domain.name!r} is already defined in {domains[domain.name].source}")
         domains[domain.name] = domain
@@ -149,6 +155,13 @@ def load(paths: Iterable[Path]) -> Config:
 
 
 def parse(text: str, source: Path) -> Domain:
+    try:
+        return _parse(text, source)
+    except RecursionError:  # in the YAML parser or in ours
+        raise ConfigError(f"{source}: nested too deeply") from None
+
+
+def _parse(text: str, source: Path) -> Domain:
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -262,7 +275,9 @@ def _rule(where: _Where, item: dict[str, Any], place: str, path: str) -> Rule | 
         if unit not in UNIT_SECONDS:
             raise where.fail(_join(here, "unit"), f"unknown unit {unit!r} (one of {', '.join(UNIT_SECONDS)})")
         count = spec.get("requests_per_unit")
-        if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
-            raise where.fail(_join(here, "requests_per_unit"), "expected a whole number above 0")
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 < count <= MAX_REQUESTS_PER_UNIT:
+            raise where.fail(
+                _join(here, "requests_per_unit"), f"expected a whole number from 1 to {MAX_REQUESTS_PER_UNIT}"
+            )
         limits.append(Limit(count, unit, name))
     return Rule(path, tuple(limits), unlimited, shadow, frozenset(replaces))

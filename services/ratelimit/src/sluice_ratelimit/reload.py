@@ -69,4 +69,9 @@ class ConfigStore:
     async def watch(self, interval_s: float) -> None:
         while True:
             await asyncio.sleep(interval_s)
-            await asyncio.to_thread(self.reload_if_changed)
+            try:
+                await asyncio.to_thread(self.reload_if_changed)
+            except Exception:
+                # Whatever a file held, later edits must still be picked up.
+                CONFIG_LOADS.labels("error").inc()
+                logger.exception("kept the previous rate-limit configuration")
