@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2
 
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
-from sluice.generation.v1 import generation_pb2
+from sluice.generation.v1 import generation_pb2, generation_pb2_grpc
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
 from sluice_cli.stack import LocalStack
 from sluice_cli.trace_sink import Span
@@ -193,6 +193,16 @@ async def test_envoy_refuses_calls_over_the_rate_limit(stack: LocalStack) -> Non
                 message = exc.error.message
     assert outcomes == ["OK"] * LIMITED_PER_HOUR + ["RESOURCE_EXHAUSTED"] * 2
     assert message.startswith(f"over the rate limit of {LIMITED_PER_HOUR} per hour; retry in ")
+    # The same key as "authorization: Bearer" counts against the same limit.
+    async with grpc.aio.insecure_channel(stack.edge) as channel:
+        call = generation_pb2_grpc.GenerationStub(channel).Generate(
+            request(max_tokens=1), metadata=(("authorization", f"Bearer {key}"),), timeout=30
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in call:
+                pass
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (refused.value.details() or "").startswith("over the rate limit")
     # Other callers are not affected.
     received, _ = await events(stack, request(max_tokens=1))
     assert received[-1].HasField("finished")
