@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from google.protobuf import timestamp_pb2
 
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.datastore.v1 import datastore_pb2
@@ -138,6 +139,13 @@ async def test_a_write_then_a_read_returns_the_new_data(service: Service, other_
     )
     for reader in (service, other_service):
         assert [m.content async for m in reader.stub.GetConversation(read)] == ["hello"]
+    # Another spelling of the same id is the same conversation, cache included.
+    shouted = datastore_pb2.GetConversationRequest(conversation_id=conversation.id.upper().replace("-", ""), limit=20)
+    assert [m.content async for m in service.stub.GetConversation(shouted)] == ["hello"]
+    await service.stub.AppendMessages(
+        datastore_pb2.AppendMessagesRequest(conversation_id=conversation.id, request_id="w2", messages=[message])
+    )
+    assert [m.content async for m in service.stub.GetConversation(shouted)] == ["hello", "hello"]
 
 
 async def test_appending_twice_with_one_request_id_appends_once(service: Service) -> None:
@@ -172,6 +180,17 @@ def usage(request_id: str, tenant_id: str, tokens: int = 10) -> datastore_pb2.Us
         total_ms=50.0,
         status="length",
     )
+
+
+def records(**fields: object) -> datastore_pb2.RecordUsageRequest:
+    """A batch of one record, with ``fields`` changed."""
+    record = usage("bad", str(uuid.uuid4()))
+    for name, value in fields.items():
+        if isinstance(value, timestamp_pb2.Timestamp):
+            getattr(record, name).CopyFrom(value)
+        else:
+            setattr(record, name, value)
+    return datastore_pb2.RecordUsageRequest(records=[record])
 
 
 async def test_usage_is_counted_once_per_request(service: Service, postgres: PostgresServer) -> None:
@@ -222,7 +241,20 @@ async def test_a_batch_with_a_bad_record_writes_nothing(service: Service, postgr
             "requests_per_minute",
         ),
         (datastore_pb2.IssueApiKeyRequest(tenant_id="not-a-uuid"), "tenant_id"),
+        (datastore_pb2.IssueApiKeyRequest(tenant_id="{" + str(uuid.uuid4()) + "}"), "tenant_id"),
         (datastore_pb2.AppendMessagesRequest(conversation_id=str(uuid.uuid4()), request_id="r"), "messages"),
+        (
+            datastore_pb2.AppendMessagesRequest(
+                conversation_id=str(uuid.uuid4()),
+                request_id="r",
+                messages=[datastore_pb2.NewMessage(role=9)],  # type: ignore[arg-type]
+            ),
+            "messages[0].role",
+        ),
+        (records(total_ms=float("nan")), "records[0].timings"),
+        (records(status="x" * 33), "records[0].status"),
+        (records(prompt_tokens=2**31), "records[0].prompt_tokens"),
+        (records(finished_at=timestamp_pb2.Timestamp(seconds=253402300800)), "records[0].finished_at"),
     ],
 )
 async def test_bad_input_names_the_field(service: Service, request_: object, field: str) -> None:
@@ -230,6 +262,7 @@ async def test_bad_input_names_the_field(service: Service, request_: object, fie
         datastore_pb2.CreateTenantRequest: service.stub.CreateTenant,
         datastore_pb2.IssueApiKeyRequest: service.stub.IssueApiKey,
         datastore_pb2.AppendMessagesRequest: service.stub.AppendMessages,
+        datastore_pb2.RecordUsageRequest: lambda batch: service.stub.RecordUsage(iter([batch])),
     }[type(request_)]
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await method(request_)  # type: ignore[operator]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
@@ -10,9 +12,9 @@ from typing import Any
 import grpc
 from google.protobuf import timestamp_pb2
 
-from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
 from sluice_core.errors import FieldViolation, InvalidArgument, NotFound
+from sluice_core.messages import ROLE_NAMES
 from sluice_datastore.records import MessageRecord, TenantRecord, UsageRecord
 from sluice_datastore.store import Store
 
@@ -20,6 +22,9 @@ Context = grpc.aio.ServicerContext[Any, Any]
 MAX_ID_LEN = 128
 MAX_BATCH = 1000
 MAX_MESSAGES = 256
+MAX_INT = 2**31 - 1  # an integer column
+MAX_STATUS_LEN = 32
+_UUID = re.compile(r"[0-9a-fA-F]{8}(-?[0-9a-fA-F]{4}){3}-?[0-9a-fA-F]{12}")
 # The columns are int32, except tokens_per_minute: the rate-limit API carries a limit as a uint32.
 TENANT_MAXIMA = {"scheduling_weight": 2**31 - 1, "requests_per_minute": 2**31 - 1, "tokens_per_minute": 2**32 - 1}
 
@@ -52,11 +57,12 @@ def _message(record: MessageRecord) -> datastore_pb2.Message:
     )
 
 
-def _require_uuid(value: str, field: str, out: list[FieldViolation]) -> None:
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        out.append(FieldViolation(field, "must be an id (a UUID)"))
+def _id(value: str, field: str, out: list[FieldViolation]) -> str:
+    """The id in one spelling (lowercase, hyphenated): ids are cache keys, two spellings of one id must agree."""
+    if _UUID.fullmatch(value) is None:
+        out.append(FieldViolation(field, "must be an id (a UUID, 32 hex digits with or without hyphens)"))
+        return value
+    return str(uuid.UUID(value))
 
 
 def _raise(violations: Sequence[FieldViolation]) -> None:
@@ -82,9 +88,9 @@ class DataStoreServicer(datastore_pb2_grpc.DataStoreServicer):
         self, request: datastore_pb2.CreateConversationRequest, context: Context
     ) -> datastore_pb2.Conversation:
         violations: list[FieldViolation] = []
-        _require_uuid(request.tenant_id, "tenant_id", violations)
+        tenant_id = _id(request.tenant_id, "tenant_id", violations)
         _raise(violations)
-        record = await self._store.create_conversation(request.tenant_id)
+        record = await self._store.create_conversation(tenant_id)
         return datastore_pb2.Conversation(
             id=record.id, tenant_id=record.tenant_id, created_at=_timestamp(record.created_at)
         )
@@ -93,11 +99,10 @@ class DataStoreServicer(datastore_pb2_grpc.DataStoreServicer):
         self, request: datastore_pb2.GetConversationRequest, context: Context
     ) -> AsyncIterator[datastore_pb2.Message]:
         violations: list[FieldViolation] = []
-        _require_uuid(request.conversation_id, "conversation_id", violations)
-        if request.tenant_id:
-            _require_uuid(request.tenant_id, "tenant_id", violations)
+        conversation_id = _id(request.conversation_id, "conversation_id", violations)
+        tenant_id = _id(request.tenant_id, "tenant_id", violations) if request.tenant_id else ""
         _raise(violations)
-        view = await self._store.conversation(request.conversation_id, request.limit, request.tenant_id)
+        view = await self._store.conversation(conversation_id, request.limit, tenant_id)
         for message in view.messages:
             yield _message(message)
 
@@ -105,17 +110,19 @@ class DataStoreServicer(datastore_pb2_grpc.DataStoreServicer):
         self, request: datastore_pb2.AppendMessagesRequest, context: Context
     ) -> datastore_pb2.AppendMessagesResponse:
         violations: list[FieldViolation] = []
-        _require_uuid(request.conversation_id, "conversation_id", violations)
+        conversation_id = _id(request.conversation_id, "conversation_id", violations)
         if not request.request_id or len(request.request_id) > MAX_ID_LEN:
             violations.append(FieldViolation("request_id", f"must be given, at most {MAX_ID_LEN} characters"))
         if not 1 <= len(request.messages) <= MAX_MESSAGES:
             violations.append(FieldViolation("messages", f"between 1 and {MAX_MESSAGES} messages"))
         for i, message in enumerate(request.messages):
-            if message.role == common_pb2.ROLE_UNSPECIFIED:
-                violations.append(FieldViolation(f"messages[{i}].role", "must be set"))
+            if message.role not in ROLE_NAMES:
+                violations.append(FieldViolation(f"messages[{i}].role", "ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT"))
+            if message.token_count > MAX_INT:
+                violations.append(FieldViolation(f"messages[{i}].token_count", f"at most {MAX_INT}"))
         _raise(violations)
         messages = [(m.role, m.content, m.token_count) for m in request.messages]
-        seqs = await self._store.append_messages(request.conversation_id, request.request_id, messages)
+        seqs = await self._store.append_messages(conversation_id, request.request_id, messages)
         return datastore_pb2.AppendMessagesResponse(sequences=seqs)
 
     async def RecordUsage(
@@ -155,10 +162,9 @@ class DataStoreServicer(datastore_pb2_grpc.DataStoreServicer):
         which = request.WhichOneof("tenant")
         if which is None:
             violations.append(FieldViolation("id", "give the tenant's id or name"))
-        elif which == "id":
-            _require_uuid(request.id, "id", violations)
+        tenant_id = _id(request.id, "id", violations) if which == "id" else None
         _raise(violations)
-        tenant = await self._store.tenant(request.id or None, request.name or None)
+        tenant = await self._store.tenant(tenant_id, request.name or None)
         if tenant is None:
             raise NotFound(f"no tenant {request.id or request.name!r}")
         return _tenant(tenant)
@@ -167,9 +173,9 @@ class DataStoreServicer(datastore_pb2_grpc.DataStoreServicer):
         self, request: datastore_pb2.IssueApiKeyRequest, context: Context
     ) -> datastore_pb2.IssueApiKeyResponse:
         violations: list[FieldViolation] = []
-        _require_uuid(request.tenant_id, "tenant_id", violations)
+        tenant_id = _id(request.tenant_id, "tenant_id", violations)
         _raise(violations)
-        api_key, key_id = await self._store.issue_key(request.tenant_id)
+        api_key, key_id = await self._store.issue_key(tenant_id)
         return datastore_pb2.IssueApiKeyResponse(api_key=api_key, key_id=key_id)
 
     async def RevokeApiKey(
@@ -179,10 +185,9 @@ class DataStoreServicer(datastore_pb2_grpc.DataStoreServicer):
         violations: list[FieldViolation] = []
         if which is None:
             violations.append(FieldViolation("api_key", "give the key or its key_id"))
-        elif which == "key_id":
-            _require_uuid(request.key_id, "key_id", violations)
+        key_id = _id(request.key_id, "key_id", violations) if which == "key_id" else None
         _raise(violations)
-        revoked = await self._store.revoke_key(request.api_key or None, request.key_id or None)
+        revoked = await self._store.revoke_key(request.api_key or None, key_id)
         return datastore_pb2.RevokeApiKeyResponse(revoked=revoked)
 
 
@@ -190,18 +195,27 @@ def _usage(record: datastore_pb2.UsageRecord, field: str) -> UsageRecord:
     violations: list[FieldViolation] = []
     if not record.request_id or len(record.request_id) > MAX_ID_LEN:
         violations.append(FieldViolation(f"{field}.request_id", f"must be given, at most {MAX_ID_LEN} characters"))
-    _require_uuid(record.tenant_id, f"{field}.tenant_id", violations)
+    tenant_id = _id(record.tenant_id, f"{field}.tenant_id", violations)
+    for name in ("prompt_tokens", "completion_tokens", "cached_tokens"):
+        if getattr(record, name) > MAX_INT:
+            violations.append(FieldViolation(f"{field}.{name}", f"at most {MAX_INT}"))
     if record.cached_tokens > record.prompt_tokens:
         violations.append(FieldViolation(f"{field}.cached_tokens", "cannot exceed prompt_tokens"))
-    if min(record.queue_ms, record.time_to_first_token_ms, record.total_ms) < 0:
-        violations.append(FieldViolation(f"{field}.timings", "must not be negative"))
-    if not record.status:
-        violations.append(FieldViolation(f"{field}.status", "must be given"))
+    timings = (record.queue_ms, record.time_to_first_token_ms, record.total_ms)
+    if not all(math.isfinite(t) and t >= 0 for t in timings):
+        violations.append(FieldViolation(f"{field}.timings", "must be finite and not negative"))
+    if not 1 <= len(record.status) <= MAX_STATUS_LEN:
+        violations.append(FieldViolation(f"{field}.status", f"must be given, at most {MAX_STATUS_LEN} characters"))
+    finished = datetime.now(UTC)
+    if record.HasField("finished_at"):
+        try:
+            finished = record.finished_at.ToDatetime(tzinfo=UTC)
+        except (ValueError, OverflowError):
+            violations.append(FieldViolation(f"{field}.finished_at", "not a time between the years 1 and 9999"))
     _raise(violations)
-    finished = record.finished_at.ToDatetime(tzinfo=UTC) if record.HasField("finished_at") else datetime.now(UTC)
     return UsageRecord(
         record.request_id,
-        record.tenant_id,
+        tenant_id,
         record.model,
         record.prompt_tokens,
         record.completion_tokens,
