@@ -59,7 +59,7 @@ def engine_args(settings: InferenceSettings, model_dir: str) -> AsyncEngineArgs:
         model=model_dir,
         served_model_name=settings.served_model_name,
         dtype=settings.dtype,
-        max_model_len=settings.max_model_len,
+        max_model_len=settings.max_model_len or None,
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
         kv_cache_memory_bytes=settings.kv_cache_bytes or None,

@@ -28,7 +28,12 @@ class InferenceSettings(ServiceSettings):
     # bfloat16 crashes vLLM's CPU backend on some CPUs; float32 always runs.
     # On GPUs use "auto" (the model's own dtype) or "bfloat16".
     dtype: str = "float32"
-    max_model_len: int | None = Field(2048, gt=0, description="Context length; unset takes the model's.")
+    max_model_len: int = Field(
+        2048,
+        ge=0,
+        description="Context length in tokens; 0 takes the model's. The default keeps a real model's long "
+        "context from outgrowing a CPU's KV cache; on GPUs (compose) it is 0.",
+    )
     max_num_seqs: int = Field(32, gt=0, description="Sequences the engine runs at once: this replica's slots.")
     max_num_batched_tokens: int | None = Field(None, gt=0)
     kv_cache_bytes: int = Field(
