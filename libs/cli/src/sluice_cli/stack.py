@@ -318,7 +318,9 @@ class LocalStack:
         return self._spawn(name, [sys.executable, "-m", "sluice_queue"], {**env, **self.options.queue_env})
 
     def check_alive(self) -> None:
-        for process in self._processes.values():
+        # The Redis and PostgreSQL this stack started count too: without them every request fails.
+        servers = [server.process for server in (self._redis, self._postgres) if server and server.process]
+        for process in [*self._processes.values(), *servers]:
             if process.returncode is not None:
                 raise StackError(
                     f"{process.name} exited with code {process.returncode}; the end of {process.log_path}:\n"
