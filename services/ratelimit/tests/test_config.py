@@ -82,6 +82,8 @@ def test_unmatched_descriptors_have_no_rule() -> None:
          "    rate_limits: [{unit: second, requests_per_unit: 1}]\n", "either rate_limit or rate_limits"),
         ("domain: d\ndescriptors:\n  - key: k\n    shadow_mode: yes please\n", "shadow_mode: expected true or false"),
         ("domain: [d\n", "not valid YAML"),
+        ("domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: second, requests_per_unit: 1}\n"
+         "    rate_limit: {unit: second, requests_per_unit: 9}\n", "duplicate key 'rate_limit'"),
     ],
 )  # fmt: skip
 def test_bad_configuration_names_file_place_and_reason(text: str, message: str) -> None:
