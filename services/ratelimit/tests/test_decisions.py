@@ -153,6 +153,15 @@ async def test_keys_known_over_are_answered_without_redis(redis: Redis) -> None:
     assert "cmdstat_evalsha" not in stats
 
 
+async def test_a_refund_clears_what_the_cache_knew(redis: Redis) -> None:
+    limits = decider(redis, OverLimitCache())
+    for _ in range(6):
+        await limits.decide(request(descriptor(("api_key", "g"))))
+    assert (await limits.decide(request(descriptor(("api_key", "g"))))).overall_code == OVER_LIMIT  # cached
+    await limits.decide(request(descriptor(("api_key", "g"), hits=1, refund=True)))
+    assert (await limits.decide(request(descriptor(("api_key", "g"))))).overall_code == OK
+
+
 @pytest.mark.parametrize(
     ("bad", "field"),
     [

@@ -98,6 +98,11 @@ class Decider:
         from_redis = decisions is None
         if decisions is None and checks:
             decisions = await self._ask_redis(request.domain, plans, checks, now_us)
+            if decisions is not None and self._cache is not None:
+                # What was given back may admit hits again before the remembered time.
+                for check in checks:
+                    if check.mode == Mode.REFUND:
+                        self._cache.forget(check.key)
         return self._respond(request.domain, plans, decisions, from_redis)
 
     def _plan(
