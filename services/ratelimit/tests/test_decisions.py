@@ -94,6 +94,14 @@ async def test_over_limit_answers_carry_rate_limit_headers(redis: Redis) -> None
     assert headers == {"RateLimit-Limit": "5", "RateLimit-Remaining": "0", "RateLimit-Reset": "12", "Retry-After": "12"}
 
 
+async def test_more_hits_than_the_limit_holds_get_no_hint_to_wait(redis: Redis) -> None:
+    answer = await decider(redis).decide(request(descriptor(("api_key", "h"), hits=10)), T0)
+    assert answer.overall_code == OVER_LIMIT
+    headers = {h.key: h.value for h in answer.response_headers_to_add}
+    assert "Retry-After" not in headers and headers["RateLimit-Limit"] == "5"
+    assert answer.raw_body.decode() == "asks for 10 at once, more than the rate limit of 5 per minute"
+
+
 async def test_token_hits_and_refunds(redis: Redis) -> None:
     limits = decider(redis)
     tenant = ("tenant", "t1")

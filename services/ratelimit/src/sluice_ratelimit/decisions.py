@@ -174,7 +174,7 @@ class Decider:
     ) -> rls_pb2.RateLimitResponse:
         response = rls_pb2.RateLimitResponse(overall_code=OK)
         remaining = iter(decisions or [])
-        over: list[tuple[Limit, Decision]] = []
+        over: list[tuple[Limit, Decision, int]] = []
         for plan in plans:
             status = response.statuses.add(code=OK)
             if plan.rule is not None and plan.rule.unlimited and not plan.limits:
@@ -193,7 +193,7 @@ class Decider:
             _describe(status, shown[0], shown[1])
             if refused:
                 status.code = OVER_LIMIT
-                over.extend(refused)
+                over.extend((lim, d, plan.hits) for lim, d in refused)
         if over:
             response.overall_code = OVER_LIMIT
             _add_headers(response, over)
@@ -271,17 +271,19 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     return duration
 
 
-def _add_headers(response: rls_pb2.RateLimitResponse, over: list[tuple[Limit, Decision]]) -> None:
-    limit, _ = min(over, key=lambda pair: pair[0].requests_per_unit)
-    retry_after = max(math.ceil(d.wait_s) for _, d in over)
-    for key, value in (
-        ("RateLimit-Limit", str(limit.requests_per_unit)),
-        ("RateLimit-Remaining", "0"),
-        ("RateLimit-Reset", str(retry_after)),
-        ("Retry-After", str(retry_after)),
-    ):
+def _add_headers(response: rls_pb2.RateLimitResponse, over: list[tuple[Limit, Decision, int]]) -> None:
+    limit = min((lim for lim, _, _ in over), key=lambda lim: lim.requests_per_unit)
+    headers = [("RateLimit-Limit", str(limit.requests_per_unit)), ("RateLimit-Remaining", "0")]
+    never = [(lim, hits) for lim, _, hits in over if hits > lim.requests_per_unit]
+    if never:
+        # More hits than the limit holds at all: no wait would help, so no hint to wait.
+        lim, hits = never[0]
+        message = f"asks for {hits} at once, more than the rate limit of {lim.requests_per_unit} per {lim.unit}"
+    else:
+        retry_after = max(math.ceil(d.wait_s) for _, d, _ in over)
+        headers += [("RateLimit-Reset", str(retry_after)), ("Retry-After", str(retry_after))]
+        message = f"over the rate limit of {limit.requests_per_unit} per {limit.unit}; retry in {retry_after} s"
+    for key, value in headers:
         response.response_headers_to_add.append(base_pb2.HeaderValue(key=key, value=value))
     # Envoy sends this as the refusal's message (grpc-message for gRPC callers).
-    response.raw_body = (
-        f"over the rate limit of {limit.requests_per_unit} per {limit.unit}; retry in {retry_after} s".encode()
-    )
+    response.raw_body = message.encode()
