@@ -248,3 +248,64 @@ async def test_without_redis_new_requests_are_unavailable(config: SchedulerConfi
         assert caught.value.retry_after_s == config.retry_after_s
     finally:
         await redis.aclose()
+
+
+async def test_a_running_request_whose_lease_vanished_keeps_its_slot(
+    redis_server: RedisServer, config: SchedulerConfig
+) -> None:
+    async with running(redis_server.url, config, slots=2) as scheduler:
+        first, second = [await enter(scheduler, "a") for _ in range(2)]
+        assert first.admitted and second.admitted
+        async with Redis.from_url(redis_server.url) as redis:
+            await redis.delete(f"{config.prefix}:leases")  # Redis lost its data, say
+            await asyncio.sleep(config.lease_s)  # a renewal or two
+            assert await redis.zcard(f"{config.prefix}:leases") == 2
+        assert not (await enter(scheduler, "a")).admitted  # both slots are still taken
+
+
+async def test_a_released_slot_is_not_brought_back_by_a_renewal_already_under_way(
+    redis_server: RedisServer, config: SchedulerConfig
+) -> None:
+    async with running(redis_server.url, config, slots=1) as scheduler:
+        ticket = await enter(scheduler, "a")
+        await ticket.release()
+        # A renewal that listed it before the release reaches Redis after it.
+        await scheduler._call("renew", config.lease_ms, config.lease_ms, 1, ticket.request_id)
+        assert (await enter(scheduler, "a")).admitted
+
+
+async def test_positions_follow_the_order_of_service_when_passes_tie(
+    redis_server: RedisServer, config: SchedulerConfig
+) -> None:
+    async with running(redis_server.url, dataclasses.replace(config, position_interval_s=10), slots=1) as scheduler:
+        holder = await enter(scheduler, "blocker")
+        waiters = [await enter(scheduler, "a") for _ in range(3)]
+        await holder.release()
+        await admitted(waiters[0])  # "a" served once: its pass is 1
+        waiters += [await enter(scheduler, "b") for _ in range(3)]  # "b" starts at 0, then ties with "a"
+        answer = await scheduler._call("tick", config.lease_ms, 100)
+        assert isinstance(answer, list)
+        told = [r.decode() for r in answer]
+        served: list[str] = []
+        current = waiters[0]
+        for _ in told:
+            await current.release()
+            await eventually(lambda: any(t.admitted and t.request_id not in served for t in waiters[1:]), 2)
+            current = next(t for t in waiters[1:] if t.admitted and t.request_id not in served)
+            served.append(current.request_id)
+        assert told == served
+
+
+async def test_a_line_that_empties_leaves_no_counts_and_nothing_without_an_expiry(
+    redis_server: RedisServer, config: SchedulerConfig
+) -> None:
+    async with running(redis_server.url, config, slots=1) as scheduler:
+        tickets = [await enter(scheduler, tenant) for tenant in ("a", "b", "a")]
+        await scheduler.report_engines({"engine": 1})
+        for ticket in tickets:
+            await ticket.release()
+        async with Redis.from_url(redis_server.url) as redis:
+            assert await redis.hgetall(f"{config.prefix}:count") == {}
+            # Replicas that crash leave their keys: each one expires, whatever is in it.
+            for key in await redis.keys(f"{config.prefix}:*"):
+                assert await redis.pttl(key) > 0, key

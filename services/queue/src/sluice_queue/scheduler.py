@@ -165,6 +165,8 @@ class Scheduler:
             )
         except RedisError as exc:
             self._forget(request_id)
+            # The script may have run before the reply was lost: give back whatever it took.
+            self._spawn_leave(request_id)
             raise Unavailable("the request queue is unreachable; retry shortly", config.retry_after_s) from exc
         except asyncio.CancelledError:
             # The caller left while the script ran: whatever it got is given back.
@@ -284,7 +286,7 @@ class Scheduler:
                 if (ticket := self._waiting.pop(request_id, None)) is not None:
                     ticket.update(error=Unavailable("lost its place in line; retry", config.retry_after_s))
                 elif request_id in self._holding:
-                    logger.warning("the slot lease of %s expired while it ran", request_id)
+                    logger.warning("the slot lease of %s had run out while it ran; counted again", request_id)
 
     async def _positions(self) -> None:
         """Dispatch into free slots (capacity may have grown) and tell waiters where they stand."""
