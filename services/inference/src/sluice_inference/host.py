@@ -8,6 +8,7 @@ NOT_SERVING, the whole time; it is warmed up before any request may run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -33,6 +34,7 @@ class ModelHost:
     def __init__(self, settings: InferenceSettings) -> None:
         self._settings = settings
         self._vllm: ModuleType | None = None  # sluice_inference.engine, imported on start
+        self._building: asyncio.Future[Any] | None = None  # the build, on a thread of its own
         self._built: Any = None  # the AsyncLLM once built: it must be shut down
         self._engine: Any = None  # the AsyncLLM once warm: requests may run
         self.tokenizer: HfPromptTokenizer | None = None
@@ -45,7 +47,10 @@ class ModelHost:
         self._vllm = vllm
         model_dir = await asyncio.to_thread(self._model_dir)
         logger.info("loading %s", model_dir)
-        self._built = engine = await asyncio.to_thread(vllm.build, self._settings, model_dir, self.load)
+        # Kept (and shielded): a stop while loading cannot stop the thread, and the
+        # engine it builds must still be shut down (see close).
+        self._building = asyncio.ensure_future(asyncio.to_thread(vllm.build, self._settings, model_dir, self.load))
+        self._built = engine = await asyncio.shield(self._building)
         self.spec = vllm.describe(engine)
         self.tokenizer = vllm.tokenizer(engine)
         settings = self._settings
@@ -89,6 +94,11 @@ class ModelHost:
 
     async def close(self) -> None:
         self._engine = None
+        if self._built is None and self._building is not None:
+            # Stopped while loading: the process cannot exit before the build's thread
+            # ends anyway, so wait for it and shut down what it built.
+            with contextlib.suppress(Exception):
+                self._built = await self._building
         if self._built is not None:
             engine, self._built = self._built, None
             await asyncio.to_thread(engine.shutdown)
