@@ -5,8 +5,8 @@ tokens per minute (its limits from the data-access service; 0 is no limit).
 The prompt's token count is not known before the replica tokenizes it, so
 the reservation counts one token per byte of prompt text, an upper bound
 for byte-level tokenizers (every token stands for at least one byte), and at
-most the model's context; the end of the stream gives back what was not used. A caller that goes away is
-charged for what it was sent.
+most the model's context; the end of the stream gives back what was not
+used. A caller that goes away is charged for what it was sent.
 
 A call to the rate-limit service per request cost as much time to first
 token as all the rest of the queue's work (its CPU on the two cores the
