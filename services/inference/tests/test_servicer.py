@@ -88,9 +88,10 @@ async def test_model_info_describes_the_engine(replica: Replica) -> None:
     assert info.model_name.endswith("tiny-model")
 
 
-async def test_prompt_longer_than_the_context_is_invalid(replica: Replica) -> None:
+@pytest.mark.parametrize("words", [600, 40_000])  # the longer one is tokenized off the event loop
+async def test_prompt_longer_than_the_context_is_invalid(replica: Replica, words: int) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await collect(replica, generate(prompt="river " * 600))
+        await collect(replica, generate(prompt="river " * words))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     error = errors.from_rpc_error(caught.value)
     assert isinstance(error, errors.InvalidArgument) and error.violations[0].field == "prompt"
