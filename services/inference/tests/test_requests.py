@@ -157,6 +157,17 @@ def test_a_long_history_is_cut_in_whole_turns_in_a_few_renderings() -> None:
     assert tokenizer.renderings <= 12, "one rendering per dropped message took seconds for long conversations"
 
 
+def test_a_history_that_starts_with_an_answer_loses_that_answer() -> None:
+    user, assistant = common_pb2.ROLE_USER, common_pb2.ROLE_ASSISTANT
+    request = inference_pb2.GenerateRequest(
+        messages=chat((assistant, "an answer"), (user, "a question"), (assistant, "its answer"), (user, "and now?")),
+        history_messages=3,
+        sampling=common_pb2.SamplingParams(max_tokens=1),
+    )
+    fitted = validate(request, AlternatingTokenizer(), max_model_len=64, vocab_size=100)
+    assert fitted.history_dropped == 1
+
+
 def test_messages_the_chat_template_refuses_are_invalid() -> None:
     user = common_pb2.ROLE_USER
     request = inference_pb2.GenerateRequest(

@@ -9,7 +9,7 @@ import pytest
 
 from sluice.datastore.v1 import datastore_pb2
 from sluice_core.errors import Unauthenticated
-from sluice_queue.auth import Authenticator
+from sluice_queue.auth import Authenticator, api_key_from
 
 KEY = [("authorization", "Bearer k1")]
 
@@ -104,3 +104,20 @@ async def test_a_malformed_key_is_unauthenticated(clock: Clock) -> None:
     authenticator = Authenticator(SlowDataStore(), clock)  # type: ignore[arg-type]
     with pytest.raises(Unauthenticated, match="malformed API key"):
         await authenticator.tenant([("x-api-key", "k" * 300)])
+
+
+@pytest.mark.parametrize(
+    ("metadata", "key"),
+    [
+        ([("x-api-key", "k1")], "k1"),
+        ([("authorization", "Bearer k1")], "k1"),
+        ([("authorization", "bearer   k1 ")], "k1"),
+        # Envoy's edge limits a call as its x-api-key when it has one: it is billed as that key too.
+        ([("authorization", "Bearer k1"), ("x-api-key", "k2")], "k2"),
+        ([("x-api-key", ""), ("authorization", "Bearer k1")], "k1"),
+        ([("authorization", "Basic k1")], None),
+        ([("authorization", "Bearer  ")], None),
+    ],
+)
+def test_the_api_key_is_x_api_key_else_the_bearer_token(metadata: list[tuple[str, str]], key: str | None) -> None:
+    assert api_key_from(metadata) == key

@@ -111,3 +111,15 @@ async def test_an_exchange_whose_caller_leaves_mid_append_is_kept(datastore: Fla
     datastore.stuck = False
     assert await conversations.flush()
     assert datastore.appended == [("c1", "to the sea")]
+
+
+async def test_a_later_turn_waits_behind_a_kept_one_whatever_the_ids_spelling(datastore: FlakyDataStore) -> None:
+    conversations = Conversations(datastore, retry_interval_s=0.01)  # type: ignore[arg-type]
+    conversation = "3f2a9c1e-0000-4000-8000-00000000abcd"
+    datastore.away = True
+    await store(conversations, conversation, "first")
+    datastore.away = False
+    await store(conversations, conversation.upper(), "second")
+    assert datastore.appended == []  # held behind the first
+    assert await conversations.flush()
+    assert [reply for _, reply in datastore.appended] == ["first", "second"]

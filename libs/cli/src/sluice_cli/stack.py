@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.datastore.v1 import datastore_pb2_grpc
 from sluice.generation.v1 import generation_pb2
+from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
 from sluice_cli.admin import ensure_tenant_key
 from sluice_cli.envoy_config import EnvoyLayout, HostPort, render, repo_root
 from sluice_cli.postgres_server import PostgresServer, ensure_database
@@ -341,7 +342,7 @@ class LocalStack:
             )
             if ready and not self.demo_api_key:
                 await self.demo_key()
-            if ready and await self._generates() and await self._warm_paths():
+            if ready and await self._generates() and await self._warm_paths(replicas):
                 return
             if time.monotonic() > deadline:
                 raise StackError(
@@ -369,28 +370,42 @@ class LocalStack:
             return False
         return True
 
-    async def _warm_paths(self) -> bool:
-        """Whether Envoy has routed a request to every healthy queue and inference replica.
+    async def _warm_paths(self, replicas: int) -> bool:
+        """Whether every queue replica has served a request through Envoy, and every inference replica one.
 
-        Envoy connects to a replica when it first routes a request there, and a
-        replica's first request pays for its API-key cache, its own connections
-        and its first pass through the request path: tens of milliseconds on a
-        small machine, which the first user request must not meet. Requests go
-        through the edge two at a time (least-request spreads them) until every
-        replica has served one. A replica that Envoy already finds healthy may
-        still be finding its engines: a refused request means not ready yet.
+        A replica's first request pays for its first pass through the request
+        path (and a queue replica's, for its API-key cache and its connections):
+        tens of milliseconds on a small machine, which the first user request
+        must not meet. Envoy opens its connection to a queue replica only when
+        it first routes a request there, so those go through the edge, two at a
+        time (least-request spreads them), until Envoy has sent one to each;
+        its connections to inference replicas are open already (the queues'
+        capacity probes use them), so those are sent straight to each replica.
+        A replica that Envoy already finds healthy may still be finding its
+        engines: a refused request means not ready yet.
         """
         # A few rounds per poll: the demo key's burst limit counts these too.
         for _ in range(4):
-            if not await self.unvisited_hosts():
-                return True
+            if not await self.unvisited_queues():
+                break
             if not all(await asyncio.gather(self._generates(), self._generates())):
                 return False
-        return not await self.unvisited_hosts()
+        if await self.unvisited_queues():
+            return False
+        request = inference_pb2.GenerateRequest(prompt="ready?", sampling=common_pb2.SamplingParams(max_tokens=2))
+        for index in range(replicas):
+            async with grpc.aio.insecure_channel(self.inference_address(index)) as channel:
+                try:
+                    async for _ in inference_pb2_grpc.InferenceStub(channel).Generate(request, timeout=10.0):
+                        pass
+                except grpc.aio.AioRpcError as exc:
+                    logger.debug("inference replica %d not ready yet: %s", index + 1, exc.details())
+                    return False
+        return True
 
-    async def unvisited_hosts(self) -> list[dict[str, str]]:
-        """Healthy queue and inference replicas Envoy has not routed a request to yet."""
-        return [host for host in await self._healthy("queue", "inference") if host.get("rq_total") == "0"]
+    async def unvisited_queues(self) -> int:
+        """Healthy queue replicas Envoy has not routed a request to yet (health checks do not count)."""
+        return sum(1 for host in await self._healthy("queue") if host.get("rq_total") == "0")
 
     async def envoy_admin(self, path: str) -> str:
         url = f"http://{LOOPBACK}:{self.ports.admin}{path}"

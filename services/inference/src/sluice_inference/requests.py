@@ -131,14 +131,16 @@ def _fit_history(
     """Drop the oldest history messages (keeping a leading system message) until the prompt fits ``room``.
 
     History is cut only before one of its user messages (or as a whole), so
-    that what is left alternates as chat templates expect. The prompt only
-    shrinks as more is cut: a binary search renders it O(log n) times, not
-    once per message (hundreds of turns took seconds).
+    that what is left alternates as chat templates expect; a history that
+    starts with an answer (the stored window begins mid-turn) loses that
+    answer, whose question is gone anyway. The prompt only shrinks as more is
+    cut: a binary search renders it O(log n) times, not once per message
+    (hundreds of turns took seconds).
     """
     keep_first = 1 if history > 0 and messages[0].role == common_pb2.ROLE_SYSTEM else 0
     droppable = history - keep_first
-    cuts = [d for d in range(1, droppable) if messages[keep_first + d].role == common_pb2.ROLE_USER]
-    cuts = [0, *cuts, droppable] if droppable else [0]
+    user = common_pb2.ROLE_USER
+    cuts = [d for d in range(droppable) if messages[keep_first + d].role == user] + [droppable]
     encoded: dict[int, list[int]] = {}
 
     def prompt(dropped: int) -> list[int]:

@@ -27,14 +27,20 @@ Metadata = Iterable[tuple[str, str | bytes]]
 
 
 def api_key_from(metadata: Metadata | None) -> str | None:
-    """``authorization: Bearer <key>`` or ``x-api-key: <key>``."""
+    """``x-api-key: <key>``, else ``authorization: Bearer <key>``.
+
+    The same precedence as Envoy's edge (its rate limits count a call against
+    ``x-api-key`` when it is there): a call must be billed as the key it was
+    rate-limited as.
+    """
+    bearer = None
     for key, value in metadata or ():
         text = value.decode() if isinstance(value, bytes) else value
         if key == "x-api-key" and text:
             return text
-        if key == "authorization" and text.lower().startswith("bearer ") and text[7:].strip():
-            return text[7:].strip()
-    return None
+        if key == "authorization" and text[:7].lower() == "bearer " and text[7:].strip():
+            bearer = bearer or text[7:].strip()
+    return bearer
 
 
 class Authenticator:

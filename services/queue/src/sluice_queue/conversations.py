@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections import deque
 
 import grpc
@@ -86,6 +87,7 @@ class Conversations:
         timeout_s: float | None,
     ) -> None:
         """Append the exchange now; if the data-access service cannot take it, keep it for ``run`` to append."""
+        conversation_id = _canonical(conversation_id)  # kept turns of one conversation are found whatever its spelling
         messages = [datastore_pb2.NewMessage(role=m.role, content=m.content) for m in new]
         messages.append(
             datastore_pb2.NewMessage(role=common_pb2.ROLE_ASSISTANT, content=reply, token_count=reply_tokens)
@@ -144,3 +146,11 @@ class Conversations:
             self._kept.popleft()
             KEPT.set(len(self._kept))
         return True
+
+
+def _canonical(conversation_id: str) -> str:
+    """The id as the data-access service spells it (ids are UUIDs; any other text is left to it to refuse)."""
+    try:
+        return str(uuid.UUID(conversation_id))
+    except ValueError:
+        return conversation_id
