@@ -18,12 +18,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt")
     parser.add_argument("--target", default="127.0.0.1:8080", help="Envoy's edge listener (default %(default)s)")
     parser.add_argument(
-        "--api-key", help="sent as x-api-key (default: the local stack's demo key, from .sluice/demo-api-key)"
+        "--api-key", help="sent as x-api-key (default: the local stack's demo key, from STATE_DIR/demo-api-key)"
     )
     parser.add_argument(
         "--conversation",
         metavar="ID",
         help="continue a stored conversation; 'new' starts one and prints its id",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(".sluice"),
+        help="the local stack's, as given to `sluice up` (default %(default)s)",
     )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float)
@@ -54,7 +60,7 @@ def build_request(args: argparse.Namespace) -> generation_pb2.GenerateRequest:
 def api_key(args: argparse.Namespace) -> str | None:
     if args.api_key:
         return str(args.api_key)
-    saved = Path(".sluice/demo-api-key")
+    saved = args.state_dir / "demo-api-key"
     return saved.read_text().strip() if saved.is_file() else None
 
 
