@@ -174,6 +174,7 @@ async def test_a_refund_clears_what_the_cache_knew(redis: Redis) -> None:
     ("bad", "field"),
     [
         (rls_pb2.RateLimitRequest(descriptors=[descriptor(("a", "b"))]), "domain"),
+        (rls_pb2.RateLimitRequest(domain="edge"), "descriptors"),
         (rls_pb2.RateLimitRequest(domain="edge", descriptors=[descriptor()]), "descriptors[0].entries"),
         (rls_pb2.RateLimitRequest(domain="edge", descriptors=[descriptor(("", "b"))]), "descriptors[0].entries[0].key"),
     ],

@@ -221,6 +221,8 @@ def _validate(request: rls_pb2.RateLimitRequest) -> None:
     violations: list[FieldViolation] = []
     if not request.domain:
         violations.append(FieldViolation("domain", "must not be empty"))
+    if not request.descriptors:
+        violations.append(FieldViolation("descriptors", "must hold at least one descriptor"))
     for i, descriptor in enumerate(request.descriptors):
         if not descriptor.entries:
             violations.append(FieldViolation(f"descriptors[{i}].entries", "must hold at least one entry"))
