@@ -17,6 +17,8 @@ from sluice_inference.requests import validate
 class WordTokenizer:
     """One token per word; a stand-in for the model's tokenizer at this boundary."""
 
+    longest_token_chars = 16
+
     def encode(self, text: str) -> list[int]:
         return [len(word) for word in text.split()]
 
@@ -186,5 +188,28 @@ def test_a_template_error_becomes_a_chat_template_error() -> None:
         def apply_chat_template(self, *args: object, **kwargs: object) -> str:
             raise jinja2.TemplateError("roles must alternate")
 
+        def get_vocab(self) -> dict[str, int]:
+            return {"a": 0}
+
     with pytest.raises(ChatTemplateError, match="roles must alternate"):
         HfPromptTokenizer(RaisingTemplate()).encode_chat([common_pb2.ChatMessage(role=common_pb2.ROLE_USER)])
+
+
+class CountingTokenizer(WordTokenizer):
+    calls = 0
+
+    def encode(self, text: str) -> list[int]:
+        self.calls += 1
+        return super().encode(text)
+
+
+def test_input_far_longer_than_the_context_is_refused_without_tokenizing_it() -> None:
+    tokenizer = CountingTokenizer()
+    # 16 characters a token at most, twice over: 64 tokens of context hold at most 2048 characters.
+    with pytest.raises(InvalidArgument) as caught:
+        validate(request(prompt="river " * 500), tokenizer, max_model_len=64, vocab_size=100)
+    assert [v.field for v in caught.value.violations] == ["prompt"]
+    assert "far longer than the model's context of 64 tokens" in caught.value.violations[0].description
+    assert tokenizer.calls == 0
+    # Blank runs (a tokenizer may fold them away) do not count.
+    assert validate(request(prompt="river" + " " * 5000), tokenizer, max_model_len=64, vocab_size=100).prompt_token_ids

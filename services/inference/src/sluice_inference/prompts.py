@@ -35,6 +35,7 @@ class HfPromptTokenizer:
     def __init__(self, tokenizer: Any) -> None:
         self._tokenizer = tokenizer
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        self.longest_token_chars = max(map(len, tokenizer.get_vocab()), default=1)
 
     def encode(self, text: str) -> list[int]:
         ids: list[int] = self._tokenizer.encode(text, add_special_tokens=True)

@@ -33,6 +33,9 @@ class ValidRequest:
 class PromptTokenizer(Protocol):
     """Turns the request's input into token ids (see ``prompts.py``)."""
 
+    # The most characters one token stands for (its vocabulary's longest entry).
+    longest_token_chars: int
+
     def encode(self, text: str) -> list[int]: ...
 
     def encode_chat(self, messages: Sequence[common_pb2.ChatMessage]) -> list[int]:
@@ -54,7 +57,14 @@ def validate(
     if sampling is None:
         sampling_violations.append(FieldViolation("sampling.max_tokens", "required, at least 1"))
     room = max_model_len - max(1, sampling.max_tokens if sampling is not None else 1)
-    prompt, dropped = _prompt_token_ids(request, tokenizer, vocab_size, room, violations)
+    if _cannot_fit(request, tokenizer, max_model_len):
+        # Refused before tokenizing: megabytes of text take seconds to tokenize.
+        violations.append(
+            FieldViolation(_input_field(request), f"far longer than the model's context of {max_model_len} tokens")
+        )
+        prompt, dropped = None, 0
+    else:
+        prompt, dropped = _prompt_token_ids(request, tokenizer, vocab_size, room, violations)
     violations += sampling_violations
     if prompt is not None:
         if len(prompt) >= max_model_len:
@@ -81,6 +91,26 @@ def validate(
 
 def _input_field(request: inference_pb2.GenerateRequest) -> str:
     return request.WhichOneof("input") or "prompt"
+
+
+def _cannot_fit(request: inference_pb2.GenerateRequest, tokenizer: PromptTokenizer, max_model_len: int) -> bool:
+    """Whether the input is too long to fit the context whatever it tokenizes to.
+
+    No token stands for more visible characters than the vocabulary's longest
+    entry; twice that allows for normalizers that shrink text. Only what cannot
+    be dropped counts: the prompt, or the messages after the history.
+    """
+    match request.WhichOneof("input"):
+        case "prompt":
+            texts = [request.prompt]
+        case "messages":
+            texts = [m.content for m in request.messages.messages[request.history_messages :]]
+        case _:
+            return False
+    limit = 2 * max_model_len * tokenizer.longest_token_chars
+    if sum(map(len, texts)) <= limit:
+        return False
+    return sum(len(word) for text in texts for word in text.split()) > limit  # whitespace may be folded away
 
 
 def _prompt_token_ids(
