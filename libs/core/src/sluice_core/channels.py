@@ -8,13 +8,32 @@ from typing import Any
 
 import grpc
 
-# Retry only what cannot have reached a handler or is safe to repeat:
-# UNAVAILABLE (connection refused, replica draining). gRPC never retries a
-# call once response headers arrived, so a token stream is never replayed.
+# Calls that never reached a server are retried by gRPC whatever the policy.
+# UNAVAILABLE from a handler (a replica loading or draining, a store that is
+# away) is retried only where running the handler twice is safe: reads, and
+# writes made idempotent by a request id. Not the rate-limit decisions nor the
+# Create*/IssueApiKey writes: a handler that failed after its work was done
+# would do it twice. gRPC never retries a call once response headers arrived,
+# so a token stream is never replayed.
+_IDEMPOTENT = [
+    {"service": "sluice.generation.v1.Generation", "method": "Generate"},
+    {"service": "sluice.inference.v1.Inference"},
+    *(
+        {"service": "sluice.datastore.v1.DataStore", "method": method}
+        for method in (
+            "GetTenantByApiKey",
+            "GetTenant",
+            "GetConversation",
+            "AppendMessages",
+            "RecordUsage",
+            "RevokeApiKey",
+        )
+    ),
+]
 _SERVICE_CONFIG = {
     "methodConfig": [
         {
-            "name": [{}],
+            "name": _IDEMPOTENT,
             "retryPolicy": {
                 "maxAttempts": 3,
                 "initialBackoff": "0.05s",
@@ -23,7 +42,9 @@ _SERVICE_CONFIG = {
                 "retryableStatusCodes": ["UNAVAILABLE"],
             },
         }
-    ]
+    ],
+    # Retries stop while most calls fail, instead of tripling the load on a struggling service.
+    "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
 }
 
 CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
