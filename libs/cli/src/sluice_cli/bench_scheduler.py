@@ -5,7 +5,8 @@ replicas) serves both sides:
 
 - **scheduled**: the public API through Envoy's edge listener (Envoy -> queue
   [API key, budget, shared scheduler] -> Envoy -> inference), as a tenant
-  whose request and token budgets are reserved and refunded on every request;
+  whose request and token budgets go through the budget's code as a limited
+  tenant's do (reserved ahead, a call per lease, settled locally);
 - **fcfs**: ``Inference.Generate`` through Envoy's internal listener, what a
   plain pass-through does: vLLM queues what exceeds its slots, first come
   first served.
