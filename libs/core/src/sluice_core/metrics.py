@@ -11,11 +11,16 @@ import time
 
 from prometheus_client import Counter, Histogram
 
+# Fine at the bottom for a small model on a CPU, and as far up as vLLM's own
+# buckets for long generations on busy GPUs.
 _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
-    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0, 7680.0,
 )  # fmt: skip
-_TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+_TOKEN_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)  # fmt: skip
 
 
 class RequestMetrics:
@@ -27,7 +32,9 @@ class RequestMetrics:
             f"{prefix}_time_to_first_token_seconds", "Request arrival to first token sent.", buckets=_LATENCY_BUCKETS
         )
         self.inter_token_latency = Histogram(
-            f"{prefix}_inter_token_latency_seconds", "Gap between successive streamed chunks.", buckets=_TOKEN_BUCKETS
+            f"{prefix}_inter_token_latency_seconds",
+            "Gap between successive output tokens (a chunk's gap shared by its tokens).",
+            buckets=_TOKEN_BUCKETS,
         )
         self.time_per_output_token = Histogram(
             f"{prefix}_request_time_per_output_token_seconds",
@@ -35,7 +42,9 @@ class RequestMetrics:
             buckets=_TOKEN_BUCKETS,
         )
         self.e2e_latency = Histogram(
-            f"{prefix}_e2e_request_latency_seconds", "Request arrival to last token sent.", buckets=_LATENCY_BUCKETS
+            f"{prefix}_e2e_request_latency_seconds",
+            "Request arrival to last token sent (to its end, for a request that sent none).",
+            buckets=_LATENCY_BUCKETS,
         )
         self.queue_time = Histogram(
             f"{prefix}_request_queue_time_seconds", "Time waiting before generation started.", buckets=_LATENCY_BUCKETS
@@ -62,8 +71,12 @@ class StreamTimer:
         if self.first is None:
             self.first = now
             self._metrics.time_to_first_token.observe(now - self.start)
-        elif self.last is not None:
-            self._metrics.inter_token_latency.observe(now - self.last)
+        elif self.last is not None and tokens:
+            # Tokens travel in chunks: a chunk of k tokens after a gap g stands for k
+            # gaps of g / k, as the engine made them (vLLM's meaning), not one of g.
+            gap = (now - self.last) / tokens
+            for _ in range(tokens):
+                self._metrics.inter_token_latency.observe(gap)
         self.last = now
         self.tokens += tokens
 
@@ -82,10 +95,15 @@ class StreamTimer:
         return (self.last - self.first) / (self.tokens - 1)
 
     def finish(self, outcome: str, queue_s: float | None = None) -> None:
+        """Record the request, whatever its outcome (``queue_s``: how long it waited, if it did)."""
         self._metrics.requests.labels(outcome).inc()
         if queue_s is not None:
             self._metrics.queue_time.observe(queue_s)
-        if self.first is not None:
-            self._metrics.e2e_latency.observe(self.total_s)
-            if self.tokens > 1:
-                self._metrics.time_per_output_token.observe(self.tpot_s)
+        self._metrics.e2e_latency.observe(self.total_s)
+        if self.tokens > 1:
+            self._metrics.time_per_output_token.observe(self.tpot_s)
+
+
+def ended_early(time_remaining: float | None) -> str:
+    """The outcome of a call cancelled under its handler: its deadline passed, or its caller went away."""
+    return "deadline_exceeded" if time_remaining is not None and time_remaining <= 0 else "cancelled"

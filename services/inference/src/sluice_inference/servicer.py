@@ -15,11 +15,12 @@ from opentelemetry import trace
 
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
-from sluice_core.metrics import RequestMetrics, StreamTimer
+from sluice_core.errors import SluiceError
+from sluice_core.metrics import RequestMetrics, StreamTimer, ended_early
 from sluice_inference.chunking import hold_s
 from sluice_inference.host import ModelHost
 from sluice_inference.load import Load
-from sluice_inference.requests import validate
+from sluice_inference.requests import ValidRequest, validate
 
 if TYPE_CHECKING:
     from vllm.outputs import RequestOutput
@@ -58,14 +59,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         timer = METRICS.stream()
-        spec, tokenizer = self._host.require_ready()
-        check = functools.partial(
-            validate, request, tokenizer, max_model_len=spec.max_model_len, vocab_size=spec.vocab_size
-        )
-        if _input_chars(request) > _INLINE_INPUT_CHARS:
-            valid = await asyncio.get_running_loop().run_in_executor(self._long_inputs, check)
-        else:
-            valid = check()
+        try:
+            valid = await self._validated(request)
+        except SluiceError as exc:  # refused before reaching the engine: counted all the same
+            timer.finish(exc.code.name.lower())
+            raise
+        except asyncio.CancelledError:
+            timer.finish(ended_early(context.time_remaining()))
+            raise
         load = self._host.load
         load.waiting += 1
         running = False
@@ -119,7 +120,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                             await asyncio.sleep(timer.last + wait_s - time.perf_counter())
                         output = await anext(outputs, None)
             except (asyncio.CancelledError, GeneratorExit):
-                outcome = "cancelled"
+                outcome = ended_early(context.time_remaining())
                 raise
             finally:
                 if not settled:
@@ -127,6 +128,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 queue_s = _queue_s(last)
                 timer.finish(outcome, queue_s)
                 _annotate(span, last, timer, queue_s, outcome)
+
+    async def _validated(self, request: inference_pb2.GenerateRequest) -> ValidRequest:
+        spec, tokenizer = self._host.require_ready()
+        check = functools.partial(
+            validate, request, tokenizer, max_model_len=spec.max_model_len, vocab_size=spec.vocab_size
+        )
+        if _input_chars(request) > _INLINE_INPUT_CHARS:
+            return await asyncio.get_running_loop().run_in_executor(self._long_inputs, check)
+        return check()
 
     def _finished(self, output: RequestOutput, timer: StreamTimer) -> inference_pb2.Finished:
         completion = output.outputs[0]
@@ -186,7 +196,8 @@ def _annotate(
         span.set_attribute("gen_ai.usage.prompt_tokens", len(last.prompt_token_ids or ()))
     if queue_s is not None:
         span.set_attribute("gen_ai.latency.time_in_queue", queue_s)
-    span.set_attribute("gen_ai.latency.time_to_first_token", timer.ttft_s)
+    if timer.first is not None:  # no token, no time to first token (not 0)
+        span.set_attribute("gen_ai.latency.time_to_first_token", timer.ttft_s)
     span.set_attribute("gen_ai.latency.e2e", timer.total_s)
 
 

@@ -29,7 +29,7 @@ from sluice.datastore.v1 import datastore_pb2
 from sluice.generation.v1 import generation_pb2, generation_pb2_grpc
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
 from sluice_core.errors import InvalidArgument, SluiceError, from_rpc_error
-from sluice_core.metrics import RequestMetrics, StreamTimer
+from sluice_core.metrics import RequestMetrics, StreamTimer, ended_early
 from sluice_queue.auth import Authenticator
 from sluice_queue.budget import Budgets, Reservation, reserve_tokens
 from sluice_queue.conversations import Conversations
@@ -102,25 +102,31 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         span.set_attribute("sluice.request_id", request_id)
         if request.client_request_id:
             span.set_attribute("sluice.client_request_id", request.client_request_id)
-        internal = to_inference(request, request_id)
-        tenant = await self._auth.tenant(context.invocation_metadata())
-        span.set_attribute("sluice.tenant", tenant.name)
-        added = new_messages(request)
-        if request.conversation_id:
-            history = await self._conversations.history(request.conversation_id, tenant.id, context.time_remaining())
-            with_history(internal, history, added)
         progress = _Progress()
+        internal: inference_pb2.GenerateRequest | None = None
+        tenant: datastore_pb2.Tenant | None = None
         ticket: Ticket | None = None
         reserving: asyncio.Future[Reservation | None] | None = None
+        waiting_since: float | None = None
         queue_s: float | None = None
         try:
-            # Shed requests are recorded too (the finally below).
+            # Refused requests are counted too, and recorded once their tenant is known (the finally below).
+            internal = to_inference(request, request_id)
+            tenant = await self._auth.tenant(context.invocation_metadata())
+            span.set_attribute("sluice.tenant", tenant.name)
+            added = new_messages(request)
+            if request.conversation_id:
+                history = await self._conversations.history(
+                    request.conversation_id, tenant.id, context.time_remaining()
+                )
+                with_history(internal, history, added)
+            waiting_since = time.perf_counter()
             ticket = await self._scheduler.enter(request_id, tenant.id, tenant.scheduling_weight, request.priority)
             with _tracer.start_as_current_span("queue.wait") as wait:
                 async for position in ticket.positions():
                     wait.add_event("position", {"position": position})
                     yield generation_pb2.GenerateEvent(queued=generation_pb2.Queued(position=position))
-                queue_s = time.perf_counter() - timer.start
+                queue_s = time.perf_counter() - waiting_since
                 wait.set_attribute("sluice.queue_time_s", queue_s)
             texts = (
                 [m.content for m in internal.messages.messages] if internal.HasField("messages") else [internal.prompt]
@@ -150,11 +156,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                         )
                     yield event
         except (asyncio.CancelledError, GeneratorExit):
-            progress.outcome = "cancelled"
+            progress.outcome = ended_early(context.time_remaining())
             raise
         except grpc.aio.AioRpcError as exc:
             progress.outcome = exc.code().name.lower()
-            if request.conversation_id and isinstance(error := from_rpc_error(exc), InvalidArgument):
+            error = from_rpc_error(exc)
+            if internal is not None and request.conversation_id and isinstance(error, InvalidArgument):
                 raise in_public_terms(error, request, internal.history_messages) from None
             raise
         except SluiceError as exc:
@@ -163,8 +170,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         finally:
             if ticket is not None:
                 self._spawn(ticket.release())
+            if queue_s is None and waiting_since is not None:
+                queue_s = time.perf_counter() - waiting_since  # left, shed or failed while waiting
             timer.finish(progress.outcome, queue_s)
-            self._after(request_id, tenant, progress, reserving, timer, queue_s)
+            if tenant is not None:
+                self._after(request_id, tenant, progress, reserving, timer, queue_s)
 
     async def _relay(
         self,
