@@ -119,6 +119,13 @@ async def test_an_expired_deadline_is_deadline_exceeded(stack: LocalStack) -> No
             async for _ in client.generate(request(max_tokens=1500), timeout=0.5):
                 pass
     assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    # No trailing metadata comes back from a call whose deadline passed: the client's own trace id does.
+    trace_id = caught.value.trace_id
+
+    async def traced() -> bool:
+        return any(s.service == "sluice-queue" for s in stack.spans(trace_id))
+
+    await eventually(traced, 15, f"the queue's spans of the expired call, in trace {trace_id!r}")
 
     async def both_idle() -> bool:
         return all([await idle(stack, 0), await idle(stack, 1)])

@@ -3,15 +3,23 @@
 Failed calls raise ``StreamError``: the server's error class (``InvalidArgument``
 with its field violations, ``ResourceExhausted`` with its retry hint, ...) and
 the trace id to look the request up with.
+
+Each call starts its own trace (a W3C ``traceparent``, unless the caller's
+OpenTelemetry already sends one): its id is known whatever the outcome, a
+deadline that passes or an Envoy refusal included, which never bring the
+server's trailing metadata.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+import secrets
+from collections.abc import AsyncIterator, Iterator
 from types import TracebackType
 from typing import Self
 
 import grpc
+from opentelemetry import context, trace
 
 from sluice.generation.v1 import generation_pb2, generation_pb2_grpc
 from sluice_core.channels import insecure_channel
@@ -29,28 +37,55 @@ class StreamError(Exception):
         self.trace_id = trace_id
 
 
-def _trace_id(metadata: grpc.aio.Metadata | None) -> str:
+def _trace_id(metadata: grpc.aio.Metadata | None, started: str) -> str:
     for key, value in metadata or ():
         if key == TRACE_ID_KEY:
             return value if isinstance(value, str) else value.decode()
-    return ""
+    return started
+
+
+@contextlib.contextmanager
+def _new_trace() -> Iterator[tuple[str, tuple[tuple[str, str], ...]]]:
+    """A new sampled trace's id and its ``traceparent``, current while the call is made.
+
+    Current as well as sent: where OpenTelemetry's gRPC instrumentation runs in
+    the caller's process, it replaces the header with its own span's, a child
+    of the current one, in the same trace. A caller already in a span of its
+    own keeps it (its trace id comes back in the trailing metadata).
+    """
+    if trace.get_current_span().get_span_context().is_valid:
+        yield "", ()
+        return
+    trace_id, span_id = secrets.randbits(128) or 1, secrets.randbits(64) or 1
+    started = trace.SpanContext(
+        trace_id, span_id, is_remote=False, trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED)
+    )
+    token = context.attach(trace.set_span_in_context(trace.NonRecordingSpan(started)))
+    try:
+        yield f"{trace_id:032x}", (("traceparent", f"00-{trace_id:032x}-{span_id:016x}-01"),)
+    finally:
+        context.detach(token)
 
 
 class GenerationStream:
     """One call's events, in order; ``trace_id`` is known once the stream has ended."""
 
-    def __init__(self, call: grpc.aio.UnaryStreamCall[generation_pb2.GenerateRequest, generation_pb2.GenerateEvent]):
+    def __init__(
+        self,
+        call: grpc.aio.UnaryStreamCall[generation_pb2.GenerateRequest, generation_pb2.GenerateEvent],
+        trace_id: str = "",
+    ):
         self._call = call
-        self.trace_id = ""
+        self.trace_id = trace_id
 
     async def __aiter__(self) -> AsyncIterator[generation_pb2.GenerateEvent]:
         try:
             async for event in self._call:
                 yield event
         except grpc.aio.AioRpcError as exc:
-            self.trace_id = _trace_id(exc.trailing_metadata())
+            self.trace_id = _trace_id(exc.trailing_metadata(), self.trace_id)
             raise StreamError(from_rpc_error(exc), exc.code(), self.trace_id) from None
-        self.trace_id = _trace_id(await self._call.trailing_metadata())
+        self.trace_id = _trace_id(await self._call.trailing_metadata(), self.trace_id)
 
     def cancel(self) -> None:
         """Stop the generation (the server aborts it in the engine)."""
@@ -66,7 +101,9 @@ class GenerationClient:
         self._metadata = (("x-api-key", api_key),) if api_key else ()
 
     def generate(self, request: generation_pb2.GenerateRequest, timeout: float | None = None) -> GenerationStream:
-        return GenerationStream(self._stub.Generate(request, timeout=timeout, metadata=self._metadata))
+        with _new_trace() as (trace_id, traceparent):
+            call = self._stub.Generate(request, timeout=timeout, metadata=self._metadata + traceparent)
+        return GenerationStream(call, trace_id)
 
     async def create_conversation(self, timeout: float | None = None) -> str:  # noqa: ASYNC109 - a gRPC deadline
         """A new conversation of this key's tenant; pass its id as ``conversation_id``."""
@@ -76,7 +113,7 @@ class GenerationClient:
         try:
             return str((await call).id)
         except grpc.aio.AioRpcError as exc:
-            raise StreamError(from_rpc_error(exc), exc.code(), _trace_id(exc.trailing_metadata())) from None
+            raise StreamError(from_rpc_error(exc), exc.code(), _trace_id(exc.trailing_metadata(), "")) from None
 
     async def close(self) -> None:
         await self._channel.close()
