@@ -68,7 +68,7 @@ def _new_trace() -> Iterator[tuple[str, tuple[tuple[str, str], ...]]]:
 
 
 class GenerationStream:
-    """One call's events, in order; ``trace_id`` is known once the stream has ended."""
+    """One call's events, in order; ``trace_id`` is its trace's (from the start, unless the caller's span leads)."""
 
     def __init__(
         self,
