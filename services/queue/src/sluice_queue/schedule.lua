@@ -275,12 +275,17 @@ if op == 'enter' then
   return {'waiting'}
 elseif op == 'leave' then
   local id, lease_ms = ARGV[2], tonumber(ARGV[3])
+  local line_changed = false
   if redis.call('ZREM', k('leases'), id) == 0 then
-    remove_waiter(id)
+    line_changed = remove_waiter(id)
   end
   redis.call('ZADD', k('released'), now + lease_ms, id)
-  dispatch(lease_ms)
-  expire_later()
+  if #dispatch(lease_ms) > 0 or line_changed then
+    expire_later()
+  else
+    -- Every request leaves: with nobody waiting, only this key is new.
+    redis.call('PEXPIRE', k('released'), KEEP_MS)
+  end
   return {}
 elseif op == 'tick' then
   dispatch(tonumber(ARGV[2]))

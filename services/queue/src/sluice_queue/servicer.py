@@ -160,9 +160,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             raise
         except grpc.aio.AioRpcError as exc:
             progress.outcome = exc.code().name.lower()
-            error = from_rpc_error(exc)
-            if internal is not None and request.conversation_id and isinstance(error, InvalidArgument):
-                raise in_public_terms(error, request, internal.history_messages) from None
+            if internal is not None and request.conversation_id:
+                if isinstance(error := from_rpc_error(exc), InvalidArgument):
+                    raise in_public_terms(error, request, internal.history_messages) from None
             raise
         except SluiceError as exc:
             progress.outcome = exc.code.name.lower()
