@@ -21,6 +21,7 @@ from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
 from sluice.generation.v1 import generation_pb2, generation_pb2_grpc
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
+from sluice_cli.bench import transport_floor
 from sluice_cli.stack import LocalStack
 from sluice_cli.trace_sink import Span
 from sluice_client import GenerationClient, StreamError
@@ -255,6 +256,16 @@ async def test_the_stack_issues_a_demo_key(stack: LocalStack) -> None:
 
 
 # Last: it stops the queue replicas.
+async def test_the_transport_floor_crosses_the_hops_it_names(stack: LocalStack) -> None:
+    # `sluice bench` sets the stack's added time to first token against these round trips.
+    floor = await transport_floor(stack)
+    assert set(floor) == {"edge", "inference", "redis", "total"}
+    assert all(trip > 0 for trip in floor.values())
+    # Envoy, its rate-limit call and a Python server cannot answer as fast as Redis alone.
+    assert floor["edge"] > floor["redis"]
+    assert floor["total"] == pytest.approx(floor["edge"] + floor["inference"] + floor["redis"], abs=0.02)
+
+
 async def test_sigterm_drains_streams_in_flight(stack: LocalStack) -> None:
     async with GenerationClient(stack.edge, api_key=stack.demo_api_key) as client:
         stream = client.generate(request(max_tokens=300), timeout=60)

@@ -11,8 +11,10 @@ figures).
 Each phase runs the same prompts at each concurrency. Metrics follow
 ``vllm bench serve``: time to first token (request sent -> first token
 received), time per output token ((latency - TTFT) / (tokens - 1), per
-request) and output tokens/s over the phase's wall time. The last line is
-one JSON object with every figure and the ratios the targets are about.
+request) and output tokens/s over the phase's wall time. Before the stack
+stops, do-nothing calls over the same hops (``sluice_cli.floor``) measure
+the least the stack can add to time to first token. The last line is one
+JSON object with every figure and the ratios the targets are about.
 """
 
 from __future__ import annotations
@@ -28,15 +30,23 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import redis.asyncio as redis
 
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.generation.v1 import generation_pb2
+from sluice_cli import floor
 from sluice_cli.stack import LocalStack, StackOptions, StackPorts, cpu_engine_env, replica_cpus
 from sluice_client import GenerationClient
+from sluice_core.channels import insecure_channel
 from sluice_core.sampling import Sampling
 from sluice_inference import tiny_model
 from sluice_inference.settings import DEFAULT_TINY_MODEL_DIR, InferenceSettings
+
+if TYPE_CHECKING:
+    from vllm import SamplingParams
+    from vllm.v1.engine.async_llm import AsyncLLM
 
 # A request yields (seconds to first token, seconds to last token, output tokens).
 Timing = tuple[float, float, int]
@@ -154,19 +164,23 @@ async def bench_direct(args: argparse.Namespace, concurrencies: list[int]) -> di
             engine, vllm_engine.tokenizer(engine), settings.warmup_requests, settings.warmup_prompt_tokens
         )
         params = vllm_engine.sampling_params(Sampling(max_tokens=args.output_tokens, ignore_eos=True))
-
-        async def chunks(i: int) -> AsyncIterator[int]:
-            async for output in engine.generate(
-                prompt(i, args.prompt_words), params, request_id=f"bench-{time.time_ns()}"
-            ):
-                yield len(output.outputs[0].token_ids)
-
-        async def run_one(i: int) -> Timing:
-            return await timed(chunks(i))
-
-        return {n: await measure(run_one, n, args.requests) for n in concurrencies}
+        return {n: await measure(engine_run(engine, params, args), n, args.requests) for n in concurrencies}
     finally:
         await asyncio.to_thread(engine.shutdown)
+        # Freed now: an engine left to the interpreter's exit runs its finalizer
+        # after vLLM's modules are gone, and prints a traceback.
+        del engine
+
+
+def engine_run(engine: AsyncLLM, params: SamplingParams, args: argparse.Namespace) -> RunOne:
+    async def chunks(i: int) -> AsyncIterator[int]:
+        async for output in engine.generate(prompt(i, args.prompt_words), params, request_id=f"bench-{time.time_ns()}"):
+            yield len(output.outputs[0].token_ids)
+
+    async def run_one(i: int) -> Timing:
+        return await timed(chunks(i))
+
+    return run_one
 
 
 def public_request(i: int, args: argparse.Namespace) -> generation_pb2.GenerateRequest:
@@ -193,9 +207,32 @@ async def bench_stack(args: argparse.Namespace, concurrencies: list[int], state_
             # Straight after the stack reports ready: is the first request as fast as later ones?
             first_ten = [(await run_one(10_000 + i))[0] * 1e3 for i in range(10)]
             figures = {n: await measure(run_one, n, args.requests) for n in concurrencies}
-        return {"first_ten_ttft_ms": [round(t, 2) for t in first_ten], "figures": figures}
+            transport = await transport_floor(stack)
+        return {"first_ten_ttft_ms": [round(t, 2) for t in first_ten], "figures": figures, "floor": transport}
     finally:
         await stack.stop()
+
+
+async def transport_floor(stack: LocalStack) -> dict[str, float]:
+    """What the hops the first token crosses beyond the bare engine cost with next to no work at their ends.
+
+    The edge (Envoy, its rate-limit check, a queue replica), the scheduler's
+    one Redis call and the internal hop (Envoy, an inference replica); see
+    ``sluice_cli.floor``.
+    """
+    client = redis.Redis.from_url(stack.redis_url)
+    try:
+        async with insecure_channel(stack.edge) as edge, insecure_channel(stack.internal) as internal:
+            trips = await floor.round_trips_ms(
+                {
+                    "edge": floor.health_check(edge, stack.demo_api_key),
+                    "inference": floor.load_report(internal),
+                    "redis": floor.redis_ping(client),
+                }
+            )
+    finally:
+        await client.aclose()
+    return {**trips, "total": round(sum(trips.values()), 2)}
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -208,6 +245,7 @@ async def run(args: argparse.Namespace) -> int:
     direct = await bench_direct(args, concurrencies)
     through: dict[int, Figures] = stack["figures"]
     first_ten: list[float] = stack["first_ten_ttft_ms"]
+    transport: dict[str, float] = stack["floor"]
 
     print(f"{'path':8} {'streams':>7} {'TTFT p50':>10} {'TTFT p99':>10} {'TPOT p50':>10} {'tokens/s':>10}", file=log)
     for name, figures in (("direct", direct), ("stack", through)):
@@ -218,8 +256,16 @@ async def run(args: argparse.Namespace) -> int:
                 file=log,
             )
     low, high = min(concurrencies), max(concurrencies)
+    added = through[low].ttft_p50_ms - direct[low].ttft_p50_ms
+    print(
+        f"transport floor (do-nothing round trips, p50): edge {transport['edge']} ms + inference hop "
+        f"{transport['inference']} ms + Redis {transport['redis']} ms = {transport['total']} ms, "
+        f"against {added:.2f} ms added at {low} stream",
+        file=log,
+    )
     comparison = {
-        f"ttft_p50_added_ms_at_{low}_stream": round(through[low].ttft_p50_ms - direct[low].ttft_p50_ms, 2),
+        f"ttft_p50_added_ms_at_{low}_stream": round(added, 2),
+        "transport_floor_ms": transport["total"],
         f"tokens_per_s_ratio_at_{high}_streams": round(
             through[high].output_tokens_per_s / direct[high].output_tokens_per_s, 3
         ),
@@ -236,6 +282,7 @@ async def run(args: argparse.Namespace) -> int:
         "direct": {n: asdict(f) for n, f in direct.items()},
         "stack": {n: asdict(f) for n, f in through.items()},
         "stack_first_ten_ttft_ms": first_ten,
+        "transport_floor_ms": transport,
         "comparison": comparison,
     }
     print(json.dumps(result))

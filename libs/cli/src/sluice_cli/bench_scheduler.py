@@ -21,8 +21,9 @@ to first token p50 / p99 per class. Low load: one caller taking turns, in
 a shuffled order each round, on three paths: fcfs, scheduled, and
 **queue**, the public API on a queue replica's own port (no edge Envoy, no
 edge rate-limit check): queue minus fcfs is what the queue service adds,
-scheduled minus queue what the edge adds. The last line is one JSON object
-with every figure.
+scheduled minus queue what the edge adds; a do-nothing call to the queue
+replica and a Redis round trip (``sluice_cli.floor``) are the least the
+queue can add. The last line is one JSON object with every figure.
 """
 
 from __future__ import annotations
@@ -38,10 +39,13 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import redis.asyncio as redis
+
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.datastore.v1 import datastore_pb2_grpc
 from sluice.generation.v1 import generation_pb2
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
+from sluice_cli import floor
 from sluice_cli.admin import ensure_tenant_key
 from sluice_cli.bench import percentile, prompt, unlimited_edge
 from sluice_cli.stack import LOOPBACK, LocalStack, StackOptions, StackPorts
@@ -144,6 +148,23 @@ async def budgeted_key(stack: LocalStack) -> str:
         return await ensure_tenant_key(stub, "bench", most["requests_per_minute"], most["tokens_per_minute"])
 
 
+async def queue_floor(stack: LocalStack, api_key: str) -> dict[str, float]:
+    """What the queue's hop costs with next to no work: a call to its replica's own port, one Redis round trip.
+
+    The queue path and fcfs both go on from there through Envoy to inference,
+    so the two calls are the least the queue can add (see ``sluice_cli.floor``).
+    """
+    client = redis.Redis.from_url(stack.redis_url)
+    try:
+        async with insecure_channel(f"{LOOPBACK}:{stack.ports.queue[0]}") as queue:
+            trips = await floor.round_trips_ms(
+                {"queue": floor.health_check(queue, api_key), "redis": floor.redis_ping(client)}
+            )
+    finally:
+        await client.aclose()
+    return {**trips, "total": round(sum(trips.values()), 2)}
+
+
 async def run(args: argparse.Namespace) -> int:
     log = sys.stderr
     with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp:
@@ -209,6 +230,7 @@ async def measure(stack: LocalStack, args: argparse.Namespace) -> dict[str, Any]
             # spans) overlaps the next request's start, and must not always fall on one path.
             for name in order.sample(list(turns), len(turns)):
                 low[name].append(await turns[name](i, INTERACTIVE, 8) * 1e3)
+        transport = await queue_floor(stack, api_key)
         callers = args.overload * capacity
         figures: dict[str, dict[str, dict[str, float]]] = {"closed_loop": {}, "open_loop": {}}
         served: dict[str, float] = {}
@@ -238,7 +260,8 @@ async def measure(stack: LocalStack, args: argparse.Namespace) -> dict[str, Any]
             )
     print(
         f"low load TTFT p50: scheduled {low_p50['scheduled']} ms, queue {low_p50['queue']} ms, "
-        f"fcfs {low_p50['fcfs']} ms",
+        f"fcfs {low_p50['fcfs']} ms; the queue's transport floor {transport['total']} ms "
+        f"(do-nothing call to a queue replica {transport['queue']} ms + Redis {transport['redis']} ms)",
         file=log,
     )
 
@@ -253,10 +276,12 @@ async def measure(stack: LocalStack, args: argparse.Namespace) -> dict[str, Any]
         "arrivals_per_s": round(rate, 1),
         "overload": figures,
         "low_load_ttft_p50_ms": low_p50,
+        "queue_transport_floor_ms": transport,
         "comparison": {
             "closed_loop_interactive_ttft_p99_ratio_scheduled_to_fcfs": p99_ratio("closed_loop"),
             "open_loop_interactive_ttft_p99_ratio_scheduled_to_fcfs": p99_ratio("open_loop"),
             "low_load_ttft_p50_added_by_queue_ms": round(low_p50["queue"] - low_p50["fcfs"], 2),
+            "queue_transport_floor_ms": transport["total"],
             "low_load_ttft_p50_added_by_edge_ms": round(low_p50["scheduled"] - low_p50["queue"], 2),
         },
     }

@@ -1,0 +1,57 @@
+"""Do-nothing round trips over a request path's hops: the least any request through them takes.
+
+A benchmark's path crosses processes (Envoy, the rate-limit service, a
+queue replica, an inference replica, Redis); each crossing costs time before
+any of the services' own work. Calls that do next to nothing on the same
+hops (a health check, a load report, a Redis ``PING``), measured in the same
+run, show how much of a path's added time is that transport and how much the
+services' work. They take turns, one call at a time, back to back: the
+pacing that makes them fastest, so the floor is never overstated.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+import redis.asyncio as redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
+
+Call = Callable[[], Awaitable[object]]
+
+
+async def round_trips_ms(calls: dict[str, Call], rounds: int = 200) -> dict[str, float]:
+    """The median milliseconds of each call, after a warm-up round each."""
+    for call in calls.values():
+        await call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            await call()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: round(statistics.median(values), 2) for name, values in times.items()}
+
+
+def health_check(channel: grpc.aio.Channel, api_key: str) -> Call:
+    """A health check; through Envoy's edge listener it passes the rate-limit check (by API key) first."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    request = health_pb2.HealthCheckRequest()
+    metadata = (("x-api-key", api_key),)
+    return lambda: stub.Check(request, metadata=metadata, timeout=5)
+
+
+def load_report(channel: grpc.aio.Channel) -> Call:
+    """An inference replica's ``GetLoad`` (reads counters): through Envoy's internal listener, a hop to inference."""
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    request = inference_pb2.GetLoadRequest()
+    return lambda: stub.GetLoad(request, timeout=5)
+
+
+def redis_ping(client: redis.Redis) -> Call:
+    """One Redis round trip, as the scheduler makes to admit a request."""
+    return client.ping
