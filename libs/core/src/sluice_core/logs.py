@@ -20,6 +20,31 @@ class _TraceContextFilter(logging.Filter):
         return True
 
 
+class _AbandonedStreamFilter(logging.Filter):
+    """Drops OpenTelemetry's "Failed to detach context" traceback for a stream its caller cancelled.
+
+    When a caller cancels a server stream while the handler waits at a
+    ``yield``, gRPC's aio server drops the handler's generator without closing
+    it; Python closes it later in a task of its own, where the spans opened
+    around the ``yield`` (OpenTelemetry's server span, the services' own)
+    cannot reset the context they set: ValueError, "created in a different
+    Context", logged with a traceback once per span and cancelled stream
+    (open-telemetry/opentelemetry-python-contrib#2357). The spans still end
+    and are exported, and the cancellation has already reached the next hop;
+    only these records are dropped.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "opentelemetry.context" or not record.exc_info:
+            return True
+        error = record.exc_info[1]
+        return not (
+            isinstance(error, ValueError)
+            and "different Context" in str(error)
+            and isinstance(error.__context__, GeneratorExit)
+        )
+
+
 class _JsonFormatter(logging.Formatter):
     def __init__(self, service: str) -> None:
         super().__init__()
@@ -43,6 +68,7 @@ class _JsonFormatter(logging.Formatter):
 def setup_logging(service: str, level: str = "INFO", fmt: str = "text") -> None:
     """Configure the root logger for a service process; call once from ``main``."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_AbandonedStreamFilter())
     handler.addFilter(_TraceContextFilter())
     if fmt == "json":
         handler.setFormatter(_JsonFormatter(service))
