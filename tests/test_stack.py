@@ -8,6 +8,7 @@ it load.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import subprocess
@@ -113,6 +114,16 @@ async def test_cancelling_mid_stream_frees_both_replicas(stack: LocalStack) -> N
 
         assert await eventually(both_idle, 1.0, "both replicas back to 0 running") < 1.0
 
+    # A trace reader sees each of them ended by its caller, at the queue and at the replica.
+    cancelled = {"/sluice.generation.v1.Generation/Generate": "cancelled", "inference.generate": "cancelled"}
+
+    async def told(trace_id: str) -> bool:
+        spans = stack.spans(trace_id)
+        return {s.name: s.attributes.get("sluice.outcome") for s in spans if s.name in cancelled} == cancelled
+
+    for stream in streams:
+        await eventually(functools.partial(told, stream.trace_id), 15, f"spans of {stream.trace_id} say cancelled")
+
 
 async def test_an_expired_deadline_is_deadline_exceeded(stack: LocalStack) -> None:
     async with GenerationClient(stack.edge, api_key=stack.demo_api_key) as client:
@@ -167,6 +178,8 @@ async def test_one_trace_holds_envoy_queue_and_inference(stack: LocalStack) -> N
     spans = stack.spans(trace_id)
     (engine,) = [s for s in spans if s.name == "inference.generate"]
     assert engine.attributes["gen_ai.usage.completion_tokens"] == 8
+    (queue,) = [s for s in spans if s.name == "/sluice.generation.v1.Generation/Generate"]
+    assert queue.attributes["sluice.outcome"] == "length"
 
 
 def test_the_cli_streams_and_summarizes(stack: LocalStack) -> None:

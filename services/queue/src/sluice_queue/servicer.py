@@ -98,10 +98,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     ) -> AsyncIterator[generation_pb2.GenerateEvent]:
         timer = METRICS.stream()
         request_id = uuid.uuid4().hex
-        span = trace.get_current_span()
-        span.set_attribute("sluice.request_id", request_id)
+        call_span = trace.get_current_span()
+        call_span.set_attribute("sluice.request_id", request_id)
         if request.client_request_id:
-            span.set_attribute("sluice.client_request_id", request.client_request_id)
+            call_span.set_attribute("sluice.client_request_id", request.client_request_id)
         progress = _Progress()
         internal: inference_pb2.GenerateRequest | None = None
         tenant: datastore_pb2.Tenant | None = None
@@ -113,7 +113,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             # Refused requests are counted too, and recorded once their tenant is known (the finally below).
             internal = to_inference(request, request_id)
             tenant = await self._auth.tenant(context.invocation_metadata())
-            span.set_attribute("sluice.tenant", tenant.name)
+            call_span.set_attribute("sluice.tenant", tenant.name)
             added = new_messages(request)
             if request.conversation_id:
                 history = await self._conversations.history(
@@ -173,6 +173,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             if queue_s is None and waiting_since is not None:
                 queue_s = time.perf_counter() - waiting_since  # left, shed or failed while waiting
             timer.finish(progress.outcome, queue_s)
+            # gRPC's status on this span reads OK for a stream its caller cancelled.
+            call_span.set_attribute("sluice.outcome", progress.outcome)
             if tenant is not None:
                 self._after(request_id, tenant, progress, reserving, timer, queue_s)
 
