@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
 import threading
 import types
@@ -22,14 +23,16 @@ async def test_a_stop_while_loading_still_shuts_down_the_engine_being_built(
     shut_down = threading.Event()
 
     class Engine:
-        def shutdown(self) -> None:
-            shut_down.set()
+        pass
 
     def build(*_: object) -> Engine:
         finish_building.wait(5)  # a model that takes a while to load
         return Engine()
 
-    monkeypatch.setitem(sys.modules, "sluice_inference.engine", types.SimpleNamespace(build=build))
+    async def shutdown(engine: Engine) -> None:
+        shut_down.set()
+
+    monkeypatch.setitem(sys.modules, "sluice_inference.engine", types.SimpleNamespace(build=build, shutdown=shutdown))
     host = ModelHost(InferenceSettings(model=str(tmp_path)))
     starting = asyncio.create_task(host.start())
     await asyncio.sleep(0.05)
@@ -39,3 +42,25 @@ async def test_a_stop_while_loading_still_shuts_down_the_engine_being_built(
     finish_building.set()
     await host.close()
     assert shut_down.is_set(), "the engine built after the stop was left running"
+
+
+@pytest.mark.slow
+async def test_a_clean_stop_logs_no_error() -> None:
+    errors: list[logging.LogRecord] = []
+
+    class Listener(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            errors.append(record)
+
+    # vLLM logs to its own handler, not to the root logger: listen on its logger.
+    listener = Listener(logging.ERROR)
+    vllm_logger = logging.getLogger("vllm")
+    vllm_logger.addHandler(listener)
+    settings = InferenceSettings(max_model_len=256, enforce_eager=True, warmup_requests=1, warmup_prompt_tokens=1)
+    host = ModelHost(settings)
+    try:
+        await host.start()
+        await host.close()
+    finally:
+        vllm_logger.removeHandler(listener)
+    assert [r.getMessage() for r in errors] == []

@@ -166,7 +166,7 @@ async def bench_direct(args: argparse.Namespace, concurrencies: list[int]) -> di
         params = vllm_engine.sampling_params(Sampling(max_tokens=args.output_tokens, ignore_eos=True))
         return {n: await measure(engine_run(engine, params, args), n, args.requests) for n in concurrencies}
     finally:
-        await asyncio.to_thread(engine.shutdown)
+        await vllm_engine.shutdown(engine)
         # Freed now: an engine left to the interpreter's exit runs its finalizer
         # after vLLM's modules are gone, and prints a traceback.
         del engine

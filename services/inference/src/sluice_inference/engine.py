@@ -1,4 +1,4 @@
-"""Everything that touches vLLM: building ``AsyncLLM``, warming it up, running a request.
+"""Everything that touches vLLM: building ``AsyncLLM``, warming it up, running a request, stopping it.
 
 Importing vLLM takes seconds, so ``host.py`` imports this module only when
 it starts loading the model, after the gRPC server already answers health
@@ -167,3 +167,18 @@ async def warm_up(engine: AsyncLLM, prompt_tokenizer: HfPromptTokenizer, concurr
             break
         ids = random.Random(n).choices(words, k=n)
         await run(ValidRequest(f"warmup-length-{n}", ids, Sampling(max_tokens=1), priority=0))
+
+
+async def shutdown(engine: AsyncLLM) -> None:
+    """Stop the engine: its output handler first, then its process.
+
+    vLLM's own ``shutdown`` ends the engine process while the output handler
+    task still waits on it; the handler then logs the engine's death as an
+    error, with a traceback, on every clean stop. Nothing is in flight here
+    (the server has drained), so the handler is simply cancelled first.
+    """
+    handler = engine.output_handler
+    if handler is not None:
+        handler.cancel()
+        await asyncio.wait([handler])
+    await asyncio.to_thread(engine.shutdown)

@@ -101,4 +101,5 @@ class ModelHost:
                 self._built = await self._building
         if self._built is not None:
             engine, self._built = self._built, None
-            await asyncio.to_thread(engine.shutdown)
+            assert self._vllm is not None
+            await self._vllm.shutdown(engine)
