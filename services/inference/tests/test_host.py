@@ -46,6 +46,9 @@ async def test_a_stop_while_loading_still_shuts_down_the_engine_being_built(
 
 @pytest.mark.slow
 async def test_a_clean_stop_logs_no_error() -> None:
+    # With vLLM's own order (the process stopped under a waiting output handler) about
+    # one stop in two logged the engine's death as an error: a race, so this catches
+    # its return about half the time.
     errors: list[logging.LogRecord] = []
 
     class Listener(logging.Handler):
