@@ -220,19 +220,18 @@ async def transport_floor(stack: LocalStack) -> dict[str, float]:
     one Redis call and the internal hop (Envoy, an inference replica); see
     ``sluice_cli.floor``.
     """
-    client = redis.Redis.from_url(stack.redis_url)
-    try:
-        async with insecure_channel(stack.edge) as edge, insecure_channel(stack.internal) as internal:
-            trips = await floor.round_trips_ms(
-                {
-                    "edge": floor.health_check(edge, stack.demo_api_key),
-                    "inference": floor.load_report(internal),
-                    "redis": floor.redis_ping(client),
-                }
-            )
-    finally:
-        await client.aclose()
-    return {**trips, "total": round(sum(trips.values()), 2)}
+    async with (
+        redis.Redis.from_url(stack.redis_url) as client,
+        insecure_channel(stack.edge) as edge,
+        insecure_channel(stack.internal) as internal,
+    ):
+        return await floor.round_trips_ms(
+            {
+                "edge": floor.health_check(edge, stack.demo_api_key),
+                "inference": floor.load_report(internal),
+                "redis": floor.redis_ping(client),
+            }
+        )
 
 
 async def run(args: argparse.Namespace) -> int:

@@ -154,15 +154,13 @@ async def queue_floor(stack: LocalStack, api_key: str) -> dict[str, float]:
     The queue path and fcfs both go on from there through Envoy to inference,
     so the two calls are the least the queue can add (see ``sluice_cli.floor``).
     """
-    client = redis.Redis.from_url(stack.redis_url)
-    try:
-        async with insecure_channel(f"{LOOPBACK}:{stack.ports.queue[0]}") as queue:
-            trips = await floor.round_trips_ms(
-                {"queue": floor.health_check(queue, api_key), "redis": floor.redis_ping(client)}
-            )
-    finally:
-        await client.aclose()
-    return {**trips, "total": round(sum(trips.values()), 2)}
+    async with (
+        redis.Redis.from_url(stack.redis_url) as client,
+        insecure_channel(f"{LOOPBACK}:{stack.ports.queue[0]}") as queue,
+    ):
+        return await floor.round_trips_ms(
+            {"queue": floor.health_check(queue, api_key), "redis": floor.redis_ping(client)}
+        )
 
 
 async def run(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ Call = Callable[[], Awaitable[object]]
 
 
 async def round_trips_ms(calls: dict[str, Call], rounds: int = 200) -> dict[str, float]:
-    """The median milliseconds of each call, after a warm-up round each."""
+    """The median milliseconds of each call after a warm-up round, and their ``total``."""
     for call in calls.values():
         await call()
     times: dict[str, list[float]] = {name: [] for name in calls}
@@ -34,7 +34,8 @@ async def round_trips_ms(calls: dict[str, Call], rounds: int = 200) -> dict[str,
             start = time.perf_counter()
             await call()
             times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: round(statistics.median(values), 2) for name, values in times.items()}
+    medians = {name: round(statistics.median(values), 2) for name, values in times.items()}
+    return {**medians, "total": round(sum(medians.values()), 2)}
 
 
 def health_check(channel: grpc.aio.Channel, api_key: str) -> Call:
