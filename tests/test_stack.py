@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
-import signal
 import subprocess
 import sys
 
@@ -279,14 +277,18 @@ async def test_the_transport_floor_crosses_the_hops_it_names(stack: LocalStack) 
     assert floor["total"] == pytest.approx(floor["edge"] + floor["inference"] + floor["redis"], abs=0.02)
 
 
-async def test_sigterm_drains_streams_in_flight(stack: LocalStack) -> None:
+async def test_stopping_the_stack_lets_streams_in_flight_finish(stack: LocalStack) -> None:
+    # What Ctrl-C on `make up` does; the stack is gone after this test.
+    stopping: asyncio.Task[None] | None = None
     async with GenerationClient(stack.edge, api_key=stack.demo_api_key) as client:
         stream = client.generate(request(max_tokens=300), timeout=60)
         received = []
         async for event in stream:
             received.append(event)
-            if event.HasField("delta") and len(received) == 3:
-                for index in range(len(stack.ports.queue)):
-                    os.kill(stack.process(f"queue-{index + 1}").pid, signal.SIGTERM)
+            if event.HasField("delta") and stopping is None:
+                stopping = asyncio.create_task(stack.stop())
+    assert stopping is not None
+    await stopping
     assert received[-1].HasField("finished"), "the stream in flight must finish, not be cut"
+    assert received[-1].finished.reason == common_pb2.FINISH_REASON_LENGTH
     assert received[-1].finished.usage.completion_tokens == 300

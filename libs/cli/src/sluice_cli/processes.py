@@ -1,10 +1,12 @@
 """Starting and stopping the local stack's processes without leaving orphans.
 
 Each child runs in its own process group (vLLM's engine-core processes join
-its group), asks the kernel for SIGTERM if its parent dies, and is stopped
-with SIGTERM to the whole group, then SIGKILL after a grace period. A child
-may be confined to some CPUs, or run as another user; its own children
-inherit both.
+its group) and asks the kernel for SIGTERM if its parent dies. It is stopped
+with SIGTERM to the child alone, which drains and stops its own children
+(vLLM's engine core aborts every request it holds the moment it gets a
+SIGTERM, before the server could let them finish), then SIGKILL to whatever
+is left of the group after a grace period. A child may be confined to some
+CPUs, or run as another user; its own children inherit both.
 """
 
 from __future__ import annotations
@@ -85,9 +87,9 @@ class Process:
             os.killpg(self._popen.pid, sig)
 
     async def stop(self, grace_s: float) -> None:
-        """SIGTERM the group, wait up to ``grace_s``, then SIGKILL whatever is left of it."""
+        """SIGTERM the child, wait up to ``grace_s``, then SIGKILL whatever is left of its group."""
         if self._popen.poll() is None:
-            self.signal_group(signal.SIGTERM)
+            self._popen.send_signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(asyncio.to_thread(self._popen.wait), grace_s)
             except TimeoutError:
