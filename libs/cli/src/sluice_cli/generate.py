@@ -9,6 +9,7 @@ from pathlib import Path
 
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.generation.v1 import generation_pb2
+from sluice_cli.arguments import UINT32_MAX, UINT64_MAX, whole_number
 from sluice_client import GenerationClient, StreamError
 
 PRIORITIES = {"interactive": generation_pb2.PRIORITY_INTERACTIVE, "batch": generation_pb2.PRIORITY_BATCH}
@@ -31,11 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=Path(".sluice"),
         help="the local stack's, as given to `sluice up` (default %(default)s)",
     )
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=whole_number(0, UINT32_MAX), default=64)
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--top-p", type=float)
-    parser.add_argument("--top-k", type=int)
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--top-k", type=whole_number(0, UINT32_MAX))
+    parser.add_argument("--seed", type=whole_number(0, UINT64_MAX))
     parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true", help="always generate max-tokens tokens")
     parser.add_argument("--priority", choices=sorted(PRIORITIES), default="interactive")
@@ -58,8 +59,9 @@ def build_request(args: argparse.Namespace) -> generation_pb2.GenerateRequest:
 
 
 def api_key(args: argparse.Namespace) -> str | None:
-    if args.api_key:
-        return str(args.api_key)
+    """The key given (``--api-key ""`` sends none), else the local stack's demo key if there is one."""
+    if args.api_key is not None:
+        return str(args.api_key) or None
     saved = args.state_dir / "demo-api-key"
     return saved.read_text().strip() if saved.is_file() else None
 
@@ -70,7 +72,8 @@ async def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     first: float | None = None
     finished: generation_pb2.Finished | None = None
-    async with GenerationClient(args.target, api_key=api_key(args)) as client:
+    key = api_key(args)
+    async with GenerationClient(args.target, api_key=key) as client:
         try:
             if args.conversation == "new":
                 request.conversation_id = await client.create_conversation(timeout=args.timeout)
@@ -92,16 +95,25 @@ async def run(args: argparse.Namespace) -> int:
                 elif kind == "finished":
                     finished = event.finished
         except StreamError as exc:
-            print(f"\nerror: {exc.code.name}: {exc.error.message} trace_id={exc.trace_id}", file=err)
+            hint = ""
+            if exc.code.name == "UNAUTHENTICATED" and key is None and args.api_key is None:
+                hint = f" (no --api-key given, and no demo key at {args.state_dir / 'demo-api-key'})"
+            after_text = "\n" if first is not None else ""
+            print(f"{after_text}error: {exc.code.name}: {exc.error.message}{hint} trace_id={exc.trace_id}", file=err)
             return 1
     elapsed = time.perf_counter() - start
     tokens = finished.usage.completion_tokens if finished is not None else 0
     ttft_ms = (first - start) * 1e3 if first is not None else 0.0
     reason = common_pb2.FinishReason.Name(finished.reason) if finished is not None else "NONE"
+    finish = reason.removeprefix("FINISH_REASON_").lower()
     print(file=out, flush=True)
     print(
         f"ttft_ms={ttft_ms:.1f} tokens_per_s={tokens / elapsed:.1f} tokens={tokens} "
-        f"finish={reason.removeprefix('FINISH_REASON_').lower()} trace_id={stream.trace_id}",
+        f"finish={finish} trace_id={stream.trace_id}",
         file=err,
     )
+    if finished is None or finished.reason == common_pb2.FINISH_REASON_ABORT:
+        # The server stopped the generation (or the stream ended without saying how): the text is cut short.
+        print(f"error: the generation was cut short (finish={finish}); retry it", file=err)
+        return 1
     return 0
