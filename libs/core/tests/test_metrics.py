@@ -30,4 +30,6 @@ def test_a_request_refused_before_any_token_is_still_counted_and_timed() -> None
 
 def test_a_call_cancelled_past_its_deadline_is_deadline_exceeded() -> None:
     assert ended_early(-0.01) == ended_early(0.0) == "deadline_exceeded"
+    # The caller's reset arrives before this hop's later copy of the deadline runs out.
+    assert ended_early(0.004) == "deadline_exceeded"
     assert ended_early(3.0) == ended_early(None) == "cancelled"

@@ -104,6 +104,16 @@ class StreamTimer:
             self._metrics.time_per_output_token.observe(self.tpot_s)
 
 
+# A caller's deadline passes at the caller first: it resets the stream, and the
+# reset reaches this hop while this hop's copy of the deadline, which started
+# when the call arrived, still has a few milliseconds left. (Behind Envoy a hop
+# never sees the caller's deadline: Envoy sends its own stream cap instead, so
+# there a missed deadline is a cancel.)
+_DEADLINE_SLACK_S = 0.1
+
+
 def ended_early(time_remaining: float | None) -> str:
     """The outcome of a call cancelled under its handler: its deadline passed, or its caller went away."""
-    return "deadline_exceeded" if time_remaining is not None and time_remaining <= 0 else "cancelled"
+    if time_remaining is not None and time_remaining <= _DEADLINE_SLACK_S:
+        return "deadline_exceeded"
+    return "cancelled"
