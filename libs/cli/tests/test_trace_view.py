@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from sluice_cli.trace_sink import Span, read_spans
-from sluice_cli.trace_view import format_trace
+from sluice_cli.trace_view import add_arguments, format_trace
 
 
 def span(span_id: str, parent: str, service: str, name: str, start_ms: float, end_ms: float) -> Span:
@@ -36,3 +37,12 @@ def test_spans_print_as_a_tree_in_start_order(tmp_path: Path) -> None:
         "sluice-inference: generate",
     ]
     assert lines[3].startswith("     3.00 ms      6.00 ms")
+
+
+def test_a_trace_id_is_found_whatever_its_case(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    path = tmp_path / "traces.jsonl"
+    path.write_text(span("a", "", "sluice-envoy", "ingress", 0, 1).to_json().replace('"t1"', '"4bf92f35"') + "\n")
+    args = parser.parse_args(["4BF92F35", "--file", str(path)])
+    assert len(read_spans(args.file, args.trace_id)) == 1

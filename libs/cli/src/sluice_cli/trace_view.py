@@ -30,7 +30,8 @@ SHOWN_ATTRIBUTES = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("trace_id")
+    # Trace ids are stored in lower case; one copied from elsewhere may not be.
+    parser.add_argument("trace_id", type=str.lower)
     parser.add_argument("--file", type=Path, default=Path(".sluice/traces.jsonl"), help="default %(default)s")
 
 

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import urllib.parse
 from pathlib import Path
 
 from sluice_cli.stack import LocalStack, StackError, StackOptions
@@ -15,6 +16,15 @@ logger = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", type=Path, default=Path(".sluice"), help="logs, traces, Envoy config")
+
+
+def shown(url: str) -> str:
+    """A store's URL as it may be printed: without its password."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -44,7 +54,9 @@ async def run(args: argparse.Namespace) -> int:
             f"sluice is ready.\n"
             f"  public API (gRPC, sluice.generation.v1.Generation): {stack.edge}\n"
             f"  Envoy admin: http://127.0.0.1:{ports.admin}/clusters   traces: {stack.traces_path}\n"
-            f"  metrics: queue {queue_metrics}, inference {inference_metrics}\n"
+            f"  metrics: queue {queue_metrics}, inference {inference_metrics}, "
+            f"ratelimit :{ports.ratelimit_metrics}, datastore :{ports.datastore_metrics}\n"
+            f"  state: Redis {shown(stack.redis_url)}, PostgreSQL {shown(stack.database_url)}\n"
             f"  logs: {args.state_dir / 'logs'}\n"
             f"  demo tenant's API key: {demo_key} (also in {args.state_dir / 'demo-api-key'})\n"
             f'try:  .venv/bin/sluice generate "The river"   (with the demo key)\n'
