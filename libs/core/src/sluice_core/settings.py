@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import socket
 from typing import Literal
@@ -26,6 +27,25 @@ class ServiceSettings(BaseSettings):
         1.0, ge=0, description="After SIGTERM, keep accepting calls this long while load balancers see NOT_SERVING."
     )
     replica_id: str = Field("", description="Names this process in traces, logs and replies; host:port when empty.")
+
+    @model_validator(mode="after")
+    def _no_unknown_variables(self) -> ServiceSettings:
+        # pydantic-settings ignores a variable it has no field for: a misspelt setting
+        # would be silently left at its default.
+        prefix = str(self.model_config.get("env_prefix", "")).upper()
+        if prefix:
+            known = [prefix + name.upper() for name in type(self).model_fields]
+            environment = os.environ  # noqa: TID251 - the settings' own check of what pydantic-settings reads
+            unknown = sorted(key for key in environment if key.upper().startswith(prefix) and key.upper() not in known)
+            if unknown:
+                hints = [
+                    f"{key} (did you mean {close[0]}?)"
+                    if (close := difflib.get_close_matches(key.upper(), known, 1))
+                    else key
+                    for key in unknown
+                ]
+                raise ValueError(f"unknown settings: {', '.join(hints)}")
+        return self
 
     @model_validator(mode="after")
     def _default_replica_id(self) -> ServiceSettings:
