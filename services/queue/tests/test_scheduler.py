@@ -18,7 +18,7 @@ from sluice.generation.v1 import generation_pb2
 from sluice_cli.redis_server import RedisServer
 from sluice_cli.stack import free_ports
 from sluice_core.errors import ResourceExhausted, Unavailable
-from sluice_queue.scheduler import Scheduler, SchedulerConfig, Ticket
+from sluice_queue.scheduler import Scheduler, SchedulerConfig, Ticket, connect
 
 INTERACTIVE, BATCH = generation_pb2.PRIORITY_INTERACTIVE, generation_pb2.PRIORITY_BATCH
 _ids = itertools.count()
@@ -309,3 +309,17 @@ async def test_a_line_that_empties_leaves_no_counts_and_nothing_without_an_expir
             # Replicas that crash leave their keys: each one expires, whatever is in it.
             for key in await redis.keys(f"{config.prefix}:*"):
                 assert await redis.pttl(key) > 0, key
+
+
+async def test_a_burst_of_calls_beyond_the_connection_pool_waits_instead_of_failing(
+    redis_server: RedisServer, config: SchedulerConfig
+) -> None:
+    redis = connect(redis_server.url, connections=8)
+    scheduler = Scheduler(redis, config)
+    try:
+        await scheduler.report_engines({"engine": 1000})
+        tickets = await asyncio.gather(*(enter(scheduler, f"t{i % 7}") for i in range(300)))
+        assert all(ticket.admitted for ticket in tickets)
+        await asyncio.gather(*(ticket.release() for ticket in tickets))
+    finally:
+        await redis.aclose()

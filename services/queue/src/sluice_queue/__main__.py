@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from redis.asyncio import Redis
-
 from envoy_api.envoy.service.ratelimit.v3 import rls_pb2_grpc
 from sluice.datastore.v1 import datastore_pb2_grpc
 from sluice.generation.v1 import generation_pb2_grpc
@@ -19,7 +17,7 @@ from sluice_queue.auth import Authenticator
 from sluice_queue.budget import Budgets
 from sluice_queue.conversations import Conversations
 from sluice_queue.engines import Engines
-from sluice_queue.scheduler import Scheduler
+from sluice_queue.scheduler import Scheduler, connect
 from sluice_queue.servicer import GenerationServicer
 from sluice_queue.settings import QueueSettings
 from sluice_queue.usage import UsageRecorder
@@ -35,8 +33,7 @@ async def serve(settings: QueueSettings) -> None:
     inference = inference_pb2_grpc.InferenceStub(channels[settings.inference_target])
     datastore = datastore_pb2_grpc.DataStoreStub(channels[settings.datastore_target])
     ratelimit = rls_pb2_grpc.RateLimitServiceStub(channels[settings.ratelimit_target])
-    # No socket timeout: the admission channel stays quiet while nothing moves.
-    redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2.0, health_check_interval=10)
+    redis = connect(settings.redis_url)
     scheduler = Scheduler(redis, settings.scheduler())
     engines = Engines(inference, scheduler.report_engines, settings.engine_interval_s, settings.engine_probes)
     usage = UsageRecorder(datastore, settings.usage_batch_size, settings.usage_flush_interval_s)

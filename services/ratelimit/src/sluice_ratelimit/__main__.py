@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from envoy_api.envoy.service.ratelimit.v3 import rls_pb2_grpc
 from sluice_core.server import GrpcServer
@@ -22,11 +22,16 @@ async def serve(settings: RateLimitSettings) -> None:
     store = ConfigStore(settings.config_paths)
     # The client's own timeouts stop a dead connection from holding a request
     # past the decision's deadline; asyncio.timeout bounds the whole call.
-    redis = Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_timeout_ms / 1e3,
-        socket_connect_timeout=settings.redis_timeout_ms / 1e3,
-        max_connections=256,
+    # A burst past the pool's size waits (within the decision's timeout) for a free
+    # connection, instead of failing at once as redis-py's default pool does.
+    redis = Redis.from_pool(
+        BlockingConnectionPool.from_url(
+            settings.redis_url,
+            max_connections=256,
+            timeout=settings.redis_timeout_ms / 1e3,
+            socket_timeout=settings.redis_timeout_ms / 1e3,
+            socket_connect_timeout=settings.redis_timeout_ms / 1e3,
+        )
     )
     policy = Policy(
         key_prefix=settings.key_prefix,
