@@ -85,6 +85,8 @@ async def spent_once_refunded(stack: LocalStack, tenant_id: str, per_minute: int
 async def test_calls_without_a_valid_key_are_unauthenticated(stack: LocalStack) -> None:
     assert (await refused(stack, None)).code == grpc.StatusCode.UNAUTHENTICATED
     assert (await refused(stack, "sk-made-up")).code == grpc.StatusCode.UNAUTHENTICATED
+    # Even with bad input: a caller without a valid key learns nothing about its request.
+    assert (await refused(stack, None, request(prompt=""))).code == grpc.StatusCode.UNAUTHENTICATED
     tenant_id, key = await tenant_with_key(stack, "soon-revoked")
     assert (await run(stack, key, request()))[-1].HasField("finished")
     async with grpc.aio.insecure_channel(stack.internal) as channel:

@@ -111,9 +111,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         queue_s: float | None = None
         try:
             # Refused requests are counted too, and recorded once their tenant is known (the finally below).
-            internal = to_inference(request, request_id)
+            # Who is asking first: a caller without a valid key learns nothing about its request.
             tenant = await self._auth.tenant(context.invocation_metadata())
             call_span.set_attribute("sluice.tenant", tenant.name)
+            internal = to_inference(request, request_id)
             added = new_messages(request)
             if request.conversation_id:
                 history = await self._conversations.history(
