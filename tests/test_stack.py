@@ -132,10 +132,15 @@ async def test_an_expired_deadline_is_deadline_exceeded(stack: LocalStack) -> No
     # No trailing metadata comes back from a call whose deadline passed: the client's own trace id does.
     trace_id = caught.value.trace_id
 
-    async def traced() -> bool:
-        return any(s.service == "sluice-queue" for s in stack.spans(trace_id))
+    # ... and the trace, like the metrics, says the deadline ended it, at the queue and at the replica.
+    spans_of_the_request = ("/sluice.generation.v1.Generation/Generate", "inference.generate")
+    expired = dict.fromkeys(spans_of_the_request, "deadline_exceeded")
 
-    await eventually(traced, 15, f"the queue's spans of the expired call, in trace {trace_id!r}")
+    async def traced() -> bool:
+        spans = stack.spans(trace_id)
+        return {s.name: s.attributes.get("sluice.outcome") for s in spans if s.name in expired} == expired
+
+    await eventually(traced, 15, f"the queue's and the replica's spans of the expired call, in trace {trace_id!r}")
 
     async def both_idle() -> bool:
         return all([await idle(stack, 0), await idle(stack, 1)])

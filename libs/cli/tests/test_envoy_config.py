@@ -43,7 +43,7 @@ def routes(config: dict[str, Any], listener: str) -> list[dict[str, Any]]:
     return found_routes
 
 
-def test_streaming_routes_have_no_request_timeout() -> None:
+def test_streaming_routes_have_no_request_timeout_and_leave_the_callers_deadline_alone() -> None:
     config = yaml.safe_load(render(LOCAL))
     for listener, prefix in (
         ("edge", "/sluice.generation.v1.Generation/"),
@@ -51,7 +51,13 @@ def test_streaming_routes_have_no_request_timeout() -> None:
     ):
         (route,) = [r for r in routes(config, listener) if r["match"] == {"prefix": prefix}]
         assert route["route"]["timeout"] == "0s"
-        assert route["route"]["max_stream_duration"]["max_stream_duration"]
+        assert route["route"]["idle_timeout"]
+        # A route's max stream duration would go upstream in place of the caller's grpc-timeout:
+        # the cap is the connection manager's.
+        assert "max_stream_duration" not in route["route"]
+    for listener in config["static_resources"]["listeners"]:
+        manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        assert manager["common_http_protocol_options"]["max_stream_duration"] == "3600s"
 
 
 def test_inference_is_health_checked_by_service_name_and_least_request_balanced() -> None:

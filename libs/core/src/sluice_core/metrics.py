@@ -106,9 +106,7 @@ class StreamTimer:
 
 # A caller's deadline passes at the caller first: it resets the stream, and the
 # reset reaches this hop while this hop's copy of the deadline, which started
-# when the call arrived, still has a few milliseconds left. (Behind Envoy a hop
-# never sees the caller's deadline: Envoy sends its own stream cap instead, so
-# there a missed deadline is a cancel.)
+# when the call arrived, still has a few milliseconds left.
 _DEADLINE_SLACK_S = 0.1
 
 
