@@ -262,13 +262,18 @@ def test_admin_manages_tenants_and_keys_through_envoy(stack: LocalStack) -> None
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_the_stack_issues_a_demo_key(stack: LocalStack) -> None:
-    key = await stack.demo_key()
+async def test_the_demo_key_is_kept_across_restarts_until_it_stops_working(stack: LocalStack) -> None:
+    key = stack.demo_api_key
+    assert (stack.options.state_dir / "demo-api-key").read_text().strip() == key
+    assert await stack.demo_key() == key, "a restart keeps the key scripts were given"
     async with grpc.aio.insecure_channel(stack.internal) as channel:
         stub = datastore_pb2_grpc.DataStoreStub(channel)
-        tenant = await stub.GetTenantByApiKey(datastore_pb2.GetTenantByApiKeyRequest(api_key=key))
-    assert tenant.name == "demo"
-    assert (stack.options.state_dir / "demo-api-key").read_text().strip() == key
+        assert (await stub.GetTenantByApiKey(datastore_pb2.GetTenantByApiKeyRequest(api_key=key))).name == "demo"
+        await stub.RevokeApiKey(datastore_pb2.RevokeApiKeyRequest(api_key=key))
+        renewed = await stack.demo_key()
+        assert renewed != key
+        assert (await stub.GetTenantByApiKey(datastore_pb2.GetTenantByApiKeyRequest(api_key=renewed))).name == "demo"
+    assert (stack.options.state_dir / "demo-api-key").read_text().strip() == renewed
 
 
 # Last: it stops the queue replicas.

