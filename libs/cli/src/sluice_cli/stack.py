@@ -111,7 +111,7 @@ async def _belongs_to_demo(stub: datastore_pb2_grpc.DataStoreAsyncStub, key: str
         tenant = await stub.GetTenantByApiKey(datastore_pb2.GetTenantByApiKeyRequest(api_key=key), timeout=5.0)
     except grpc.aio.AioRpcError as exc:
         if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
-            return False  # revoked, or from another database
+            return False  # unknown (revoked, or another database's), or not a key at all
         raise
     return bool(tenant.name == "demo")
 
