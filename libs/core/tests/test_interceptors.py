@@ -1,13 +1,19 @@
-"""The shared interceptor: what a caller sees when a handler succeeds or fails."""
+"""The shared interceptor: what a caller sees when a handler succeeds or fails, and what its trace shows."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
+from opentelemetry import context, trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
 from sluice_core import errors
@@ -30,6 +36,8 @@ class Failing(inference_pb2_grpc.InferenceServicer):
                 raise errors.ResourceExhausted("queue full", retry_after_s=2.5)
             case "bug":
                 raise RuntimeError("secret database password in a traceback")
+            case "wait":
+                await asyncio.sleep(30)
 
     async def GetLoad(
         self, request: inference_pb2.GetLoadRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -43,6 +51,36 @@ async def stub() -> AsyncIterator[inference_pb2_grpc.InferenceAsyncStub]:
     server.add(inference_pb2_grpc.add_InferenceServicer_to_server, Failing(), "test")  # type: ignore[abstract]
     async with server, grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         yield inference_pb2_grpc.InferenceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def exported() -> Iterator[InMemorySpanExporter]:
+    """The spans the process ends from here on."""
+    provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield exporter
+    exporter.shutdown()
+
+
+@contextlib.contextmanager
+def caller_trace(trace_id: int, span_id: int) -> Iterator[None]:
+    """The caller's own trace, current while it calls (its gRPC instrumentation sends it on)."""
+    caller = trace.SpanContext(trace_id, span_id, is_remote=False, trace_flags=trace.TraceFlags(1))
+    token = context.attach(trace.set_span_in_context(trace.NonRecordingSpan(caller)))
+    try:
+        yield
+    finally:
+        context.detach(token)
+
+
+def server_spans(exporter: InMemorySpanExporter, trace_id: int) -> list[ReadableSpan]:
+    return [
+        span
+        for span in exporter.get_finished_spans()
+        if span.context.trace_id == trace_id and span.kind == trace.SpanKind.SERVER
+    ]
 
 
 async def fail(stub: inference_pb2_grpc.InferenceAsyncStub, prompt: str) -> grpc.aio.AioRpcError:
@@ -109,3 +147,58 @@ async def test_health_reports_not_serving_until_ready() -> None:
         assert await status() == health_pb2.HealthCheckResponse.SERVING
         await server.set_serving(False)
         assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_a_call_continues_its_callers_trace(
+    stub: inference_pb2_grpc.InferenceAsyncStub, exported: InMemorySpanExporter
+) -> None:
+    trace_id = 0x0AF7651916CD43DD8448EB211C80319C
+    with caller_trace(trace_id, 0xB7AD6B7169203331):
+        call = stub.Generate(inference_pb2.GenerateRequest(prompt="fine"))
+    assert len([response async for response in call]) == 1
+    assert dict(await call.trailing_metadata() or ())[TRACE_ID_KEY] == f"{trace_id:032x}"
+    (span,) = server_spans(exported, trace_id)
+    assert span.name == "/sluice.inference.v1.Inference/Generate"
+    (caller,) = [s for s in exported.get_finished_spans() if s.context.trace_id == trace_id and s is not span]
+    assert span.parent is not None and span.parent.span_id == caller.context.span_id
+    assert span.attributes == {
+        "rpc.system": "grpc",
+        "rpc.service": "sluice.inference.v1.Inference",
+        "rpc.method": "Generate",
+        "rpc.grpc.status_code": 0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("prompt", "code", "marked_failed"),
+    [("busy", grpc.StatusCode.RESOURCE_EXHAUSTED, False), ("bug", grpc.StatusCode.INTERNAL, True)],
+)
+async def test_a_failed_call_records_its_status(
+    stub: inference_pb2_grpc.InferenceAsyncStub,
+    exported: InMemorySpanExporter,
+    prompt: str,
+    code: grpc.StatusCode,
+    marked_failed: bool,
+) -> None:
+    error = await fail(stub, prompt)
+    (span,) = server_spans(exported, int(trace_id(error), 16))
+    assert span.attributes is not None and span.attributes["rpc.grpc.status_code"] == code.value[0]
+    # A refusal is the caller's to handle; an internal error is the server's failure.
+    assert (span.status.status_code == trace.StatusCode.ERROR) is marked_failed
+
+
+async def test_a_stream_its_caller_cancels_is_recorded_as_cancelled(
+    stub: inference_pb2_grpc.InferenceAsyncStub, exported: InMemorySpanExporter
+) -> None:
+    trace_id = 0x4BF92F3577B34DA6A3CE929D0E0E4736
+    with caller_trace(trace_id, 0x00F067AA0BA902B7):
+        call = stub.Generate(inference_pb2.GenerateRequest(prompt="wait"))
+    await anext(aiter(call))
+    call.cancel()
+    for _ in range(100):
+        if spans := server_spans(exported, trace_id):
+            break
+        await asyncio.sleep(0.02)
+    (span,) = spans
+    assert span.attributes is not None
+    assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]

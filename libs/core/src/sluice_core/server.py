@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from sluice_core.interceptors import ErrorInterceptor
+from sluice_core.interceptors import ServerInterceptor
 from sluice_core.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class GrpcServer:
         self._settings = settings
         self._handle_signals = handle_signals
         self._health_names = tuple(health_names)
-        self._server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=SERVER_OPTIONS)
+        self._server = grpc.aio.server(interceptors=[ServerInterceptor()], options=SERVER_OPTIONS)
         self._health = health.aio.HealthServicer()
         self._stop = asyncio.Event()
         self._stopped = False

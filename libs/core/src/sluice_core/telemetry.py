@@ -1,15 +1,16 @@
-"""Tracing: a tracer provider per process, OTLP export when configured, gRPC instrumentation.
+"""Tracing: a tracer provider per process, OTLP export when configured, gRPC client instrumentation.
 
-W3C ``traceparent`` travels in gRPC metadata: the instrumented server continues
-the caller's trace (Envoy's span, when the call came through Envoy) and every
-instrumented client call carries the current span on to the next hop.
+W3C ``traceparent`` travels in gRPC metadata: every server continues the
+caller's trace (Envoy's span, when the call came through Envoy; see
+``sluice_core.interceptors``) and every instrumented client call carries the
+current span on to the next hop.
 """
 
 from __future__ import annotations
 
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient, GrpcAioInstrumentorServer, filters
+from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient, filters
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -19,7 +20,7 @@ TRACE_ID_KEY = "x-trace-id"
 # Health checks and the queue's capacity probes run several times a second on every
 # replica: traced, they would outnumber the requests in the trace store (4,000 probe
 # spans against 190 requests in one benchmark) and cost every process CPU to export.
-_TRACED = filters.negate(
+traced = filters.negate(
     filters.any_of(filters.health_check(), filters.method_name("GetModelInfo"), filters.method_name("GetLoad"))
 )
 
@@ -27,7 +28,7 @@ _provider: TracerProvider | None = None
 
 
 def setup_tracing(service: str, replica_id: str, otlp_endpoint: str | None) -> TracerProvider:
-    """Install the global tracer provider and instrument gRPC; call once, before creating servers or channels.
+    """Install the global tracer provider and instrument gRPC clients; call once, before creating channels.
 
     Spans are always recorded, so every request has a trace id to report back
     to its caller, but only exported when ``otlp_endpoint`` is set.
@@ -39,8 +40,7 @@ def setup_tracing(service: str, replica_id: str, otlp_endpoint: str | None) -> T
     if otlp_endpoint:
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True)))
     trace.set_tracer_provider(provider)
-    GrpcAioInstrumentorServer(filter_=_TRACED).instrument()  # type: ignore[no-untyped-call]
-    GrpcAioInstrumentorClient(filter_=_TRACED).instrument()  # type: ignore[no-untyped-call]
+    GrpcAioInstrumentorClient(filter_=traced).instrument()  # type: ignore[no-untyped-call]
     _provider = provider
     return provider
 
