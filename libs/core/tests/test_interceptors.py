@@ -19,7 +19,7 @@ from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
 from sluice_core import errors
 from sluice_core.server import GrpcServer
 from sluice_core.settings import ServiceSettings
-from sluice_core.telemetry import TRACE_ID_KEY
+from sluice_core.telemetry import TRACE_ID_KEY, traced
 
 
 class Failing(inference_pb2_grpc.InferenceServicer):
@@ -202,3 +202,18 @@ async def test_a_stream_its_caller_cancels_is_recorded_as_cancelled(
     (span,) = spans
     assert span.attributes is not None
     assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [
+        ("/sluice.inference.v1.Inference/Generate", True),
+        (b"/sluice.inference.v1.Inference/Generate", True),  # how a client interceptor sees it
+        (b"/sluice.inference.v1.Inference/GetLoad", False),
+        ("/sluice.inference.v1.Inference/GetModelInfo", False),
+        ("/grpc.health.v1.Health/Check", False),
+    ],
+)
+def test_requests_are_traced_and_probes_are_not(method: str | bytes, expected: bool) -> None:
+    details = grpc.aio.ClientCallDetails(method, None, None, None, None)  # type: ignore[arg-type]
+    assert traced(details) is expected
