@@ -13,9 +13,9 @@ from sluice_cli.stack import free_ports
 from sluice_core.telemetry import setup_tracing
 from sluice_datastore.migrate import migrate
 
-# Instrument gRPC once, as every service's main does, so that in-process
-# servers in the tests run with the same interceptors (and trace ids) as in
-# production. Nothing is exported: there is no OTLP endpoint.
+# A tracer provider, as every service's main installs, so that in-process
+# servers in the tests record spans (and return trace ids) as in production.
+# Nothing is exported: there is no OTLP endpoint.
 setup_tracing("sluice-tests", "tests", otlp_endpoint=None)
 
 

@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
 from sluice_core import errors
+from sluice_core.channels import insecure_channel
 from sluice_core.server import GrpcServer
 from sluice_core.settings import ServiceSettings
 from sluice_core.telemetry import TRACE_ID_KEY, traced
@@ -49,7 +50,7 @@ class Failing(inference_pb2_grpc.InferenceServicer):
 async def stub() -> AsyncIterator[inference_pb2_grpc.InferenceAsyncStub]:
     server = GrpcServer(ServiceSettings(drain_delay_s=0), ["test"], handle_signals=False)
     server.add(inference_pb2_grpc.add_InferenceServicer_to_server, Failing(), "test")  # type: ignore[abstract]
-    async with server, grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+    async with server, insecure_channel(f"127.0.0.1:{server.port}") as channel:
         yield inference_pb2_grpc.InferenceStub(channel)
 
 
@@ -66,7 +67,7 @@ def exported() -> Iterator[InMemorySpanExporter]:
 
 @contextlib.contextmanager
 def caller_trace(trace_id: int, span_id: int) -> Iterator[None]:
-    """The caller's own trace, current while it calls (its gRPC instrumentation sends it on)."""
+    """The caller's own trace, current while it calls (its channel's interceptor sends it on)."""
     caller = trace.SpanContext(trace_id, span_id, is_remote=False, trace_flags=trace.TraceFlags(1))
     token = context.attach(trace.set_span_in_context(trace.NonRecordingSpan(caller)))
     try:
@@ -75,12 +76,10 @@ def caller_trace(trace_id: int, span_id: int) -> Iterator[None]:
         context.detach(token)
 
 
-def server_spans(exporter: InMemorySpanExporter, trace_id: int) -> list[ReadableSpan]:
-    return [
-        span
-        for span in exporter.get_finished_spans()
-        if span.context.trace_id == trace_id and span.kind == trace.SpanKind.SERVER
-    ]
+def spans_of(
+    exporter: InMemorySpanExporter, trace_id: int, kind: trace.SpanKind = trace.SpanKind.SERVER
+) -> list[ReadableSpan]:
+    return [span for span in exporter.get_finished_spans() if span.context.trace_id == trace_id and span.kind == kind]
 
 
 async def fail(stub: inference_pb2_grpc.InferenceAsyncStub, prompt: str) -> grpc.aio.AioRpcError:
@@ -157,9 +156,10 @@ async def test_a_call_continues_its_callers_trace(
         call = stub.Generate(inference_pb2.GenerateRequest(prompt="fine"))
     assert len([response async for response in call]) == 1
     assert dict(await call.trailing_metadata() or ())[TRACE_ID_KEY] == f"{trace_id:032x}"
-    (span,) = server_spans(exported, trace_id)
+    (span,) = spans_of(exported, trace_id)
     assert span.name == "/sluice.inference.v1.Inference/Generate"
-    (caller,) = [s for s in exported.get_finished_spans() if s.context.trace_id == trace_id and s is not span]
+    (caller,) = spans_of(exported, trace_id, trace.SpanKind.CLIENT)
+    assert caller.parent is not None and caller.parent.span_id == 0xB7AD6B7169203331
     assert span.parent is not None and span.parent.span_id == caller.context.span_id
     assert span.attributes == {
         "rpc.system": "grpc",
@@ -181,27 +181,31 @@ async def test_a_failed_call_records_its_status(
     marked_failed: bool,
 ) -> None:
     error = await fail(stub, prompt)
-    (span,) = server_spans(exported, int(trace_id(error), 16))
+    (span,) = spans_of(exported, int(trace_id(error), 16))
     assert span.attributes is not None and span.attributes["rpc.grpc.status_code"] == code.value[0]
     # A refusal is the caller's to handle; an internal error is the server's failure.
     assert (span.status.status_code == trace.StatusCode.ERROR) is marked_failed
 
 
-async def test_a_stream_its_caller_cancels_is_recorded_as_cancelled(
+async def test_a_stream_its_caller_cancels_ends_both_spans_as_cancelled(
     stub: inference_pb2_grpc.InferenceAsyncStub, exported: InMemorySpanExporter
 ) -> None:
     trace_id = 0x4BF92F3577B34DA6A3CE929D0E0E4736
     with caller_trace(trace_id, 0x00F067AA0BA902B7):
         call = stub.Generate(inference_pb2.GenerateRequest(prompt="wait"))
     await anext(aiter(call))
+    # Cancelled while its reader waits for the next response, and never read again:
+    # the client's span ends now, not when the call is garbage-collected.
     call.cancel()
+    kinds = (trace.SpanKind.SERVER, trace.SpanKind.CLIENT)
     for _ in range(100):
-        if spans := server_spans(exported, trace_id):
+        if all(spans_of(exported, trace_id, kind) for kind in kinds):
             break
         await asyncio.sleep(0.02)
-    (span,) = spans
-    assert span.attributes is not None
-    assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
+    for kind in kinds:
+        (span,) = spans_of(exported, trace_id, kind)
+        assert span.attributes is not None
+        assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0], kind
 
 
 @pytest.mark.parametrize(

@@ -48,10 +48,11 @@ def _trace_id(metadata: grpc.aio.Metadata | None, started: str) -> str:
 def _new_trace() -> Iterator[tuple[str, tuple[tuple[str, str], ...]]]:
     """A new sampled trace's id and its ``traceparent``, current while the call is made.
 
-    Current as well as sent: where OpenTelemetry's gRPC instrumentation runs in
-    the caller's process, it replaces the header with its own span's, a child
-    of the current one, in the same trace. A caller already in a span of its
-    own keeps it (its trace id comes back in the trailing metadata).
+    Current as well as sent: where the caller's process records spans, the
+    channel's tracing interceptor (``sluice_core.interceptors``) replaces the
+    header with its own span's, a child of the current one, in the same trace.
+    A caller already in a span of its own keeps it (its trace id comes back in
+    the trailing metadata).
     """
     if trace.get_current_span().get_span_context().is_valid:
         yield "", ()

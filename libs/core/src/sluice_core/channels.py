@@ -1,4 +1,4 @@
-"""Client channels between services: keepalive for long streams and a conservative retry policy."""
+"""Client channels between services: keepalive for long streams, a conservative retry policy, a span per call."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
+
+from sluice_core.interceptors import client_interceptors
 
 # Calls that never reached a server are retried by gRPC whatever the policy.
 # UNAVAILABLE from a handler (a replica loading or draining, a store that is
@@ -60,4 +62,4 @@ CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
 
 def insecure_channel(target: str) -> grpc.aio.Channel:
     """A channel to another sluice service (normally Envoy's internal listener)."""
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=client_interceptors())
