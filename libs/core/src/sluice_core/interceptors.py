@@ -32,6 +32,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -236,14 +237,15 @@ async def _client_call(continuation: Any, details: grpc.aio.ClientCallDetails, r
 
 
 def _call_done(span: trace.Span, call: grpc.aio.Call) -> None:
-    task = asyncio.ensure_future(_end_client_span(span, call))
+    # The status is only to be had by awaiting it; the span ends as of now all the same.
+    task = asyncio.ensure_future(_end_client_span(span, call, time.time_ns()))
     _ending.add(task)
     task.add_done_callback(_ending.discard)
 
 
-async def _end_client_span(span: trace.Span, call: grpc.aio.Call) -> None:
+async def _end_client_span(span: trace.Span, call: grpc.aio.Call, end_ns: int) -> None:
     code = await call.code()
     span.set_attribute("rpc.grpc.status_code", code.value[0])
     if code != grpc.StatusCode.OK:
         span.set_status(trace.Status(trace.StatusCode.ERROR, f"{code.name}: {await call.details()}"))
-    span.end()
+    span.end(end_time=end_ns)
