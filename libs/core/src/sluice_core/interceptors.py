@@ -1,8 +1,8 @@
 """The interceptors of every service: a span per call, errors to statuses, trace id to the caller.
 
-On the server, each call gets a server span that continues the caller's trace (W3C
-``traceparent``: Envoy's span, when the call came through Envoy) and is the
-current span while the handler runs, so the handler's own spans and its
+On the server, each call gets a server span that continues the caller's
+trace (W3C ``traceparent``: Envoy's span, when the call came through Envoy)
+and is the current span while the handler runs, so the handler's own spans and its
 calls to other services join the trace. Exceptions a handler raises become
 statuses, and the trace id goes back to the caller in trailing metadata
 (``x-trace-id``), on success and on error, for looking up a slow or failed
@@ -60,6 +60,9 @@ _SERVER_ERRORS = frozenset(
     }
 )
 
+# A call cancelled under its handler, as its caller sees it (``sluice_core.metrics.ended_early``).
+_ENDED_EARLY = {"cancelled": grpc.StatusCode.CANCELLED, "deadline_exceeded": grpc.StatusCode.DEADLINE_EXCEEDED}
+
 _tracer = trace.get_tracer(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -82,9 +85,6 @@ def _server_span(method: str, context: Context) -> Iterator[None]:
         raise
     finally:
         span.end()
-
-
-_ENDED_EARLY = {"cancelled": grpc.StatusCode.CANCELLED, "deadline_exceeded": grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 def _trailing() -> tuple[tuple[str, str], ...]:
@@ -128,10 +128,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             # Sluice has no bidirectional RPCs; leave them (reflection) and unknown methods untouched.
             return handler
         method = handler_call_details.method
-        span = traced(handler_call_details)
+        with_span = traced(handler_call_details)
         if handler.request_streaming:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, method, span),
+                _wrap_unary(handler.stream_unary, method, with_span),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -140,12 +140,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             # Some handlers (grpc's health Watch) write with context.write() instead of yielding.
             stream = inspect.isasyncgenfunction(behavior)
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(behavior, method, span) if stream else _wrap_unary(behavior, method, span),
+                _wrap_stream(behavior, method, with_span) if stream else _wrap_unary(behavior, method, with_span),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return grpc.unary_unary_rpc_method_handler(
-            _wrap_unary(handler.unary_unary, method, span),
+            _wrap_unary(handler.unary_unary, method, with_span),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
@@ -156,13 +156,13 @@ def _rpc_attributes(method: str) -> dict[str, str]:
     return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
 
 
-def _span_of(method: str, context: Context, span: bool) -> contextlib.AbstractContextManager[None]:
-    return _server_span(method, context) if span else contextlib.nullcontext()
+def _span_of(method: str, context: Context, with_span: bool) -> contextlib.AbstractContextManager[None]:
+    return _server_span(method, context) if with_span else contextlib.nullcontext()
 
 
-def _wrap_unary(behavior: Any, method: str, span: bool) -> Callable[..., Awaitable[Any]]:
+def _wrap_unary(behavior: Any, method: str, with_span: bool) -> Callable[..., Awaitable[Any]]:
     async def unary(request: Any, context: Context) -> Any:
-        with _span_of(method, context, span):
+        with _span_of(method, context, with_span):
             try:
                 response = await behavior(request, context)
             except grpc.aio.AbortError:
@@ -175,9 +175,9 @@ def _wrap_unary(behavior: Any, method: str, span: bool) -> Callable[..., Awaitab
     return unary
 
 
-def _wrap_stream(behavior: Any, method: str, span: bool) -> Callable[..., AsyncIterator[Any]]:
+def _wrap_stream(behavior: Any, method: str, with_span: bool) -> Callable[..., AsyncIterator[Any]]:
     async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
-        with _span_of(method, context, span):
+        with _span_of(method, context, with_span):
             try:
                 async for response in behavior(request, context):
                     yield response

@@ -26,9 +26,10 @@ class _AbandonedStreamFilter(logging.Filter):
     When a caller cancels a server stream while the handler waits at a
     ``yield``, gRPC's aio server drops the handler's generator without closing
     it; Python closes it later in a task of its own, where the spans opened
-    around the ``yield`` (the services' own: ``queue.wait``, ``queue.stream``,
-    ``inference.generate``) cannot reset the context they set: ValueError, "created in a different
-    Context", logged with a traceback once per span and cancelled stream
+    around the ``yield`` (the services' own: ``queue.wait``,
+    ``queue.stream``, ``inference.generate``) cannot reset the context they
+    set: ValueError, "created in a different Context", logged with a
+    traceback once per span and cancelled stream
     (open-telemetry/opentelemetry-python-contrib#2357). The spans still end
     and are exported, and the cancellation has already reached the next hop;
     only these records are dropped.
