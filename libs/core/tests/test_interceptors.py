@@ -194,7 +194,7 @@ async def test_a_stream_its_caller_cancels_ends_both_spans_as_cancelled(
     with caller_trace(trace_id, 0x00F067AA0BA902B7):
         call = stub.Generate(inference_pb2.GenerateRequest(prompt="wait"))
     await anext(aiter(call))
-    # Cancelled while its reader waits for the next response, and never read again:
+    # Cancelled between two reads and never read again:
     # the client's span ends now, not when the call is garbage-collected.
     call.cancel()
     kinds = (trace.SpanKind.SERVER, trace.SpanKind.CLIENT)
