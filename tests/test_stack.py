@@ -20,10 +20,12 @@ from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
 from sluice.generation.v1 import generation_pb2, generation_pb2_grpc
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
+from sluice_cli import floor
 from sluice_cli.bench import transport_floor
-from sluice_cli.stack import LocalStack
+from sluice_cli.stack import LOOPBACK, LocalStack
 from sluice_cli.trace_sink import Span
 from sluice_client import GenerationClient, StreamError
+from sluice_core.channels import insecure_channel
 from sluice_core.errors import InvalidArgument
 
 from .conftest import LIMITED_KEY, LIMITED_PER_HOUR, RATE_LIMITS, eventually, requests_served
@@ -279,12 +281,16 @@ async def test_the_demo_key_is_kept_across_restarts_until_it_stops_working(stack
 # Last: it stops the queue replicas.
 async def test_the_transport_floor_crosses_the_hops_it_names(stack: LocalStack) -> None:
     # `sluice bench` sets the stack's added time to first token against these round trips.
-    floor = await transport_floor(stack)
-    assert set(floor) == {"edge", "inference", "redis", "total"}
-    assert all(trip > 0 for trip in floor.values())
+    trips = await transport_floor(stack)
+    assert set(trips) == {"edge", "inference", "redis", "total"}
+    assert all(trip > 0 for trip in trips.values())
     # Envoy, its rate-limit call and a Python server cannot answer as fast as Redis alone.
-    assert floor["edge"] > floor["redis"]
-    assert floor["total"] == pytest.approx(floor["edge"] + floor["inference"] + floor["redis"], abs=0.02)
+    assert trips["edge"] > trips["redis"]
+    assert trips["total"] == pytest.approx(trips["edge"] + trips["inference"] + trips["redis"], abs=0.02)
+    # `sluice bench scheduler`'s paced floor: a stream opened on a queue replica, its first message read.
+    async with insecure_channel(f"{LOOPBACK}:{stack.ports.queue[0]}") as queue:
+        opened = await floor.round_trips_ms({"stream": floor.stream_opened(queue)}, rounds=5)
+    assert opened["stream"] > 0
 
 
 async def test_stopping_the_stack_lets_streams_in_flight_finish(stack: LocalStack) -> None:

@@ -21,9 +21,12 @@ to first token p50 / p99 per class. Low load: one caller taking turns, in
 a shuffled order each round, on three paths: fcfs, scheduled, and
 **queue**, the public API on a queue replica's own port (no edge Envoy, no
 edge rate-limit check): queue minus fcfs is what the queue service adds,
-scheduled minus queue what the edge adds; a do-nothing call to the queue
-replica and a Redis round trip (``sluice_cli.floor``) are the least the
-queue can add. The last line is one JSON object with every figure.
+scheduled minus queue what the edge adds. The least the queue can add is
+its hop and a Redis round trip (``sluice_cli.floor``), measured two ways: a
+do-nothing call to the queue replica and a ``PING``, back to back (the
+most favourable pacing), and a stream opened on the queue replica and a
+``PING`` taking turns with the three paths (paced like the requests, after
+the same idling). The last line is one JSON object with every figure.
 """
 
 from __future__ import annotations
@@ -148,21 +151,6 @@ async def budgeted_key(stack: LocalStack) -> str:
         return await ensure_tenant_key(stub, "bench", most["requests_per_minute"], most["tokens_per_minute"])
 
 
-async def queue_floor(stack: LocalStack, api_key: str) -> dict[str, float]:
-    """What the queue's hop costs with next to no work: a call to its replica's own port, one Redis round trip.
-
-    The queue path and fcfs both go on from there through Envoy to inference,
-    so the two calls are the least the queue can add (see ``sluice_cli.floor``).
-    """
-    async with (
-        redis.Redis.from_url(stack.redis_url) as client,
-        insecure_channel(f"{LOOPBACK}:{stack.ports.queue[0]}") as queue,
-    ):
-        return await floor.round_trips_ms(
-            {"queue": floor.health_check(queue, api_key), "redis": floor.redis_ping(client)}
-        )
-
-
 async def run(args: argparse.Namespace) -> int:
     log = sys.stderr
     with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp:
@@ -199,8 +187,13 @@ async def measure(stack: LocalStack, args: argparse.Namespace) -> dict[str, Any]
         GenerationClient(stack.edge, api_key=api_key) as client,
         GenerationClient(f"{LOOPBACK}:{stack.ports.queue[0]}", api_key=api_key) as queue_client,
         insecure_channel(stack.internal) as channel,
+        insecure_channel(f"{LOOPBACK}:{stack.ports.queue[0]}") as queue_channel,
+        redis.Redis.from_url(stack.redis_url) as redis_client,
     ):
         inference = inference_pb2_grpc.InferenceStub(channel)
+        # What the queue's hop costs with next to no work: the queue path and fcfs both
+        # go on from there through Envoy to inference (see ``sluice_cli.floor``).
+        hop, ping = floor.stream_opened(queue_channel), floor.redis_ping(redis_client)
 
         def public(through: GenerationClient) -> Send:
             async def send(i: int, priority: int, tokens: int) -> float:
@@ -218,8 +211,14 @@ async def measure(stack: LocalStack, args: argparse.Namespace) -> dict[str, Any]
             call = inference.Generate(req, timeout=600)
             return await first_token_s(r.HasField("delta") async for r in call)
 
+        async def floor_paced(i: int, priority: int, tokens: int) -> float:
+            start = time.perf_counter()
+            await hop()
+            await ping()
+            return time.perf_counter() - start
+
         print(f"low load: one caller, {args.low_load_requests} requests per path ...", file=log, flush=True)
-        turns = {"scheduled": scheduled, "queue": queue, "fcfs": fcfs}
+        turns = {"scheduled": scheduled, "queue": queue, "fcfs": fcfs, "floor": floor_paced}
         low: dict[str, list[float]] = {name: [] for name in turns}
         order = random.Random(0)
         for i in range(args.low_load_requests):
@@ -228,7 +227,7 @@ async def measure(stack: LocalStack, args: argparse.Namespace) -> dict[str, Any]
             # spans) overlaps the next request's start, and must not always fall on one path.
             for name in order.sample(list(turns), len(turns)):
                 low[name].append(await turns[name](i, INTERACTIVE, 8) * 1e3)
-        transport = await queue_floor(stack, api_key)
+        transport = await floor.round_trips_ms({"queue": floor.health_check(queue_channel, api_key), "redis": ping})
         callers = args.overload * capacity
         figures: dict[str, dict[str, dict[str, float]]] = {"closed_loop": {}, "open_loop": {}}
         served: dict[str, float] = {}
@@ -245,6 +244,7 @@ async def measure(stack: LocalStack, args: argparse.Namespace) -> dict[str, Any]
             print(f"{name}: {rate:.0f} requests/s arriving, {args.requests} requests ...", file=log, flush=True)
             figures["open_loop"][name] = summary(await open_loop(send, rate, args.requests, args.output_tokens))
     low_p50 = {name: round(percentile(values, 50), 2) for name, values in low.items()}
+    paced_floor = low_p50.pop("floor")
     print(
         f"{'load':12} {'path':10} {'interactive p50':>16} {'interactive p99':>16} {'batch p50':>10} {'batch p99':>10}",
         file=log,
@@ -258,8 +258,9 @@ async def measure(stack: LocalStack, args: argparse.Namespace) -> dict[str, Any]
             )
     print(
         f"low load TTFT p50: scheduled {low_p50['scheduled']} ms, queue {low_p50['queue']} ms, "
-        f"fcfs {low_p50['fcfs']} ms; the queue's transport floor {transport['total']} ms "
-        f"(do-nothing call to a queue replica {transport['queue']} ms + Redis {transport['redis']} ms)",
+        f"fcfs {low_p50['fcfs']} ms; the queue's transport floor {transport['total']} ms back to back "
+        f"(do-nothing call to a queue replica {transport['queue']} ms + Redis {transport['redis']} ms), "
+        f"{paced_floor} ms paced like the requests (a stream opened on the queue replica + Redis)",
         file=log,
     )
 
@@ -274,12 +275,13 @@ async def measure(stack: LocalStack, args: argparse.Namespace) -> dict[str, Any]
         "arrivals_per_s": round(rate, 1),
         "overload": figures,
         "low_load_ttft_p50_ms": low_p50,
-        "queue_transport_floor_ms": transport,
+        "queue_transport_floor_ms": {**transport, "paced_stream": paced_floor},
         "comparison": {
             "closed_loop_interactive_ttft_p99_ratio_scheduled_to_fcfs": p99_ratio("closed_loop"),
             "open_loop_interactive_ttft_p99_ratio_scheduled_to_fcfs": p99_ratio("open_loop"),
             "low_load_ttft_p50_added_by_queue_ms": round(low_p50["queue"] - low_p50["fcfs"], 2),
             "queue_transport_floor_ms": transport["total"],
+            "queue_transport_floor_paced_ms": paced_floor,
             "low_load_ttft_p50_added_by_edge_ms": round(low_p50["scheduled"] - low_p50["queue"], 2),
         },
     }

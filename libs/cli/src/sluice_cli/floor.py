@@ -46,6 +46,24 @@ def health_check(channel: grpc.aio.Channel, api_key: str) -> Call:
     return lambda: stub.Check(request, metadata=metadata, timeout=5)
 
 
+def stream_opened(channel: grpc.aio.Channel) -> Call:
+    """A stream opened and its first message read: health ``Watch`` answers at once with the current status.
+
+    What a relay's hop costs before the relay does anything: a server stream
+    in, one message out (the health service is not traced).
+    """
+    stub = health_pb2_grpc.HealthStub(channel)
+    request = health_pb2.HealthCheckRequest()
+
+    async def call() -> None:
+        stream = stub.Watch(request, timeout=5)
+        async for _ in stream:
+            break
+        stream.cancel()
+
+    return call
+
+
 def load_report(channel: grpc.aio.Channel) -> Call:
     """An inference replica's ``GetLoad`` (reads counters): through Envoy's internal listener, a hop to inference."""
     stub = inference_pb2_grpc.InferenceStub(channel)
