@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 
 from sluice.datastore.v1 import datastore_pb2_grpc
 from sluice_core.logs import setup_logging
+from sluice_core.redis_pool import pooled_redis
 from sluice_core.server import GrpcServer
 from sluice_core.service import cancel, run
 from sluice_datastore import SERVICE_NAME
@@ -37,17 +38,8 @@ async def serve(settings: DataStoreSettings) -> None:
     database = await Database.connect(
         settings.database_url, settings.replica_urls, settings.pool_size, settings.statement_timeout_ms, warm=True
     )
-    # A burst waits (as long as a call may take) for a free connection: the default
-    # pool fails every call past 100 at once.
-    redis = Redis.from_pool(
-        BlockingConnectionPool.from_url(
-            settings.redis_url,
-            max_connections=64,
-            timeout=timeout_s,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-        )
-    )
+    # A burst waits (as long as a call may take) for a free connection.
+    redis = pooled_redis(settings.redis_url, 64, timeout_s, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
     # The subscription blocks on reads: it must not share the short timeout.
     subscriber = Redis.from_url(settings.redis_url, socket_connect_timeout=timeout_s)
     local = LocalTenants(settings.local_tenant_ttl_s)

@@ -28,11 +28,12 @@ from dataclasses import dataclass
 from importlib import resources
 
 from prometheus_client import Gauge
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from sluice.generation.v1 import generation_pb2
 from sluice_core.errors import ResourceExhausted, Unavailable
+from sluice_core.redis_pool import pooled_redis
 from sluice_core.service import cancel
 
 logger = logging.getLogger(__name__)
@@ -69,17 +70,11 @@ class SchedulerConfig:
 
 
 def connect(url: str, connections: int = 64) -> Redis:
-    """The queue replica's Redis client: a burst of calls waits for a free connection.
+    """The queue replica's Redis client (``sluice_core.redis_pool``).
 
-    redis-py's default pool fails every call beyond its 100 connections at once
-    ("Too many connections"): under a flood of requests, admissions failed
-    UNAVAILABLE and releases were lost (their slots held for a lease). No
-    socket timeout: the admission channel stays quiet while nothing moves.
+    No socket timeout: the admission channel stays quiet while nothing moves.
     """
-    pool = BlockingConnectionPool.from_url(
-        url, max_connections=connections, timeout=2.0, socket_connect_timeout=2.0, health_check_interval=10
-    )
-    return Redis.from_pool(pool)
+    return pooled_redis(url, connections, 2.0, socket_connect_timeout=2.0, health_check_interval=10)
 
 
 class Ticket:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from redis.asyncio import BlockingConnectionPool, Redis
-
 from envoy_api.envoy.service.ratelimit.v3 import rls_pb2_grpc
+from sluice_core.redis_pool import pooled_redis
 from sluice_core.server import GrpcServer
 from sluice_core.service import cancel, run
 from sluice_ratelimit import SERVICE_NAME
@@ -22,20 +21,12 @@ async def serve(settings: RateLimitSettings) -> None:
     store = ConfigStore(settings.config_paths)
     # The client's own timeouts stop a dead connection from holding a request
     # past the decision's deadline; asyncio.timeout bounds the whole call.
-    # A burst past the pool's size waits (within the decision's timeout) for a free
-    # connection, instead of failing at once as redis-py's default pool does.
-    redis = Redis.from_pool(
-        BlockingConnectionPool.from_url(
-            settings.redis_url,
-            max_connections=256,
-            timeout=settings.redis_timeout_ms / 1e3,
-            socket_timeout=settings.redis_timeout_ms / 1e3,
-            socket_connect_timeout=settings.redis_timeout_ms / 1e3,
-        )
-    )
+    # A burst past the pool's size waits (within the decision's timeout) for a free connection.
+    timeout_s = settings.redis_timeout_ms / 1e3
+    redis = pooled_redis(settings.redis_url, 256, timeout_s, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
     policy = Policy(
         key_prefix=settings.key_prefix,
-        redis_timeout_s=settings.redis_timeout_ms / 1e3,
+        redis_timeout_s=timeout_s,
         fail_closed=settings.fail_closed,
         near_limit_ratio=settings.near_limit_ratio,
     )
