@@ -60,9 +60,6 @@ _SERVER_ERRORS = frozenset(
     }
 )
 
-# A call cancelled under its handler, as its caller sees it (``sluice_core.metrics.ended_early``).
-_ENDED_EARLY = {"cancelled": grpc.StatusCode.CANCELLED, "deadline_exceeded": grpc.StatusCode.DEADLINE_EXCEEDED}
-
 _tracer = trace.get_tracer(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -80,8 +77,8 @@ def _server_span(method: str, context: Context) -> Iterator[None]:
         yield
     except (asyncio.CancelledError, GeneratorExit):
         # The caller went away or its deadline passed: what the caller's status says, not OK.
-        ended = ended_early(context.time_remaining())
-        span.set_attribute("rpc.grpc.status_code", _ENDED_EARLY[ended].value[0])
+        code = grpc.StatusCode[ended_early(context.time_remaining()).upper()]
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
         raise
     finally:
         span.end()
@@ -118,37 +115,49 @@ async def _abort(context: Context, exc: Exception, method: str) -> None:
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     """Traces each call, maps exceptions raised by handlers to statuses and adds ``x-trace-id`` to trailing metadata."""
 
+    def __init__(self) -> None:
+        # Each method's wrapped handler, built at its first call: registered handlers never change.
+        self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or (handler.request_streaming and handler.response_streaming):
-            # Sluice has no bidirectional RPCs; leave them (reflection) and unknown methods untouched.
-            return handler
         method = handler_call_details.method
-        with_span = traced(handler_call_details)
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, method, with_span),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.response_streaming:
-            behavior = handler.unary_stream
-            # Some handlers (grpc's health Watch) write with context.write() instead of yielding.
-            stream = inspect.isasyncgenfunction(behavior)
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(behavior, method, with_span) if stream else _wrap_unary(behavior, method, with_span),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return grpc.unary_unary_rpc_method_handler(
-            _wrap_unary(handler.unary_unary, method, with_span),
+        wrapped = self._handlers.get(method)
+        if wrapped is None:
+            handler = await continuation(handler_call_details)
+            if handler is None:
+                return None  # an unknown method (not kept: any caller can make up names)
+            wrapped = self._handlers[method] = _wrapped(handler, method, traced(handler_call_details))
+        return wrapped
+
+
+def _wrapped(handler: grpc.RpcMethodHandler[Any, Any], method: str, with_span: bool) -> grpc.RpcMethodHandler[Any, Any]:
+    if handler.request_streaming and handler.response_streaming:
+        # Sluice has no bidirectional RPCs; leave them (reflection) untouched.
+        return handler
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(
+            _wrap_unary(handler.stream_unary, method, with_span),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+    if handler.response_streaming:
+        behavior = handler.unary_stream
+        # Some handlers (grpc's health Watch) write with context.write() instead of yielding.
+        stream = inspect.isasyncgenfunction(behavior)
+        return grpc.unary_stream_rpc_method_handler(
+            _wrap_stream(behavior, method, with_span) if stream else _wrap_unary(behavior, method, with_span),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    return grpc.unary_unary_rpc_method_handler(
+        _wrap_unary(handler.unary_unary, method, with_span),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 def _rpc_attributes(method: str) -> dict[str, str]:
