@@ -177,7 +177,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             if queue_s is None and waiting_since is not None:
                 queue_s = time.perf_counter() - waiting_since  # left, shed or failed while waiting
             timer.finish(progress.outcome, queue_s)
-            # gRPC's status on this span reads OK for a stream its caller cancelled.
+            # How the request ended (stop, length, cancelled, ...): more than the call's status code says.
             call_span.set_attribute("sluice.outcome", progress.outcome)
             if tenant is not None:
                 self._after(request_id, tenant, progress, reserving, timer, queue_s)
