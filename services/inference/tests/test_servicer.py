@@ -63,7 +63,7 @@ async def test_streams_tokens_as_they_are_generated(replica: Replica) -> None:
 
 async def test_a_message_budget_sends_the_first_token_at_once_then_fewer_larger_chunks(replica: Replica) -> None:
     # Alone on the replica, a stream gets the whole budget: one chunk per 50 ms.
-    servicer = InferenceServicer(replica.host, "test-replica", messages_per_s=20)
+    servicer = InferenceServicer(replica.host, "test-replica", messages_per_s=20, max_chunk_interval_s=0.05)
     request = generate(max_tokens=64, ignore_eos=True)
     chunks = [len(r.delta.token_ids) async for r in servicer.Generate(request, None) if r.HasField("delta")]  # type: ignore[arg-type]
     assert sum(chunks) == 64

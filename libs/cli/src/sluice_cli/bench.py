@@ -151,7 +151,7 @@ async def timed(events: AsyncIterator[int]) -> Timing:
 async def bench_direct(args: argparse.Namespace, concurrencies: list[int]) -> dict[int, Figures]:
     # vLLM logs to stdout by default; stdout is for the result line. Set before vLLM is imported.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-    from sluice_inference import engine as vllm_engine  # imports vLLM: only when benchmarking
+    from sluice_inference import vllm_engine  # imports vLLM: only when benchmarking
     from sluice_inference.load import Load
 
     # The same engine as one replica of the stack (one replica's CPU share of threads).
@@ -160,13 +160,11 @@ async def bench_direct(args: argparse.Namespace, concurrencies: list[int]) -> di
     model_dir = settings.model or str(await asyncio.to_thread(tiny_model.ensure, DEFAULT_TINY_MODEL_DIR))
     engine = await asyncio.to_thread(vllm_engine.build, settings, model_dir, Load())
     try:
-        await vllm_engine.warm_up(
-            engine, vllm_engine.tokenizer(engine), settings.warmup_requests, settings.warmup_prompt_tokens
-        )
+        await engine.warm_up()
         params = vllm_engine.sampling_params(Sampling(max_tokens=args.output_tokens, ignore_eos=True))
-        return {n: await measure(engine_run(engine, params, args), n, args.requests) for n in concurrencies}
+        return {n: await measure(engine_run(engine.llm, params, args), n, args.requests) for n in concurrencies}
     finally:
-        await vllm_engine.shutdown(engine)
+        await engine.shutdown()
         # Freed now: an engine left to the interpreter's exit runs its finalizer
         # after vLLM's modules are gone, and prints a traceback.
         del engine

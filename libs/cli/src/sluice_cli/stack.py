@@ -18,6 +18,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import asyncpg
 import grpc
@@ -150,6 +151,8 @@ class StackOptions:
     ratelimit_config: tuple[Path, ...] = ()
     log_level: str = "INFO"
     stop_grace_s: float = 20.0
+    # The inference replicas' engine; unset: SLUICE_INFERENCE_ENGINE, else vLLM.
+    engine: Literal["vllm", "simulated"] | None = None
 
 
 class StackError(RuntimeError):
@@ -237,6 +240,10 @@ class LocalStack:
         await self._redis.start()
         return self._redis.url
 
+    @property
+    def engine(self) -> str:
+        return self.options.engine or self._inference_setting("ENGINE") or "vllm"
+
     def _inference_setting(self, name: str) -> str:
         key = f"SLUICE_INFERENCE_{name}"
         return self.options.inference_env.get(key) or os.environ.get(key, "")
@@ -292,11 +299,14 @@ class LocalStack:
         name = f"inference-{index + 1}"
         env = self._common_env(prefix, self.ports.inference[index], self.ports.inference_metrics[index], name)
         env[f"{prefix}TINY_MODEL_DIR"] = str(self._tiny_model_dir())
-        # Each replica (its server and its engine) keeps to its own CPUs: the
-        # engines stop evicting each other, which keeps time to first token
-        # low under load; Envoy, the queue and clients run anywhere.
-        cpus = replica_cpus(index, len(self.ports.inference))
-        env.update(cpu_engine_env(len(cpus)))
+        env[f"{prefix}ENGINE"] = self.engine
+        cpus = None
+        if self.engine == "vllm":
+            # Each replica (its server and its engine) keeps to its own CPUs: the
+            # engines stop evicting each other, which keeps time to first token
+            # low under load; Envoy, the queue and clients run anywhere.
+            cpus = replica_cpus(index, len(self.ports.inference))
+            env.update(cpu_engine_env(len(cpus)))
         argv = [sys.executable, "-m", "sluice_inference"]
         return self._spawn(name, argv, {**env, **self.options.inference_env}, cpus)
 

@@ -16,6 +16,12 @@ logger = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", type=Path, default=Path(".sluice"), help="logs, traces, Envoy config")
+    parser.add_argument(
+        "--engine",
+        choices=("vllm", "simulated"),
+        help="the replicas' engine: vllm (default, or SLUICE_INFERENCE_ENGINE), or a simulated GPU for capacity "
+        "planning and trying the stack without a model (made-up tokens; docs/simulated-engine.md)",
+    )
 
 
 def shown(url: str) -> str:
@@ -28,16 +34,17 @@ def shown(url: str) -> str:
 
 
 async def run(args: argparse.Namespace) -> int:
-    stack = LocalStack(StackOptions(state_dir=args.state_dir))
+    stack = LocalStack(StackOptions(state_dir=args.state_dir, engine=args.engine))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(
-        "starting sluice: Envoy, two inference replicas (a minute to load the model), two queue replicas, "
-        "ratelimit, datastore ...",
-        flush=True,
+    replicas = (
+        "two inference replicas (a minute to load the model)"
+        if stack.engine == "vllm"
+        else "two inference replicas on the simulated GPU engine (made-up tokens)"
     )
+    print(f"starting sluice: Envoy, {replicas}, two queue replicas, ratelimit, datastore ...", flush=True)
     try:
         starting = asyncio.create_task(stack.start())
         stopping = asyncio.create_task(stop.wait())

@@ -18,7 +18,9 @@ async def serve(settings: InferenceSettings) -> None:
     server = GrpcServer(settings, health_names=[SERVICE_NAME])
     server.add(
         inference_pb2_grpc.add_InferenceServicer_to_server,
-        InferenceServicer(host, settings.replica_id, settings.chunk_messages_per_s),
+        InferenceServicer(
+            host, settings.replica_id, settings.chunk_messages_per_s, settings.max_chunk_interval_ms / 1e3
+        ),
         SERVICE_NAME,
     )
     try:

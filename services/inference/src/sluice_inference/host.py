@@ -9,21 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from types import ModuleType
-from typing import TYPE_CHECKING, Any
 
 from sluice_core.errors import Unavailable
 from sluice_inference import tiny_model
-from sluice_inference.load import Load, ModelSpec
-from sluice_inference.prompts import HfPromptTokenizer
+from sluice_inference.engines import Engine, EngineOutput, engine_module
+from sluice_inference.load import Load
 from sluice_inference.requests import ValidRequest
 from sluice_inference.settings import InferenceSettings
-
-if TYPE_CHECKING:
-    from vllm.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -33,56 +27,44 @@ _WATCH_INTERVAL_S = 0.5
 class ModelHost:
     def __init__(self, settings: InferenceSettings) -> None:
         self._settings = settings
-        self._vllm: ModuleType | None = None  # sluice_inference.engine, imported on start
-        self._building: asyncio.Future[Any] | None = None  # the build, on a thread of its own
-        self._built: Any = None  # the AsyncLLM once built: it must be shut down
-        self._engine: Any = None  # the AsyncLLM once warm: requests may run
-        self.tokenizer: HfPromptTokenizer | None = None
-        self.spec: ModelSpec | None = None
+        self._building: asyncio.Future[Engine] | None = None  # the build, on a thread of its own
+        self._built: Engine | None = None  # once built: it must be shut down
+        self._engine: Engine | None = None  # once warm: requests may run
         self.load = Load()
 
     async def start(self) -> None:
         """Build the engine off the event loop, then warm it up."""
-        vllm = await asyncio.to_thread(importlib.import_module, "sluice_inference.engine")
-        self._vllm = vllm
+        module = await asyncio.to_thread(engine_module, self._settings)
         model_dir = await asyncio.to_thread(self._model_dir)
-        logger.info("loading %s", model_dir)
+        logger.info("loading %s (%s engine)", model_dir, self._settings.engine)
         # Kept (and shielded): a stop while loading cannot stop the thread, and the
         # engine it builds must still be shut down (see close).
-        self._building = asyncio.ensure_future(asyncio.to_thread(vllm.build, self._settings, model_dir, self.load))
+        self._building = asyncio.ensure_future(asyncio.to_thread(module.build, self._settings, model_dir, self.load))
         self._built = engine = await asyncio.shield(self._building)
-        self.spec = vllm.describe(engine)
-        self.tokenizer = vllm.tokenizer(engine)
-        settings = self._settings
-        await vllm.warm_up(engine, self.tokenizer, settings.warmup_requests, settings.warmup_prompt_tokens)
+        await engine.warm_up()
         self._engine = engine
-        logger.info("serving %s", self.spec)
+        logger.info("serving %s", engine.spec)
 
     def _model_dir(self) -> str:
         if self._settings.model:
             return self._settings.model
         return str(tiny_model.ensure(self._settings.tiny_model_dir))
 
-    def require_ready(self) -> tuple[ModelSpec, HfPromptTokenizer]:
-        """The model's spec and tokenizer; UNAVAILABLE while loading or once the engine died."""
+    def require_ready(self) -> Engine:
+        """The engine, once warm; UNAVAILABLE while loading or once the engine died."""
         if self._engine is None:
             raise Unavailable("the model is still loading; retry shortly", retry_after_s=1.0)
         if self._engine.errored:
             raise Unavailable("the model engine has stopped; this replica is out of service")
-        assert self.spec is not None and self.tokenizer is not None
-        return self.spec, self.tokenizer
+        return self._engine
 
-    def generate(self, request: ValidRequest) -> AsyncGenerator[RequestOutput]:
+    def generate(self, request: ValidRequest) -> AsyncGenerator[EngineOutput]:
         """Stream the engine's outputs for a validated request."""
-        self.require_ready()
-        assert self._vllm is not None
-        priority = request.priority if self._settings.scheduling_policy == "priority" else 0
-        outputs: AsyncGenerator[RequestOutput] = self._vllm.stream(self._engine, request, priority)
-        return outputs
+        return self.require_ready().generate(request)
 
     def unfinished_requests(self) -> int:
         """Requests the engine itself still holds (0 once aborted ones are freed)."""
-        return int(self._engine.get_num_unfinished_requests()) if self._engine is not None else 0
+        return self._engine.unfinished_requests() if self._engine is not None else 0
 
     async def watch(self, on_dead: Callable[[], Awaitable[None]]) -> None:
         """Call ``on_dead`` once if the engine dies (its process crashed or was killed)."""
@@ -101,5 +83,4 @@ class ModelHost:
                 self._built = await self._building
         if self._built is not None:
             engine, self._built = self._built, None
-            assert self._vllm is not None
-            await self._vllm.shutdown(engine)
+            await engine.shutdown()

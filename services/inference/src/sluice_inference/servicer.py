@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from opentelemetry import trace
@@ -18,12 +18,10 @@ from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
 from sluice_core.errors import SluiceError
 from sluice_core.metrics import RequestMetrics, StreamTimer, ended_early
 from sluice_inference.chunking import hold_s
+from sluice_inference.engines import EngineOutput
 from sluice_inference.host import ModelHost
 from sluice_inference.load import Load
 from sluice_inference.requests import ValidRequest, validate
-
-if TYPE_CHECKING:
-    from vllm.outputs import RequestOutput
 
 METRICS = RequestMetrics("inference")
 _tracer = trace.get_tracer(__name__)
@@ -48,10 +46,13 @@ def _input_chars(request: inference_pb2.GenerateRequest) -> int:
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, host: ModelHost, replica_id: str, messages_per_s: float = 0.0) -> None:
+    def __init__(
+        self, host: ModelHost, replica_id: str, messages_per_s: float = 0.0, max_chunk_interval_s: float = 0.0
+    ) -> None:
         self._host = host
         self._replica_id = replica_id
         self._messages_per_s = messages_per_s
+        self._max_chunk_interval_s = max_chunk_interval_s
         # One thread: long inputs wait for each other rather than share the CPU (and the GIL).
         self._long_inputs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="long-inputs")
 
@@ -72,7 +73,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         running = False
         settled = False
         outcome = "error"
-        last: RequestOutput | None = None
+        last: EngineOutput | None = None
         with _tracer.start_as_current_span("inference.generate") as span:
             span.set_attribute("sluice.request_id", valid.request_id)
             span.set_attribute("gen_ai.request.max_tokens", valid.sampling.max_tokens)
@@ -95,19 +96,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                             await asyncio.wait([first])
                     while output is not None:
                         last = output
-                        completion = output.outputs[0]
-                        if completion.token_ids:
+                        if output.token_ids:
                             if not running:
                                 running = True
                                 load.waiting -= 1
                                 load.running += 1
                                 span.add_event("first_token")
-                            timer.chunk(len(completion.token_ids))
+                            timer.chunk(len(output.token_ids))
                             yield inference_pb2.GenerateResponse(
-                                delta=common_pb2.TokenDelta(text=completion.text, token_ids=completion.token_ids)
+                                delta=common_pb2.TokenDelta(text=output.text, token_ids=output.token_ids)
                             )
                         if output.finished:
-                            outcome = completion.finish_reason or "stop"
+                            outcome = output.finish_reason or "stop"
                             # Counted out before the last message goes: the engine has already
                             # freed the sequence, and the queue may hand its slot on at once.
                             _count_out(load, running)
@@ -116,7 +116,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                         elif timer.last is not None:
                             # Tokens made meanwhile are merged by vLLM into the next output.
                             left = valid.sampling.max_tokens - timer.tokens
-                            wait_s = hold_s(load.running, self._messages_per_s, left, timer.tpot_s)
+                            wait_s = hold_s(
+                                load.running, self._messages_per_s, self._max_chunk_interval_s, left, timer.tpot_s
+                            )
                             await asyncio.sleep(timer.last + wait_s - time.perf_counter())
                         output = await anext(outputs, None)
             except (asyncio.CancelledError, GeneratorExit):
@@ -125,32 +127,31 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             finally:
                 if not settled:
                     _count_out(load, running)
-                queue_s = _queue_s(last)
+                queue_s = last.queue_s if last is not None else None
                 timer.finish(outcome, queue_s)
                 _annotate(span, last, timer, queue_s, outcome)
 
     async def _validated(self, request: inference_pb2.GenerateRequest) -> ValidRequest:
-        spec, tokenizer = self._host.require_ready()
+        engine = self._host.require_ready()
+        spec = engine.spec
         check = functools.partial(
-            validate, request, tokenizer, max_model_len=spec.max_model_len, vocab_size=spec.vocab_size
+            validate, request, engine.tokenizer, max_model_len=spec.max_model_len, vocab_size=spec.vocab_size
         )
         if _input_chars(request) > _INLINE_INPUT_CHARS:
             return await asyncio.get_running_loop().run_in_executor(self._long_inputs, check)
         return check()
 
-    def _finished(self, output: RequestOutput, timer: StreamTimer) -> inference_pb2.Finished:
-        completion = output.outputs[0]
-        queue_s = _queue_s(output)
+    def _finished(self, output: EngineOutput, timer: StreamTimer) -> inference_pb2.Finished:
         return inference_pb2.Finished(
-            reason=_FINISH_REASONS.get(completion.finish_reason or "", common_pb2.FINISH_REASON_UNSPECIFIED),
-            stop_reason="" if completion.stop_reason is None else str(completion.stop_reason),
+            reason=_FINISH_REASONS.get(output.finish_reason or "", common_pb2.FINISH_REASON_UNSPECIFIED),
+            stop_reason="" if output.stop_reason is None else str(output.stop_reason),
             usage=common_pb2.Usage(
-                prompt_tokens=len(output.prompt_token_ids or ()),
+                prompt_tokens=output.prompt_tokens,
                 completion_tokens=timer.tokens,
-                cached_tokens=output.num_cached_tokens or 0,
+                cached_tokens=output.cached_tokens,
             ),
             timings=common_pb2.Timings(
-                queue_ms=(queue_s or 0.0) * 1e3,
+                queue_ms=(output.queue_s or 0.0) * 1e3,
                 time_to_first_token_ms=timer.ttft_s * 1e3,
                 total_ms=(time.perf_counter() - timer.start) * 1e3,
                 time_per_output_token_ms=timer.tpot_s * 1e3,
@@ -161,7 +162,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def GetModelInfo(
         self, request: inference_pb2.GetModelInfoRequest, context: Context
     ) -> inference_pb2.ModelInfo:
-        spec, _ = self._host.require_ready()
+        spec = self._host.require_ready().spec
         return inference_pb2.ModelInfo(
             model_name=spec.name,
             max_model_len=spec.max_model_len,
@@ -179,21 +180,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         )
 
 
-def _queue_s(output: RequestOutput | None) -> float | None:
-    """Time the request waited in the engine's scheduler, when vLLM reported it."""
-    stats = output.metrics if output is not None else None
-    if stats is None or not getattr(stats, "scheduled_ts", 0.0):
-        return None
-    return max(0.0, float(stats.scheduled_ts - stats.queued_ts))
-
-
 def _annotate(
-    span: trace.Span, last: RequestOutput | None, timer: StreamTimer, queue_s: float | None, outcome: str
+    span: trace.Span, last: EngineOutput | None, timer: StreamTimer, queue_s: float | None, outcome: str
 ) -> None:
     span.set_attribute("sluice.outcome", outcome)
     span.set_attribute("gen_ai.usage.completion_tokens", timer.tokens)
     if last is not None:
-        span.set_attribute("gen_ai.usage.prompt_tokens", len(last.prompt_token_ids or ()))
+        span.set_attribute("gen_ai.usage.prompt_tokens", last.prompt_tokens)
+        if last.engine_ttft_s is not None:
+            # The engine's own part of the time to first token: what the stack adds is the rest.
+            span.set_attribute("sluice.engine.time_to_first_token", last.engine_ttft_s)
     if queue_s is not None:
         span.set_attribute("gen_ai.latency.time_in_queue", queue_s)
     if timer.first is not None:  # no token, no time to first token (not 0)

@@ -16,6 +16,11 @@ DEFAULT_TINY_MODEL_DIR = Path.home() / ".cache" / "sluice" / "tiny-model"
 class InferenceSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="SLUICE_INFERENCE_")
 
+    engine: Literal["vllm", "simulated"] = Field(
+        "vllm",
+        description="vllm serves the model. simulated runs a timing model of a GPU engine instead, for capacity "
+        "planning and tests (docs/simulated-engine.md): the model's real tokenizer, made-up tokens, no weights.",
+    )
     model: str | None = Field(
         None,
         description="A Hugging Face model directory. Unset serves sluice's tiny model, built on first use.",
@@ -52,10 +57,16 @@ class InferenceSettings(ServiceSettings):
     chunk_messages_per_s: float = Field(
         80.0,
         ge=0,
-        description="Token messages per second this replica sends, shared by its running streams: after "
-        "the first token (sent at once), a stream sends at most one chunk per (running streams / this) "
-        "seconds, with every token made meanwhile. One stream gets a chunk every 12.5 ms, eight every "
-        "100 ms: fewer, larger messages cost every hop less CPU when many streams run. 0 sends each step.",
+        description="Token messages per second this replica aims at, shared by its running streams: after "
+        "the first token (sent at once), a stream sends one chunk per (running streams / this) seconds, with "
+        "every token made meanwhile, but never waits longer than max_chunk_interval_ms. Fewer, larger "
+        "messages cost every hop less CPU when many streams run. 0 sends each engine step.",
+    )
+    max_chunk_interval_ms: float = Field(
+        50.0,
+        ge=0,
+        description="The longest a stream with tokens pending waits for its next message (plus one engine "
+        "step), however many streams run: below what a reader notices. 0 sends each engine step.",
     )
     enforce_eager: bool = Field(False, description="Skip torch.compile: starts faster, generates a little slower.")
     seed: int = 0
@@ -67,4 +78,23 @@ class InferenceSettings(ServiceSettings):
         "the engine's first step over a number of tokens it has not seen is slower (about 3 ms more on "
         "this CPU, for a 4 ms prefill), so without it most requests with short prompts would pay that once. "
         "The sweep stops after 20 s (a large model on a CPU).",
+    )
+    simulated_gpu: Literal["h100-llama3-8b", "h100x4-llama3-70b", "l4-llama3-8b"] = Field(
+        "h100-llama3-8b",
+        description="The simulated engine's preset: step times and KV-cache size of that GPU and model.",
+    )
+    simulated_step_base_ms: float | None = Field(None, gt=0, description="Overrides the preset's step time.")
+    simulated_step_per_sequence_ms: float | None = Field(
+        None, ge=0, description="Overrides the preset's step time added by each sequence in the batch."
+    )
+    simulated_prefill_per_token_ms: float | None = Field(
+        None, ge=0, description="Overrides the preset's step time added by each prompt token prefilled."
+    )
+    simulated_kv_cache_tokens: int | None = Field(None, gt=0, description="Overrides the preset's KV-cache size.")
+    simulated_eos_probability: float = Field(
+        0.004,
+        ge=0,
+        le=1,
+        description="Chance that a simulated token is end-of-sequence (ignore_eos and min_tokens respected): "
+        "0.004 gives answers of about 250 tokens on average.",
     )
