@@ -7,7 +7,17 @@ import asyncio
 import logging
 import sys
 
-from sluice_cli import admin, bench, bench_datastore, bench_ratelimit, bench_scheduler, generate, trace_view, up
+from sluice_cli import (
+    admin,
+    bench,
+    bench_datastore,
+    bench_ratelimit,
+    bench_scale,
+    bench_scheduler,
+    generate,
+    trace_view,
+    up,
+)
 
 
 def main() -> None:
@@ -22,6 +32,9 @@ def main() -> None:
     bench_datastore.add_arguments(bench_kinds.add_parser("datastore", help="cached, cold and unindexed data access"))
     bench_scheduler.add_arguments(
         bench_kinds.add_parser("scheduler", help="priorities under overload, and the queue's cost at low load")
+    )
+    bench_scale.add_arguments(
+        bench_kinds.add_parser("scale", help="concurrent streams the stack carries at GPU speed (simulated engines)")
     )
     trace_view.add_arguments(commands.add_parser("trace", help="show a request's trace from the local stack"))
     admin.add_arguments(commands.add_parser("admin", help="tenants and API keys"))
@@ -38,6 +51,8 @@ def main() -> None:
             code = asyncio.run(bench_datastore.run(args))
         case "bench" if args.bench == "scheduler":
             code = asyncio.run(bench_scheduler.run(args))
+        case "bench" if args.bench == "scale":
+            code = asyncio.run(bench_scale.run(args))
         case "bench" if args.bench == "ratelimit":
             code = asyncio.run(bench_ratelimit.run(args))
         case "bench":

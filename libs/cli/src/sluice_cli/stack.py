@@ -188,6 +188,9 @@ class LocalStack:
     def process(self, name: str) -> Process:
         return self._processes[name]
 
+    def process_names(self) -> list[str]:
+        return list(self._processes)
+
     async def start(self, replicas: int | None = None) -> None:
         """Start everything and wait until a real request streams through Envoy's edge listener.
 

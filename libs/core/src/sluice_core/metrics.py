@@ -50,6 +50,7 @@ class RequestMetrics:
             f"{prefix}_request_queue_time_seconds", "Time waiting before generation started.", buckets=_LATENCY_BUCKETS
         )
         self.requests = Counter(f"{prefix}_requests", "Finished requests by outcome.", ["outcome"])
+        self.messages = Counter(f"{prefix}_stream_messages", "Token messages sent, each with one or more tokens.")
 
     def stream(self) -> StreamTimer:
         return StreamTimer(self)
@@ -68,6 +69,7 @@ class StreamTimer:
     def chunk(self, tokens: int) -> None:
         """A chunk of ``tokens`` output tokens is about to be sent."""
         now = time.perf_counter()
+        self._metrics.messages.inc()
         if self.first is None:
             self.first = now
             self._metrics.time_to_first_token.observe(now - self.start)

@@ -17,7 +17,7 @@ from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
 from sluice_core.errors import SluiceError
 from sluice_core.metrics import RequestMetrics, StreamTimer, ended_early
-from sluice_inference.chunking import hold_s
+from sluice_inference.chunking import hold_s, next_send
 from sluice_inference.engines import EngineOutput
 from sluice_inference.host import ModelHost
 from sluice_inference.load import Load
@@ -114,12 +114,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                             settled = True
                             yield inference_pb2.GenerateResponse(finished=self._finished(output, timer))
                         elif timer.last is not None:
-                            # Tokens made meanwhile are merged by vLLM into the next output.
+                            # Tokens made meanwhile are merged by the engine into the next output.
+                            hold = hold_s(load.running, self._messages_per_s, self._max_chunk_interval_s)
                             left = valid.sampling.max_tokens - timer.tokens
-                            wait_s = hold_s(
-                                load.running, self._messages_per_s, self._max_chunk_interval_s, left, timer.tpot_s
-                            )
-                            await asyncio.sleep(timer.last + wait_s - time.perf_counter())
+                            send = next_send(timer.last, hold, left, timer.tpot_s)
+                            await asyncio.sleep(send - time.perf_counter())
                         output = await anext(outputs, None)
             except (asyncio.CancelledError, GeneratorExit):
                 outcome = ended_early(context.time_remaining())
