@@ -27,10 +27,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import re
 import statistics
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import urllib.request
@@ -42,6 +45,7 @@ import psutil
 
 from sluice_cli.bench import unlimited_edge
 from sluice_cli.chart import Series, line_chart
+from sluice_cli.envoy_config import repo_root
 from sluice_cli.processes import Process
 from sluice_cli.stack import LOOPBACK, LocalStack, StackOptions, StackPorts, free_ports
 from sluice_cli.trace_sink import Span
@@ -67,6 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--anchor-streams", default="16", help="concurrencies for vllm serve, the anchor ('' skips it; %(default)s)"
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run the stack of this git revision (its services and Envoy template), taking turns with this "
+        "checkout's, for an A/B in one run",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each stack, taking turns (%(default)s)")
     parser.add_argument("--chart", type=Path, default=Path("bench-scale.svg"), help="where the chart goes")
     parser.add_argument("--state-dir", type=Path, help="logs and traces (default: a temporary folder)")
 
@@ -269,7 +280,7 @@ def common_load(args: argparse.Namespace, streams: int) -> list[str]:
     ]  # fmt: skip
 
 
-async def scale(args: argparse.Namespace, state_dir: Path) -> list[Step]:
+async def scale(args: argparse.Namespace, state_dir: Path, code_root: Path | None) -> list[Step]:
     concurrencies = [int(n) for n in args.streams.split(",")]
     slots = max(concurrencies)  # per replica: the engine, not the queue, decides how many run at once
     options = StackOptions(
@@ -280,6 +291,7 @@ async def scale(args: argparse.Namespace, state_dir: Path) -> list[Step]:
         engine="simulated",
         inference_env={"SLUICE_INFERENCE_MAX_NUM_SEQS": str(slots), "SLUICE_INFERENCE_SIMULATED_GPU": args.gpu},
         queue_env={"SLUICE_QUEUE_MAX_WAITING_PER_TENANT": str(2 * slots)},
+        code_root=code_root,
     )
     stack = LocalStack(options)
     steps: list[Step] = []
@@ -375,6 +387,16 @@ def knee(steps: list[Step]) -> int | None:
     return max(kept) if kept else None
 
 
+def baseline_tree(revision: str, into: Path) -> Path:
+    """The source tree of a git revision of this checkout, unpacked."""
+    archive = subprocess.run(
+        ["git", "-C", str(repo_root()), "archive", "--format=tar", revision], check=True, capture_output=True
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    return into
+
+
 async def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="sluice-bench-scale-") as tmp:
         state_dir = args.state_dir or Path(tmp)
@@ -386,9 +408,19 @@ async def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-        steps = await scale(args, state_dir)
+        stacks: dict[str, Path | None] = {"this checkout": None}
+        if args.baseline:
+            stacks = {args.baseline: baseline_tree(args.baseline, Path(tmp) / "baseline"), **stacks}
+        runs: dict[str, list[list[Step]]] = {name: [] for name in stacks}
+        for round_ in range(args.rounds):
+            # Taking turns, the first one first in odd rounds: the machine's speed drifts.
+            order = list(stacks) if round_ % 2 == 0 else list(reversed(stacks))
+            for name in order:
+                print(f"{name}, round {round_ + 1}:", file=sys.stderr, flush=True)
+                runs[name].append(await scale(args, state_dir / f"{len(runs[name])}-{name}", stacks[name]))
         anchors = await anchor(args, state_dir)
-    write_chart(args.chart, steps)
+    steps = runs["this checkout"][-1]
+    write_chart(args.chart, steps, runs[args.baseline][-1] if args.baseline else None)
     result: dict[str, object] = {
         "settings": {k: v for k, v in vars(args).items() if k not in ("chart", "state_dir")},
         "steps": [asdict(s) for s in steps],
@@ -396,7 +428,12 @@ async def run(args: argparse.Namespace) -> int:
         "anchor_vllm_serve": [asdict(a) for a in anchors],
         "chart": str(args.chart),
     }
-    if anchors and steps:
+    if args.baseline or args.rounds > 1:
+        result["runs"] = {
+            name: [{"knee_streams": knee(r), "steps": [asdict(s) for s in r]} for r in variant]
+            for name, variant in runs.items()
+        }
+    if anchors:
         path = statistics.median(s.cpu_s_per_million_tokens["sluice (all but the load generator)"] for s in steps)
         reference = statistics.median(a.api_server_cpu_s_per_million_tokens for a in anchors)
         result["sluice_path_cpu_to_vllm_api_server_cpu"] = round(path / reference, 3) if reference else None
@@ -404,7 +441,7 @@ async def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_chart(path: Path, steps: list[Step]) -> None:
+def write_chart(path: Path, steps: list[Step], baseline: list[Step] | None) -> None:
     streams = [float(s.streams) for s in steps]
     path.write_text(
         line_chart(
@@ -420,6 +457,7 @@ def write_chart(path: Path, steps: list[Step]) -> None:
             right=[
                 Series("message gap p99", [s.gap_p99_ms or 0.0 for s in steps]),
                 Series("cadence bound", [s.cadence_bound_ms for s in steps]),
+                *([Series("baseline's gap p99", [s.gap_p99_ms or 0.0 for s in baseline])] if baseline else []),
             ],
         )
     )

