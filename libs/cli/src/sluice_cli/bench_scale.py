@@ -96,6 +96,7 @@ class Step:
     engine_step_ms: float
     cadence_bound_ms: float
     cpu_s_per_million_tokens: dict[str, float]
+    simulated_engine_cpu_s_per_million_tokens: float
     messages_per_s: dict[str, float]
     errors: dict[str, int]
 
@@ -123,7 +124,13 @@ class LoadGenerator:
 
     async def start(self) -> None:
         self._process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sluice_cli.loadgen", *self._argv, stdout=asyncio.subprocess.PIPE
+            # Its result is one line with every request's time to first token: megabytes at high rates.
+            sys.executable,
+            "-m",
+            "sluice_cli.loadgen",
+            *self._argv,
+            stdout=asyncio.subprocess.PIPE,
+            limit=1 << 28,
         )
         assert self._process.stdout is not None
         start, end = json.loads(await self._process.stdout.readline())["window"]
@@ -166,6 +173,7 @@ def kind(process: str) -> str:
 @dataclass
 class Snapshot:
     cpu: dict[str, float]  # per process kind, the simulated engines' own CPU left out
+    engine_cpu: float
     produced: float
     engine_steps: float
     messages: dict[str, float]
@@ -177,9 +185,11 @@ class Snapshot:
             cpu[kind(name)] = cpu.get(kind(name), 0.0) + cpu_seconds(stack.process(name).pid)
         replicas = [scrape(port) for port in stack.ports.inference_metrics]
         queues = [scrape(port) for port in stack.ports.queue_metrics]
-        cpu["inference"] -= sum(metric(text, _SIMULATED_ENGINE_CPU) for text in replicas)
+        engine_cpu = sum(metric(text, _SIMULATED_ENGINE_CPU) for text in replicas)
+        cpu["inference"] -= engine_cpu
         return cls(
             cpu=cpu,
+            engine_cpu=engine_cpu,
             produced=sum(metric(text, "vllm:generation_tokens_total") for text in replicas),
             engine_steps=sum(metric(text, "sluice_inference_simulated_engine_steps_total") for text in replicas),
             messages={
@@ -262,6 +272,9 @@ async def measure(stack: LocalStack, spans: SpanIndex, streams: int, args: argpa
         engine_step_ms=round(step_ms, 2),
         cadence_bound_ms=round(InferenceSettings().max_chunk_interval_ms + step_ms, 2),
         cpu_s_per_million_tokens={name: round(s / delivered * 1e6, 1) if delivered else 0.0 for name, s in cpu.items()},
+        simulated_engine_cpu_s_per_million_tokens=round((after.engine_cpu - before.engine_cpu) / produced * 1e6, 1)
+        if produced
+        else 0.0,
         messages_per_s={
             **{hop: round((after.messages[hop] - before.messages[hop]) / seconds) for hop in after.messages},
             "client received": round(received["messages"] / seconds),
