@@ -1,4 +1,10 @@
-"""The whole stack (Envoy, inference replicas, queue) as real processes on free ports."""
+"""The whole stack (Envoy, inference replicas, queue) as real processes on free ports.
+
+The shared stack's replicas run the simulated GPU engine: these tests are
+about the request path (Envoy, the queue, limits, scheduling, cancellation,
+traces), not the model, and it starts in seconds and keeps a steady pace.
+``test_real_engine.py`` runs the stack on vLLM.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import re
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -35,27 +42,32 @@ descriptors:
 """
 
 
-@pytest.fixture(scope="session")
-async def stack(
-    tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer, postgres: PostgresServer
-) -> AsyncIterator[LocalStack]:
-    """Starts with one inference replica; the first test starts the second (see test_stack.py)."""
-    state_dir: Path = tmp_path_factory.mktemp("stack")
+def stack_options(
+    state_dir: Path, redis_server: RedisServer, postgres: PostgresServer, engine: Literal["vllm", "simulated"]
+) -> StackOptions:
     limits = state_dir / "ratelimit.yaml"
     limits.write_text(RATE_LIMITS)
-    options = StackOptions(
+    return StackOptions(
         state_dir=state_dir,
         ports=StackPorts.free(replicas=2),
         redis_url=redis_server.url,
         database_url=postgres.url,
         ratelimit_config=(limits,),
+        engine=engine,
         # Few slots, so that a handful of requests saturates the stack.
         inference_env={"SLUICE_INFERENCE_MAX_NUM_SEQS": str(SLOTS_PER_REPLICA)},
         queue_env={"SLUICE_QUEUE_MAX_WAITING_PER_TENANT": str(WAITING_PER_TENANT)},
     )
-    local = LocalStack(options)
+
+
+@pytest.fixture(scope="session")
+async def stack(
+    tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer, postgres: PostgresServer
+) -> AsyncIterator[LocalStack]:
+    """Two replicas of the simulated engine."""
+    local = LocalStack(stack_options(tmp_path_factory.mktemp("stack"), redis_server, postgres, "simulated"))
     try:
-        await local.start(replicas=1)
+        await local.start()
         yield local
     finally:
         await local.stop()

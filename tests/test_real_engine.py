@@ -1,0 +1,102 @@
+"""The whole stack on real vLLM engines: a replica that loads the model, the model's tokens, and a clean stop.
+
+The other end-to-end tests run on the simulated engine; these are what only
+the real one shows: a replica that takes a while to load gets no traffic,
+the tiny model's tokens stream through every hop, and stopping the stack
+lets a stream in flight finish although vLLM's engine core aborts all it
+holds when it is signalled. The tests run in file order on one stack,
+started with one replica; the last one stops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from grpc_health.v1 import health_pb2
+
+from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.generation.v1 import generation_pb2
+from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
+from sluice_cli.postgres_server import PostgresServer
+from sluice_cli.redis_server import RedisServer
+from sluice_cli.stack import LocalStack
+from sluice_client import GenerationClient
+from sluice_core.channels import insecure_channel
+
+from .conftest import eventually, requests_served, stack_options
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+
+@pytest.fixture(scope="module")
+async def vllm_stack(
+    tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer, postgres: PostgresServer
+) -> AsyncIterator[LocalStack]:
+    """Starts with one replica; the first test starts the second."""
+    local = LocalStack(stack_options(tmp_path_factory.mktemp("vllm-stack"), redis_server, postgres, "vllm"))
+    try:
+        await local.start(replicas=1)
+        yield local
+    finally:
+        await local.stop()
+
+
+def request(max_tokens: int) -> generation_pb2.GenerateRequest:
+    sampling = common_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    return generation_pb2.GenerateRequest(prompt="The river", sampling=sampling)
+
+
+async def events(stack: LocalStack, req: generation_pb2.GenerateRequest) -> list[generation_pb2.GenerateEvent]:
+    async with GenerationClient(stack.edge, api_key=stack.demo_api_key) as client:
+        return [event async for event in client.generate(req, timeout=60)]
+
+
+async def test_a_replica_still_loading_gets_no_traffic(vllm_stack: LocalStack) -> None:
+    stack = vllm_stack
+    stack.start_inference(1)
+
+    async def answering_not_serving() -> bool:
+        return bool(await stack.replica_status(1) == health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    await eventually(answering_not_serving, 60, "replica 2 answers health checks while loading")
+    sent = 0
+    while await answering_not_serving():
+        received = await events(stack, request(max_tokens=4))
+        assert received[-1].HasField("finished")
+        sent += 1
+    assert sent >= 5, "the replica loaded too fast to watch"
+    assert requests_served(stack, 1) == 0
+    await stack.wait_ready(replicas=2)
+    assert requests_served(stack, 1) >= 1, "ready means the new replica has served a request"
+
+
+async def test_the_models_tokens_stream_through_every_hop(vllm_stack: LocalStack) -> None:
+    async with insecure_channel(vllm_stack.internal) as channel:
+        info = await inference_pb2_grpc.InferenceStub(channel).GetModelInfo(inference_pb2.GetModelInfoRequest())
+    assert info.dtype == "float32", "a real engine, not the simulated one"
+    received = await events(vllm_stack, request(max_tokens=32))
+    deltas = [event.delta for event in received if event.HasField("delta")]
+    assert len(deltas) >= 2, "tokens must arrive as they are generated"
+    finished = received[-1].finished
+    assert finished.usage.completion_tokens == 32 == sum(len(d.token_ids) for d in deltas)
+    assert finished.reason == common_pb2.FINISH_REASON_LENGTH
+    assert "".join(d.text for d in deltas), "the tiny model's tokens are text"
+
+
+async def test_stopping_the_stack_lets_streams_in_flight_finish(vllm_stack: LocalStack) -> None:
+    # What Ctrl-C on `make up` does; the stack is gone after this test.
+    stopping: asyncio.Task[None] | None = None
+    async with GenerationClient(vllm_stack.edge, api_key=vllm_stack.demo_api_key) as client:
+        stream = client.generate(request(max_tokens=300), timeout=60)
+        received = []
+        async for event in stream:
+            received.append(event)
+            if event.HasField("delta") and stopping is None:
+                stopping = asyncio.create_task(vllm_stack.stop())
+    assert stopping is not None
+    await stopping
+    assert received[-1].HasField("finished"), "the stream in flight must finish, not be cut"
+    assert received[-1].finished.reason == common_pb2.FINISH_REASON_LENGTH
+    assert received[-1].finished.usage.completion_tokens == 300
