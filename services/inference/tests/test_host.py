@@ -1,17 +1,17 @@
-"""The model host's lifecycle, with a stand-in for vLLM at the engine module's boundary."""
+"""The model host's lifecycle, with a stand-in for the engine at the engine module's boundary."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import sys
 import threading
 import types
 from pathlib import Path
 
 import pytest
 
+from sluice_inference import host as host_module
 from sluice_inference.host import ModelHost
 from sluice_inference.settings import InferenceSettings
 
@@ -23,16 +23,14 @@ async def test_a_stop_while_loading_still_shuts_down_the_engine_being_built(
     shut_down = threading.Event()
 
     class Engine:
-        pass
+        async def shutdown(self) -> None:
+            shut_down.set()
 
     def build(*_: object) -> Engine:
         finish_building.wait(5)  # a model that takes a while to load
         return Engine()
 
-    async def shutdown(engine: Engine) -> None:
-        shut_down.set()
-
-    monkeypatch.setitem(sys.modules, "sluice_inference.engine", types.SimpleNamespace(build=build, shutdown=shutdown))
+    monkeypatch.setattr(host_module, "engine_module", lambda settings: types.SimpleNamespace(build=build))
     host = ModelHost(InferenceSettings(model=str(tmp_path)))
     starting = asyncio.create_task(host.start())
     await asyncio.sleep(0.05)
