@@ -63,6 +63,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replicas", type=int, default=2, help="simulated inference replicas (%(default)s)")
     parser.add_argument("--queues", type=int, default=2, help="queue replicas (%(default)s)")
     parser.add_argument("--gpu", default="h100-llama3-8b", help="the simulated engine's preset (%(default)s)")
+    parser.add_argument(
+        "--engine",
+        choices=("simulated", "vllm"),
+        default="simulated",
+        help="the replicas' engine: the simulated GPU (default), or vLLM's CPU build with the tiny model, to set "
+        "the stack's tokens/s against vllm serve's on the same machine",
+    )
     parser.add_argument("--prompt-words", type=int, default=48, help="prompt length in words (%(default)s)")
     parser.add_argument("--output-tokens", type=int, default=256, help="tokens per response (%(default)s)")
     parser.add_argument("--warmup-s", type=float, default=4.0, help="before each window (%(default)s)")
@@ -296,13 +303,16 @@ def common_load(args: argparse.Namespace, streams: int) -> list[str]:
 async def scale(args: argparse.Namespace, state_dir: Path, code_root: Path | None) -> list[Step]:
     concurrencies = [int(n) for n in args.streams.split(",")]
     slots = max(concurrencies)  # per replica: the engine, not the queue, decides how many run at once
+    inference_env = {"SLUICE_INFERENCE_MAX_NUM_SEQS": str(slots)}
+    if args.engine == "simulated":
+        inference_env["SLUICE_INFERENCE_SIMULATED_GPU"] = args.gpu
     options = StackOptions(
         state_dir=state_dir,
         ports=StackPorts.free(replicas=args.replicas, queues=args.queues),
         log_level="WARNING",
         ratelimit_config=unlimited_edge(state_dir),
-        engine="simulated",
-        inference_env={"SLUICE_INFERENCE_MAX_NUM_SEQS": str(slots), "SLUICE_INFERENCE_SIMULATED_GPU": args.gpu},
+        engine=args.engine,
+        inference_env=inference_env,
         queue_env={"SLUICE_QUEUE_MAX_WAITING_PER_TENANT": str(2 * slots)},
         code_root=code_root,
     )
@@ -333,11 +343,8 @@ def summary(step: Step) -> str:
     )
 
 
-async def anchor(args: argparse.Namespace, state_dir: Path) -> list[Anchor]:
+async def anchor(args: argparse.Namespace, state_dir: Path, concurrencies: list[int]) -> list[Anchor]:
     """``vllm serve`` (vLLM's own OpenAI server) on the tiny model with the same client load."""
-    concurrencies = [int(n) for n in args.anchor_streams.split(",") if n]
-    if not concurrencies:
-        return []
     model_dir = await asyncio.to_thread(tiny_model.ensure, DEFAULT_TINY_MODEL_DIR)
     port = free_ports(1)[0]
     argv = [
@@ -348,7 +355,7 @@ async def anchor(args: argparse.Namespace, state_dir: Path) -> list[Anchor]:
         "--uvicorn-log-level", "warning", "--disable-uvicorn-access-log",
     ]  # fmt: skip
     # vLLM's CPU build reserves most of the RAM for its KV cache unless told (GiB).
-    server = Process("vllm-serve", argv, {"VLLM_CPU_KVCACHE_SPACE": "1"}, state_dir / "logs" / "vllm-serve.log")
+    server = Process("vllm-serve", argv, {"VLLM_CPU_KVCACHE_SPACE": "1"}, state_dir / "vllm-serve.log")
     results = []
     try:
         await wait_healthy(server, port)
@@ -411,34 +418,32 @@ def baseline_tree(revision: str, into: Path) -> Path:
 
 
 async def run(args: argparse.Namespace) -> int:
+    anchor_streams = [int(n) for n in args.anchor_streams.split(",") if n]
     with tempfile.TemporaryDirectory(prefix="sluice-bench-scale-") as tmp:
         state_dir = args.state_dir or Path(tmp)
-        gpu = preset(InferenceSettings(simulated_gpu=args.gpu))
-        print(
-            f"whole stack, {args.replicas} replicas of the simulated {args.gpu} engine "
-            f"({gpu.base_s * 1e3:g} ms + {gpu.per_sequence_s * 1e3:g} ms per sequence per step), {args.queues} queue "
-            f"replicas; load generator in its own process ...",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(f"whole stack: {describe(args)}; load generator in its own process ...", file=sys.stderr, flush=True)
         stacks: dict[str, Path | None] = {"this checkout": None}
         if args.baseline:
             stacks = {args.baseline: baseline_tree(args.baseline, Path(tmp) / "baseline"), **stacks}
         runs: dict[str, list[list[Step]]] = {name: [] for name in stacks}
+        anchors: list[list[Anchor]] = []
         for round_ in range(args.rounds):
             # Taking turns, the first one first in odd rounds: the machine's speed drifts.
-            order = list(stacks) if round_ % 2 == 0 else list(reversed(stacks))
-            for name in order:
+            order = [*stacks, *(["vllm serve"] if anchor_streams else [])]
+            for name in order if round_ % 2 == 0 else reversed(order):
                 print(f"{name}, round {round_ + 1}:", file=sys.stderr, flush=True)
-                runs[name].append(await scale(args, state_dir / f"{len(runs[name])}-{name}", stacks[name]))
-        anchors = await anchor(args, state_dir)
+                folder = state_dir / f"{round_ + 1}-{name.replace(' ', '-')}"
+                if name == "vllm serve":
+                    anchors.append(await anchor(args, folder, anchor_streams))
+                else:
+                    runs[name].append(await scale(args, folder, stacks[name]))
     steps = runs["this checkout"][-1]
     write_chart(args.chart, steps, runs[args.baseline][-1] if args.baseline else None)
     result: dict[str, object] = {
         "settings": {k: v for k, v in vars(args).items() if k not in ("chart", "state_dir")},
         "steps": [asdict(s) for s in steps],
         "knee_streams": knee(steps),
-        "anchor_vllm_serve": [asdict(a) for a in anchors],
+        "anchor_vllm_serve": [asdict(a) for a in anchors[-1]] if anchors else [],
         "chart": str(args.chart),
     }
     if args.baseline or args.rounds > 1:
@@ -446,12 +451,44 @@ async def run(args: argparse.Namespace) -> int:
             name: [{"knee_streams": knee(r), "steps": [asdict(s) for s in r]} for r in variant]
             for name, variant in runs.items()
         }
+        result["anchor_runs"] = [[asdict(a) for a in run_] for run_ in anchors]
     if anchors:
-        path = statistics.median(s.cpu_s_per_million_tokens["sluice (all but the load generator)"] for s in steps)
-        reference = statistics.median(a.api_server_cpu_s_per_million_tokens for a in anchors)
-        result["sluice_path_cpu_to_vllm_api_server_cpu"] = round(path / reference, 3) if reference else None
+        result["against_vllm_serve"] = against_anchor(runs["this checkout"], anchors)
     print(json.dumps(result))
     return 0
+
+
+def describe(args: argparse.Namespace) -> str:
+    if args.engine == "vllm":
+        return f"{args.replicas} replicas of vLLM's CPU engine (the tiny model), {args.queues} queue replicas"
+    gpu = preset(InferenceSettings(simulated_gpu=args.gpu))
+    return (
+        f"{args.replicas} replicas of the simulated {args.gpu} engine ({gpu.base_s * 1e3:g} ms + "
+        f"{gpu.per_sequence_s * 1e3:g} ms per sequence per step), {args.queues} queue replicas"
+    )
+
+
+def against_anchor(runs: list[list[Step]], anchors: list[list[Anchor]]) -> dict[str, dict[str, float]]:
+    """At each concurrency both measured, the medians over the rounds: CPU per token and tokens/s, and their ratios."""
+    compared: dict[str, dict[str, float]] = {}
+    for streams in sorted({a.streams for run_ in anchors for a in run_}):
+        ours = [s for run_ in runs for s in run_ if s.streams == streams]
+        theirs = [a for run_ in anchors for a in run_ if a.streams == streams]
+        if not ours or not theirs:
+            continue
+        cpu = statistics.median(s.cpu_s_per_million_tokens["sluice (all but the load generator)"] for s in ours)
+        reference = statistics.median(a.api_server_cpu_s_per_million_tokens for a in theirs)
+        tokens = statistics.median(s.delivered_tokens_per_s for s in ours)
+        served = statistics.median(a.tokens_per_s for a in theirs)
+        compared[str(streams)] = {
+            "sluice_path_cpu_s_per_million_tokens": cpu,
+            "vllm_api_server_cpu_s_per_million_tokens": reference,
+            "cpu_ratio": round(cpu / reference, 3) if reference else 0.0,
+            "sluice_tokens_per_s": tokens,
+            "vllm_serve_tokens_per_s": served,
+            "tokens_per_s_ratio": round(tokens / served, 3) if served else 0.0,
+        }
+    return compared
 
 
 def write_chart(path: Path, steps: list[Step], baseline: list[Step] | None) -> None:
