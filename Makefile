@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PACKAGES := libs/protos libs/core libs/client libs/cli services/inference services/queue services/ratelimit services/datastore
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install up test pytest check lint typecheck gen check-gen lock bench bench-ratelimit bench-datastore bench-scheduler clean
+.PHONY: install up test pytest check lint typecheck gen check-gen lock bench bench-ratelimit bench-datastore bench-scheduler bench-scale clean
 
 install: $(INSTALLED)
 
@@ -61,6 +61,9 @@ bench-datastore: install
 
 bench-scheduler: install
 	$(VENV)/bin/sluice bench scheduler
+
+bench-scale: install
+	$(VENV)/bin/sluice bench scale
 
 clean:
 	rm -rf $(VENV) .sluice .mypy_cache .ruff_cache .pytest_cache

@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import io
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -56,6 +57,7 @@ from sluice_inference.simulated.timing import preset
 KNEE_DELIVERED_RATIO = 0.98
 _SIMULATED_ENGINE_CPU = "sluice_inference_simulated_engine_cpu_seconds_total"
 _ANCHOR_MODEL = "tiny"
+_SLUICE = "sluice (all but the load generator)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,6 +106,11 @@ class Step:
     cadence_bound_ms: float
     cpu_s_per_million_tokens: dict[str, float]
     simulated_engine_cpu_s_per_million_tokens: float
+    # Cores busy with the stack, its engines and the load generator, of the machine's: near all of
+    # them, the machine sets the pace, not sluice.
+    busy_cores: float
+    machine_cores: int
+    wake_lateness_p99_ms: float | None
     messages_per_s: dict[str, float]
     errors: dict[str, int]
 
@@ -155,6 +162,16 @@ class LoadGenerator:
 
 async def until(moment: float) -> None:
     await asyncio.sleep(max(0.0, moment - time.monotonic()))
+
+
+async def wake_lateness(end: float, period_s: float = 0.01) -> list[float]:
+    """How late this (otherwise idle) process wakes from a short sleep until ``end``: the machine's
+    scheduling delay at this load, which every hop of a message pays once."""
+    late = []
+    while (now := time.monotonic()) < end:
+        await asyncio.sleep(period_s)
+        late.append(time.monotonic() - now - period_s)
+    return late
 
 
 def cpu_seconds(pid: int) -> float:
@@ -248,14 +265,14 @@ async def measure(stack: LocalStack, spans: SpanIndex, streams: int, args: argpa
     start, end = load.window
     await until(start)
     before = Snapshot.take(stack)
-    await until(end)
+    lateness = await wake_lateness(end)
     after = Snapshot.take(stack)
     received = await load.result()
     seconds = end - start
     delivered = received["tokens"]
     produced = after.produced - before.produced
     cpu = {name: after.cpu[name] - before.cpu[name] for name in after.cpu}
-    cpu["sluice (all but the load generator)"] = sum(cpu.values())
+    cpu[_SLUICE] = sum(cpu.values())
     cpu["load generator"] = received["cpu_s"] or 0.0
     # Spans reach the sink within a second or two of their request's end.
     await asyncio.sleep(2.5)
@@ -282,6 +299,9 @@ async def measure(stack: LocalStack, spans: SpanIndex, streams: int, args: argpa
         simulated_engine_cpu_s_per_million_tokens=round((after.engine_cpu - before.engine_cpu) / produced * 1e6, 1)
         if produced
         else 0.0,
+        busy_cores=round((sum(cpu.values()) - cpu[_SLUICE] + after.engine_cpu - before.engine_cpu) / seconds, 2),
+        machine_cores=len(os.sched_getaffinity(0)),
+        wake_lateness_p99_ms=ms(percentile(lateness, 0.99)),
         messages_per_s={
             **{hop: round((after.messages[hop] - before.messages[hop]) / seconds) for hop in after.messages},
             "client received": round(received["messages"] / seconds),
@@ -334,12 +354,14 @@ async def scale(args: argparse.Namespace, state_dir: Path, code_root: Path | Non
 
 
 def summary(step: Step) -> str:
-    total = step.cpu_s_per_million_tokens["sluice (all but the load generator)"]
+    total = step.cpu_s_per_million_tokens[_SLUICE]
     return (
         f"produced {step.produced_tokens_per_s:,.0f} tokens/s, delivered {step.delivered_ratio:.1%}; "
         f"TTFT added p50 {step.ttft_added_p50_ms} ms p99 {step.ttft_added_p99_ms} ms; "
         f"message gap p50 {step.gap_p50_ms} p99 {step.gap_p99_ms} max {step.gap_max_ms} ms "
-        f"(bound {step.cadence_bound_ms} ms); sluice CPU {total:.1f} s per million tokens"
+        f"(bound {step.cadence_bound_ms} ms); sluice CPU {total:.1f} s per million tokens; "
+        f"{step.busy_cores} of {step.machine_cores} cores busy; an idle process woke {step.wake_lateness_p99_ms} ms "
+        "late (p99)"
     )
 
 
@@ -476,7 +498,7 @@ def against_anchor(runs: list[list[Step]], anchors: list[list[Anchor]]) -> dict[
         theirs = [a for run_ in anchors for a in run_ if a.streams == streams]
         if not ours or not theirs:
             continue
-        cpu = statistics.median(s.cpu_s_per_million_tokens["sluice (all but the load generator)"] for s in ours)
+        cpu = statistics.median(s.cpu_s_per_million_tokens[_SLUICE] for s in ours)
         reference = statistics.median(a.api_server_cpu_s_per_million_tokens for a in theirs)
         tokens = statistics.median(s.delivered_tokens_per_s for s in ours)
         served = statistics.median(a.tokens_per_s for a in theirs)
