@@ -6,7 +6,7 @@ import html
 from dataclasses import dataclass
 
 _WIDTH, _HEIGHT = 760, 420
-_LEFT, _RIGHT, _TOP, _BOTTOM = 80, 80, 40, 90
+_LEFT, _RIGHT, _TOP, _BOTTOM = 80, 80, 40, 100
 _COLOURS = ("#1f77b4", "#2ca02c", "#d62728", "#7f7f7f", "#ff7f0e", "#9467bd")
 
 
@@ -54,8 +54,8 @@ def line_chart(
     for i, value in enumerate(x):
         parts.append(f'<text x="{px(i)}" y="{_TOP + plot_h + 18}" text-anchor="middle">{value:g}</text>')
     colours = iter(_COLOURS)
-    legend_x = _LEFT
-    for side, label, series in (("left", left_label, left), ("right", right_label, right)):
+    for row, (side, label, series) in enumerate((("left", left_label, left), ("right", right_label, right))):
+        legend_x, legend_y = _LEFT, _HEIGHT - 36 + 20 * row  # a row of the legend per axis
         ticks = _ticks(max((v for s in series for v in s.values), default=0.0))
         top = ticks[-1]
         axis_x = _LEFT if side == "left" else _LEFT + plot_w
@@ -78,7 +78,6 @@ def line_chart(
             parts.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"{dash}/>')
             for i, v in enumerate(values):
                 parts.append(f'<circle cx="{px(i)}" cy="{_TOP + plot_h * (1 - v / top)}" r="3" fill="{colour}"/>')
-            legend_y = _HEIGHT - 22
             parts.append(
                 f'<line x1="{legend_x}" x2="{legend_x + 24}" y1="{legend_y}" y2="{legend_y}" stroke="{colour}" '
                 f'stroke-width="2"{dash}/>'
