@@ -30,6 +30,12 @@ class Failing(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         yield inference_pb2.GenerateResponse()
+        if request.prompt == "flood":
+            try:
+                while True:  # waits at the yield while gRPC writes: where a cancel finds it
+                    yield inference_pb2.GenerateResponse()
+            finally:
+                trace.get_current_span().set_attribute("test.handler_closed", True)
         match request.prompt:
             case "invalid":
                 raise errors.InvalidArgument.field("sampling.top_p", "must be in (0, 1]")
@@ -206,6 +212,26 @@ async def test_a_stream_its_caller_cancels_ends_both_spans_as_cancelled(
         (span,) = spans_of(exported, trace_id, kind)
         assert span.attributes is not None
         assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0], kind
+
+
+async def test_a_handler_cancelled_at_a_yield_finishes_its_span_before_it_ends(
+    stub: inference_pb2_grpc.InferenceAsyncStub, exported: InMemorySpanExporter
+) -> None:
+    # The queue and the replicas record how a request ended on the call's span in their
+    # handler's clean-up; gRPC drops a handler cancelled at a yield without closing it.
+    trace_id = 0x5BF92F3577B34DA6A3CE929D0E0E4737
+    with caller_trace(trace_id, 0x00F067AA0BA902B8):
+        call = stub.Generate(inference_pb2.GenerateRequest(prompt="flood"))
+    responses = aiter(call)
+    for _ in range(20):
+        await anext(responses)
+    call.cancel()
+    for _ in range(100):
+        if spans_of(exported, trace_id):
+            break
+        await asyncio.sleep(0.02)
+    (span,) = spans_of(exported, trace_id)
+    assert span.attributes is not None and span.attributes.get("test.handler_closed") is True
 
 
 @pytest.mark.parametrize(

@@ -148,6 +148,18 @@ async def test_a_write_then_a_read_returns_the_new_data(service: Service, other_
     assert [m.content async for m in service.stub.GetConversation(shouted)] == ["hello", "hello"]
 
 
+async def test_a_message_with_a_nul_is_stored_with_a_replacement_character(service: Service) -> None:
+    # A byte-level tokenizer's reply can hold a NUL, which PostgreSQL's text cannot.
+    tenant = await new_tenant(service.stub)
+    conversation = await service.stub.CreateConversation(datastore_pb2.CreateConversationRequest(tenant_id=tenant.id))
+    message = datastore_pb2.NewMessage(role=ASSISTANT, content="a\x00b", token_count=3)
+    await service.stub.AppendMessages(
+        datastore_pb2.AppendMessagesRequest(conversation_id=conversation.id, request_id="nul", messages=[message])
+    )
+    read = datastore_pb2.GetConversationRequest(conversation_id=conversation.id)
+    assert [m.content async for m in service.stub.GetConversation(read)] == ["a\ufffdb"]
+
+
 async def test_appending_twice_with_one_request_id_appends_once(service: Service) -> None:
     tenant = await new_tenant(service.stub)
     conversation = await service.stub.CreateConversation(datastore_pb2.CreateConversationRequest(tenant_id=tenant.id))

@@ -188,8 +188,13 @@ def _wrap_stream(behavior: Any, method: str, with_span: bool) -> Callable[..., A
     async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
         with _span_of(method, context, with_span):
             try:
-                async for response in behavior(request, context):
-                    yield response
+                # Closed here, inside the span: when the caller goes away while the handler waits
+                # at a yield, gRPC drops this generator, and the handler's own clean-up (the
+                # outcome it records on the span) must run before the span ends, not whenever
+                # the garbage collector gets to it.
+                async with contextlib.aclosing(behavior(request, context)) as responses:
+                    async for response in responses:
+                        yield response
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:

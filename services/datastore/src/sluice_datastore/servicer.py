@@ -121,7 +121,10 @@ class DataStoreServicer(datastore_pb2_grpc.DataStoreServicer):
             if message.token_count > MAX_INT:
                 violations.append(FieldViolation(f"messages[{i}].token_count", f"at most {MAX_INT}"))
         _raise(violations)
-        messages = [(m.role, m.content, m.token_count) for m in request.messages]
+        # PostgreSQL's text cannot hold NUL, which a model's reply (a byte-level tokenizer's
+        # output) or a caller's message may contain: it is kept as the replacement character,
+        # as undecodable bytes are, rather than the exchange being refused and lost.
+        messages = [(m.role, m.content.replace("\x00", "\ufffd"), m.token_count) for m in request.messages]
         seqs = await self._store.append_messages(conversation_id, request.request_id, messages)
         return datastore_pb2.AppendMessagesResponse(sequences=seqs)
 
