@@ -49,6 +49,7 @@ class EnvoyLayout:
     stream_idle_timeout: str = "300s"
     max_stream_duration: str = "3600s"
     trace_flush_ms: int = 1000
+    trace_min_flush_spans: int = 512
 
 
 def render(layout: EnvoyLayout, root: Path | None = None) -> str:
