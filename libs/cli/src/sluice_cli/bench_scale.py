@@ -105,7 +105,7 @@ class Step:
     engine_step_ms: float
     cadence_bound_ms: float
     cpu_s_per_million_tokens: dict[str, float]
-    simulated_engine_cpu_s_per_million_tokens: float
+    engine_cpu_s_per_million_tokens: float
     # Cores busy with the stack, its engines and the load generator, of the machine's: near all of
     # them, the machine sets the pace, not sluice.
     busy_cores: float
@@ -211,6 +211,13 @@ class Snapshot:
         queues = [scrape(port) for port in stack.ports.queue_metrics]
         engine_cpu = sum(metric(text, _SIMULATED_ENGINE_CPU) for text in replicas)
         cpu["inference"] -= engine_cpu
+        # vLLM's engine core runs in a child process of its replica: the model's CPU, not the path's.
+        engine_cpu += sum(
+            cpu_seconds(child.pid)
+            for name in stack.process_names()
+            if kind(name) == "inference"
+            for child in psutil.Process(stack.process(name).pid).children(recursive=True)
+        )
         return cls(
             cpu=cpu,
             engine_cpu=engine_cpu,
@@ -296,7 +303,7 @@ async def measure(stack: LocalStack, spans: SpanIndex, streams: int, args: argpa
         engine_step_ms=round(step_ms, 2),
         cadence_bound_ms=round(InferenceSettings().max_chunk_interval_ms + step_ms, 2),
         cpu_s_per_million_tokens={name: round(s / delivered * 1e6, 1) if delivered else 0.0 for name, s in cpu.items()},
-        simulated_engine_cpu_s_per_million_tokens=round((after.engine_cpu - before.engine_cpu) / produced * 1e6, 1)
+        engine_cpu_s_per_million_tokens=round((after.engine_cpu - before.engine_cpu) / produced * 1e6, 1)
         if produced
         else 0.0,
         busy_cores=round((sum(cpu.values()) - cpu[_SLUICE] + after.engine_cpu - before.engine_cpu) / seconds, 2),
