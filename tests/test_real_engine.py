@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 from grpc_health.v1 import health_pb2
 
@@ -85,18 +86,36 @@ async def test_the_models_tokens_stream_through_every_hop(vllm_stack: LocalStack
     assert "".join(d.text for d in deltas), "the tiny model's tokens are text"
 
 
-async def test_stopping_the_stack_lets_streams_in_flight_finish(vllm_stack: LocalStack) -> None:
+async def test_stopping_the_stack_lets_streams_in_flight_finish_and_bills_them(
+    vllm_stack: LocalStack, postgres: PostgresServer
+) -> None:
     # What Ctrl-C on `make up` does; the stack is gone after this test.
     stopping: asyncio.Task[None] | None = None
     async with GenerationClient(vllm_stack.edge, api_key=vllm_stack.demo_api_key) as client:
-        stream = client.generate(request(max_tokens=300), timeout=60)
-        received = []
-        async for event in stream:
-            received.append(event)
-            if event.HasField("delta") and stopping is None:
-                stopping = asyncio.create_task(vllm_stack.stop())
+
+        async def one() -> list[generation_pb2.GenerateEvent]:
+            nonlocal stopping
+            received = []
+            async for event in client.generate(request(max_tokens=300), timeout=60):
+                received.append(event)
+                if event.HasField("delta") and stopping is None:
+                    stopping = asyncio.create_task(vllm_stack.stop())
+            return received
+
+        streams = await asyncio.gather(*(one() for _ in range(4)))
     assert stopping is not None
     await stopping
-    assert received[-1].HasField("finished"), "the stream in flight must finish, not be cut"
-    assert received[-1].finished.reason == common_pb2.FINISH_REASON_LENGTH
-    assert received[-1].finished.usage.completion_tokens == 300
+    for received in streams:
+        assert received[-1].HasField("finished"), "a stream in flight must finish, not be cut"
+        assert received[-1].finished.reason == common_pb2.FINISH_REASON_LENGTH
+        assert received[-1].finished.usage.completion_tokens == 300
+    # The queues stopped before the data-access service: every one of them is billed.
+    connection = await asyncpg.connect(postgres.url)
+    try:
+        ids = [received[-1].finished.request_id for received in streams]
+        rows = await connection.fetch("SELECT completion_tokens FROM usage WHERE request_id = ANY($1::text[])", ids)
+    finally:
+        await connection.close()
+    assert [row["completion_tokens"] for row in rows] == [300] * 4
+    logs = [vllm_stack.process(f"queue-{i}").log_path.read_text() for i in (1, 2)]
+    assert not any("could not be written" in log for log in logs)

@@ -1,9 +1,15 @@
-"""The local stack's own processes: one that dies is reported, not ignored."""
+"""The local stack's own processes: one that dies is reported, not ignored, and leaves nothing behind."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from sluice_cli.redis_server import RedisServer
@@ -23,3 +29,24 @@ async def test_a_redis_the_stack_started_is_watched_like_its_services(tmp_path: 
             stack.check_alive()
     finally:
         await redis.stop()
+
+
+async def test_a_process_started_again_takes_what_its_killed_predecessor_left(tmp_path: Path) -> None:
+    stack = LocalStack(StackOptions(state_dir=tmp_path, ports=StackPorts.free()))
+    # A replica whose engine runs in a child process of its group, as vLLM's does.
+    sleep = "import time; time.sleep(60)"
+    script = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {sleep!r}]); {sleep}"
+    first = stack._spawn("replica", [sys.executable, "-c", script], {})
+    deadline = time.monotonic() + 10
+    while not (children := psutil.Process(first.pid).children()):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    (engine,) = children
+    with pytest.raises(StackError, match="already running"):
+        stack._spawn("replica", [sys.executable, "-c", script], {})
+    os.kill(first.pid, signal.SIGKILL)  # the replica alone: its engine lives on
+    await first.wait()
+    assert engine.is_running()
+    second = stack._spawn("replica", [sys.executable, "-c", "pass"], {})
+    await second.wait()
+    engine.wait(timeout=5)  # raises if the leftover still runs

@@ -48,7 +48,7 @@ from sluice_cli.bench import unlimited_edge
 from sluice_cli.chart import Series, line_chart
 from sluice_cli.envoy_config import repo_root
 from sluice_cli.processes import Process
-from sluice_cli.stack import LOOPBACK, LocalStack, StackOptions, StackPorts, free_ports
+from sluice_cli.stack import LOOPBACK, LocalStack, StackOptions, StackPorts, free_ports, process_kind
 from sluice_cli.trace_sink import Span
 from sluice_inference import tiny_model
 from sluice_inference.settings import DEFAULT_TINY_MODEL_DIR, InferenceSettings
@@ -189,11 +189,6 @@ def metric(text: str, name: str) -> float:
     return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
-def kind(process: str) -> str:
-    """A process's kind: ``queue-2`` -> ``queue``."""
-    return re.sub(r"-\d+$", "", process)
-
-
 @dataclass
 class Snapshot:
     cpu: dict[str, float]  # per process kind, the simulated engines' own CPU left out
@@ -206,7 +201,7 @@ class Snapshot:
     def take(cls, stack: LocalStack) -> Snapshot:
         cpu: dict[str, float] = {}
         for name in stack.process_names():
-            cpu[kind(name)] = cpu.get(kind(name), 0.0) + cpu_seconds(stack.process(name).pid)
+            cpu[process_kind(name)] = cpu.get(process_kind(name), 0.0) + cpu_seconds(stack.process(name).pid)
         replicas = [scrape(port) for port in stack.ports.inference_metrics]
         queues = [scrape(port) for port in stack.ports.queue_metrics]
         engine_cpu = sum(metric(text, _SIMULATED_ENGINE_CPU) for text in replicas)
@@ -215,7 +210,7 @@ class Snapshot:
         engine_cpu += sum(
             cpu_seconds(child.pid)
             for name in stack.process_names()
-            if kind(name) == "inference"
+            if process_kind(name) == "inference"
             for child in psutil.Process(stack.process(name).pid).children(recursive=True)
         )
         return cls(

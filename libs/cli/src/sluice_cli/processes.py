@@ -7,38 +7,37 @@ with SIGTERM to the child alone, which drains and stops its own children
 SIGTERM, before the server could let them finish), then SIGKILL to whatever
 is left of the group after a grace period. A child may be confined to some
 CPUs, or run as another user; its own children inherit both.
+
+No Python runs between fork and exec (no ``preexec_fn``): the parent uses
+gRPC, whose fork handlers crash a child forked while other threads are in
+gRPC (SIGSEGV before exec, 26 of 60 spawns in a check). The user is set by
+``Popen`` itself, and the parent-death signal and the CPUs by util-linux's
+``setpriv`` and ``taskset`` in front of the command.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
+import shutil
 import signal
 import subprocess
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 
-
-def _child_setup(cpus: frozenset[int] | None, uid: int | None) -> Callable[[], None]:
-    def setup() -> None:
-        # Runs in the child between fork and exec; its own children inherit all of it.
-        if cpus:
-            os.sched_setaffinity(0, cpus)
-        if uid is not None:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-        # After setuid, which would clear it.
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-    return setup
+def _wrapped(argv: Sequence[str], cpus: frozenset[int] | None) -> list[str]:
+    """``argv`` behind the tools that set, as it starts, what its children inherit."""
+    prefix: list[str] = []
+    if (setpriv := shutil.which("setpriv")) is not None:
+        prefix += [setpriv, "--pdeathsig", "TERM"]
+    if cpus and (taskset := shutil.which("taskset")) is not None:
+        prefix += [taskset, "--cpu-list", ",".join(map(str, sorted(cpus)))]
+    return [*prefix, *argv]
 
 
 class Process:
@@ -58,14 +57,19 @@ class Process:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as log:
             self._popen = subprocess.Popen(
-                list(argv),
+                _wrapped(argv, cpus),
                 env={**os.environ, **env},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_child_setup(cpus, uid),
+                user=uid,
+                group=uid,
+                extra_groups=[] if uid is not None else None,
             )
+        if cpus and shutil.which("taskset") is None:
+            # Before it starts children of its own, in practice (its imports take a while).
+            os.sched_setaffinity(self._popen.pid, cpus)
         logger.debug("started %s (pid %d): %s", name, self._popen.pid, " ".join(argv))
 
     @property
@@ -75,6 +79,10 @@ class Process:
     @property
     def returncode(self) -> int | None:
         return self._popen.poll()
+
+    async def wait(self) -> int:
+        """Until it exits by itself; its exit code."""
+        return await asyncio.to_thread(self._popen.wait)
 
     def log_tail(self, lines: int = 30) -> str:
         try:

@@ -12,6 +12,8 @@ import contextlib
 import json
 import logging
 import os
+import re
+import signal
 import socket
 import sys
 import time
@@ -115,6 +117,14 @@ async def _belongs_to_demo(stub: datastore_pb2_grpc.DataStoreAsyncStub, key: str
             return False  # unknown (revoked, or another database's), or not a key at all
         raise
     return bool(tenant.name == "demo")
+
+
+_STOP_ORDER = (("queue",), ("inference", "ratelimit", "datastore"), ("envoy", "trace-sink"))
+
+
+def process_kind(name: str) -> str:
+    """A process's kind: ``queue-2`` -> ``queue``."""
+    return re.sub(r"-\d+$", "", name)
 
 
 def source_dirs(root: Path) -> list[Path]:
@@ -263,6 +273,12 @@ class LocalStack:
         return Path(self._inference_setting("TINY_MODEL_DIR") or DEFAULT_TINY_MODEL_DIR)
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str], cpus: frozenset[int] | None = None) -> Process:
+        previous = self._processes.get(name)
+        if previous is not None:
+            if previous.returncode is None:
+                raise StackError(f"{name} is already running")
+            # A process killed by itself leaves its children (vLLM's engine core, 1.5 GB) in its group.
+            previous.signal_group(signal.SIGKILL)
         log = self.options.state_dir / "logs" / f"{name}.log"
         if self.options.code_root is not None and argv[0] == sys.executable:
             # Ahead of this checkout's packages, installed in development mode.
@@ -488,12 +504,18 @@ class LocalStack:
         return int(response.status)
 
     async def stop(self) -> None:
-        """Stop the services (each drains), then Envoy and the trace sink; nothing is left running."""
-        last = ("envoy", "trace-sink")
-        await asyncio.gather(
-            *(p.stop(self.options.stop_grace_s) for p in self._processes.values() if p.name not in last)
-        )
-        await asyncio.gather(*(p.stop(self.options.stop_grace_s) for p in self._processes.values() if p.name in last))
+        """Stop every process, callers before what they call; nothing is left running.
+
+        The queues go first: each reports NOT_SERVING, so Envoy sends it no new
+        request, lets its streams finish, and writes its last usage records and
+        budget refunds while the data-access and rate-limit services still
+        answer. Then the inference replicas and those services, then Envoy (the
+        queues' way to all of them) and the trace sink.
+        """
+        for tier in _STOP_ORDER:
+            await asyncio.gather(
+                *(p.stop(self.options.stop_grace_s) for p in self._processes.values() if process_kind(p.name) in tier)
+            )
         if self._redis is not None:
             await self._redis.stop()
         if self._postgres is not None:
