@@ -88,6 +88,14 @@ def spans_of(
     return [span for span in exporter.get_finished_spans() if span.context.trace_id == trace_id and span.kind == kind]
 
 
+async def ended(exporter: InMemorySpanExporter, trace_id: int) -> None:
+    """Until the call's server and client spans have both ended: the client's ends from a callback."""
+    for _ in range(100):
+        if all(spans_of(exporter, trace_id, kind) for kind in (trace.SpanKind.SERVER, trace.SpanKind.CLIENT)):
+            return
+        await asyncio.sleep(0.02)
+
+
 async def fail(stub: inference_pb2_grpc.InferenceAsyncStub, prompt: str) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         async for _ in stub.Generate(inference_pb2.GenerateRequest(prompt=prompt)):
@@ -162,6 +170,7 @@ async def test_a_call_continues_its_callers_trace(
         call = stub.Generate(inference_pb2.GenerateRequest(prompt="fine"))
     assert len([response async for response in call]) == 1
     assert dict(await call.trailing_metadata() or ())[TRACE_ID_KEY] == f"{trace_id:032x}"
+    await ended(exported, trace_id)
     (span,) = spans_of(exported, trace_id)
     assert span.name == "/sluice.inference.v1.Inference/Generate"
     (caller,) = spans_of(exported, trace_id, trace.SpanKind.CLIENT)
@@ -203,12 +212,8 @@ async def test_a_stream_its_caller_cancels_ends_both_spans_as_cancelled(
     # Cancelled between two reads and never read again:
     # the client's span ends now, not when the call is garbage-collected.
     call.cancel()
-    kinds = (trace.SpanKind.SERVER, trace.SpanKind.CLIENT)
-    for _ in range(100):
-        if all(spans_of(exported, trace_id, kind) for kind in kinds):
-            break
-        await asyncio.sleep(0.02)
-    for kind in kinds:
+    await ended(exported, trace_id)
+    for kind in (trace.SpanKind.SERVER, trace.SpanKind.CLIENT):
         (span,) = spans_of(exported, trace_id, kind)
         assert span.attributes is not None
         assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0], kind
