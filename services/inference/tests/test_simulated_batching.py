@@ -125,3 +125,19 @@ def test_in_priority_mode_the_least_urgent_is_preempted_even_if_scheduled_alread
     assert step.scheduled == [(interactive, 1)]
     assert produced == [interactive]
     assert batch.computed == 0 and batcher.waiting == [batch]
+
+
+def test_in_priority_mode_a_sequence_that_preempts_itself_ends_the_steps_scheduling() -> None:
+    # As vLLM: the least urgent sequence needing a block, first in the running list, gives way
+    # itself, and the step schedules nothing more (the engine schedules again at once).
+    batcher = Batcher(max_num_seqs=8, max_batched_tokens=1000, kv_blocks=2, priority=True)
+    batch = Sequence("batch", prompt_tokens=BLOCK_SIZE - 1, max_tokens=100, priority=2)
+    batcher.add(batch)
+    run_step(batcher)
+    interactive = Sequence("interactive", prompt_tokens=1, max_tokens=100, priority=1)
+    batcher.add(interactive)
+    run_step(batcher)  # the batch request decodes into a full block; the interactive one takes the other
+    step, _ = run_step(batcher)
+    assert (step.scheduled, step.preempted) == ([], [batch])
+    step, produced = run_step(batcher)
+    assert step.scheduled == [(interactive, 1)] and produced == [interactive]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -203,5 +204,21 @@ async def test_closing_a_stream_frees_its_slot_and_kv_cache(model_dir: Path) -> 
         assert engine.unfinished_requests() == 0
         await collect(engine, request(engine, "next", max_tokens=1))
         assert load.kv_cache_usage == 0
+    finally:
+        await engine.shutdown()
+
+
+async def test_in_priority_mode_a_sequence_that_preempts_itself_does_not_stop_the_engine(model_dir: Path) -> None:
+    engine = await started(model_dir, scheduling_policy="priority", max_model_len=32, simulated_kv_cache_tokens=32)
+    try:
+        batch = dataclasses.replace(
+            request(engine, "batch", prompt="a river " * 5, max_tokens=12, ignore_eos=True), priority=2
+        )
+        first = asyncio.create_task(collect(engine, batch))
+        await until(lambda: metric(engine, "vllm:num_requests_running") == 1)
+        urgent = dataclasses.replace(request(engine, "urgent", prompt="a", max_tokens=12, ignore_eos=True), priority=1)
+        results = await asyncio.gather(first, collect(engine, urgent))
+        assert [len(ids) for _, ids, _ in results] == [12, 12]
+        assert not engine.errored
     finally:
         await engine.shutdown()

@@ -36,17 +36,6 @@ class EngineOutput:
     queue_s: float | None = None
     engine_ttft_s: float | None = None
 
-    def absorb(self, later: EngineOutput) -> None:
-        """Merge the next delta into this unread one."""
-        self.text += later.text
-        self.token_ids.extend(later.token_ids)
-        self.finished = later.finished
-        self.finish_reason = later.finish_reason
-        self.stop_reason = later.stop_reason
-        self.cached_tokens = later.cached_tokens
-        self.queue_s = later.queue_s if later.queue_s is not None else self.queue_s
-        self.engine_ttft_s = later.engine_ttft_s if later.engine_ttft_s is not None else self.engine_ttft_s
-
 
 class Engine(Protocol):
     spec: ModelSpec

@@ -65,8 +65,9 @@ class _Request:
     def put(self, text: str, token_id: int, prompt_tokens: int) -> EngineOutput:
         pending = self.pending
         if pending is None:
-            self.pending = pending = EngineOutput(text, [token_id], prompt_tokens, queue_s=self.queue_s)
-            pending.engine_ttft_s = self.ttft_s
+            self.pending = pending = EngineOutput(
+                text, [token_id], prompt_tokens, queue_s=self.queue_s, engine_ttft_s=self.ttft_s
+            )
         else:
             pending.text += text
             pending.token_ids.append(token_id)
@@ -209,11 +210,14 @@ class SimulatedEngine:
             started = time.thread_time()
             step = batcher.schedule(clock)
             if not step.scheduled:
-                # Catching up: what waits arrived after this step's start; the GPU was idle until then.
-                arrival = min(seq.arrival for seq in batcher.waiting)
-                if arrival <= clock:
-                    raise RuntimeError("requests wait that no step can take (a bug in the batching model)")
-                clock = arrival
+                # A sequence that preempted itself ends the step's scheduling (as in vLLM): schedule
+                # again. Otherwise what waits arrived after this step's start, while catching up: the
+                # GPU was idle until then.
+                if not step.preempted:
+                    arrival = min(seq.arrival for seq in batcher.waiting)
+                    if arrival <= clock:
+                        raise RuntimeError("requests wait that no step can take (a bug in the batching model)")
+                    clock = arrival
                 continue
             clock += self._gpu.step_s(len(step.scheduled), step.prefill_tokens)
             engine_cpu = time.thread_time() - started
