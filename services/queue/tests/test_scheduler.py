@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import os
+import signal
 import time
 import uuid
 from collections import Counter
@@ -314,12 +316,70 @@ async def test_a_line_that_empties_leaves_no_counts_and_nothing_without_an_expir
 async def test_a_burst_of_calls_beyond_the_connection_pool_waits_instead_of_failing(
     redis_server: RedisServer, config: SchedulerConfig
 ) -> None:
-    redis = connect(redis_server.url, connections=8)
+    redis = connect(redis_server.url, timeout_s=2.0, connections=8)
     scheduler = Scheduler(redis, config)
     try:
         await scheduler.report_engines({"engine": 1000})
         tickets = await asyncio.gather(*(enter(scheduler, f"t{i % 7}") for i in range(300)))
         assert all(ticket.admitted for ticket in tickets)
         await asyncio.gather(*(ticket.release() for ticket in tickets))
+    finally:
+        await redis.aclose()
+
+
+async def test_after_redis_restarts_empty_no_call_fails_on_a_dead_connection(
+    redis_server: RedisServer, config: SchedulerConfig
+) -> None:
+    # Each pooled connection to the old Redis failed once, whenever load next reached it.
+    redis = connect(redis_server.url, timeout_s=2.0, connections=8)
+    scheduler = Scheduler(redis, config)
+    try:
+        await scheduler.report_engines({"engine": 100})
+        tickets = await asyncio.gather(*(enter(scheduler, "t") for _ in range(16)))  # every connection opened
+        await asyncio.gather(*(ticket.release() for ticket in tickets))
+        await redis_server.stop()
+        await redis_server.start()
+        await scheduler.report_engines({"engine": 100})
+        for _ in range(3):
+            tickets = await asyncio.gather(*(enter(scheduler, "t") for _ in range(16)))
+            assert all(ticket.admitted for ticket in tickets)
+            await asyncio.gather(*(ticket.release() for ticket in tickets))
+    finally:
+        await redis.aclose()
+
+
+async def test_an_enter_sent_twice_is_counted_once(redis_server: RedisServer, config: SchedulerConfig) -> None:
+    # What a call resent after its connection broke does: the request keeps one place.
+    async with running(redis_server.url, config, slots=1) as scheduler:
+        first = await enter(scheduler, "a")
+        waiting = await scheduler.enter("twice", "b", 1, BATCH)
+        again = await scheduler.enter("twice", "b", 1, BATCH)
+        assert (first.admitted, waiting.admitted, again.admitted) == (True, False, False)
+        redis = Redis.from_url(redis_server.url)
+        try:
+            assert await redis.hget(f"{config.prefix}:count", "tenant:b") == b"1"
+        finally:
+            await redis.aclose()
+        await first.release()
+        await admitted(again)
+
+
+async def test_a_stalled_redis_refuses_requests_within_the_timeout(
+    redis_server: RedisServer, config: SchedulerConfig
+) -> None:
+    redis = connect(redis_server.url, timeout_s=0.3, connections=4)
+    scheduler = Scheduler(redis, config)
+    assert redis_server.process is not None
+    try:
+        await scheduler.report_engines({"engine": 10})
+        os.kill(redis_server.process.pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            with pytest.raises(Unavailable, match="queue is unreachable"):
+                await enter(scheduler, "a")
+            assert time.monotonic() - start < 2.0, "a stall waited for redis-py's own 5 s"
+        finally:
+            os.kill(redis_server.process.pid, signal.SIGCONT)
+        assert (await enter(scheduler, "a")).admitted
     finally:
         await redis.aclose()

@@ -33,7 +33,7 @@ async def serve(settings: QueueSettings) -> None:
     inference = inference_pb2_grpc.InferenceStub(channels[settings.inference_target])
     datastore = datastore_pb2_grpc.DataStoreStub(channels[settings.datastore_target])
     ratelimit = rls_pb2_grpc.RateLimitServiceStub(channels[settings.ratelimit_target])
-    redis = connect(settings.redis_url)
+    redis = connect(settings.redis_url, settings.redis_timeout_ms / 1e3)
     scheduler = Scheduler(redis, settings.scheduler())
     engines = Engines(inference, scheduler.report_engines, settings.engine_interval_s, settings.engine_probes)
     usage = UsageRecorder(datastore, settings.usage_batch_size, settings.usage_flush_interval_s)

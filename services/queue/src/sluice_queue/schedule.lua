@@ -237,8 +237,15 @@ if op == 'enter' then
   local id, class, tenant, weight = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
   local class_cap, tenant_cap = tonumber(ARGV[6]), tonumber(ARGV[7])
   local lease_ms, alive_ms = tonumber(ARGV[8]), tonumber(ARGV[9])
-  -- Nobody waiting and a slot free: straight in (the common, unloaded case).
   redis.call('ZREMRANGEBYSCORE', k('leases'), '-inf', now)
+  -- A call sent again (its answer lost with a broken connection) finds the request where it is.
+  if redis.call('ZSCORE', k('leases'), id) then
+    return {'admitted'}
+  end
+  if redis.call('ZSCORE', k('alive'), id) then
+    return {'waiting'}
+  end
+  -- Nobody waiting and a slot free: straight in (the common, unloaded case).
   local waiting = redis.call('ZCARD', k('alive'))
   if waiting == 0 and redis.call('ZCARD', k('leases')) < capacity() - held_back(class) then
     redis.call('ZADD', k('leases'), now + lease_ms, id)

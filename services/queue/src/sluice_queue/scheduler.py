@@ -29,7 +29,9 @@ from importlib import resources
 
 from prometheus_client import Gauge
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError, RedisError
 
 from sluice.generation.v1 import generation_pb2
 from sluice_core.errors import ResourceExhausted, Unavailable
@@ -69,12 +71,25 @@ class SchedulerConfig:
         return int(self.lease_s * 1e3)
 
 
-def connect(url: str, connections: int = 64) -> Redis:
+def connect(url: str, timeout_s: float, connections: int = 64) -> Redis:
     """The queue replica's Redis client (``sluice_core.redis_pool``).
 
-    No socket timeout: the admission channel stays quiet while nothing moves.
+    A call that Redis does not answer within ``timeout_s`` fails, so that a
+    stalled Redis turns requests away at once (redis-py's own default waits 5 s).
+    A connection that turns out broken (Redis restarted) is replaced and the
+    call sent again, once: every script call is safe to repeat. The admission
+    channel's reads wait with timeouts of their own.
     """
-    return pooled_redis(url, connections, 2.0, socket_connect_timeout=2.0, health_check_interval=10)
+    return pooled_redis(
+        url,
+        connections,
+        2.0,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        health_check_interval=10,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries=1),
+        retry_on_error=[ConnectionError],
+    )
 
 
 class Ticket:

@@ -30,6 +30,12 @@ class QueueSettings(ServiceSettings):
     usage_batch_size: int = Field(200, gt=0, description="Usage records per write.")
     usage_flush_interval_s: float = Field(0.5, gt=0, description="How often buffered usage records are written.")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="The shared waiting line and slot leases.")
+    redis_timeout_ms: float = Field(
+        500.0,
+        gt=0,
+        description="A scheduler call Redis has not answered by then fails: the request is refused UNAVAILABLE "
+        "with a retry hint (a healthy Redis answers in well under a millisecond).",
+    )
     queue_prefix: str = Field("{sluice-queue}", description="Key prefix of the shared queue in Redis.")
     lease_s: float = Field(3.0, gt=0, description="A dead replica's slots and waiters are freed within this long.")
     max_waiting_per_class: int = Field(1024, ge=0, description="Waiting requests per priority class, all replicas.")
