@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
 
+import grpc
 import pytest
 
-from envoy_api.envoy.service.ratelimit.v3 import rls_pb2
+from envoy_api.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from sluice.datastore.v1 import datastore_pb2
-from sluice_core.errors import ResourceExhausted
+from sluice_core.channels import insecure_channel
+from sluice_core.errors import ResourceExhausted, Unavailable
+from sluice_core.server import GrpcServer
+from sluice_core.settings import ServiceSettings
 from sluice_queue.budget import Budgets, reserve_tokens
 
 OK, OVER = rls_pb2.RateLimitResponse.OK, rls_pb2.RateLimitResponse.OVER_LIMIT
@@ -131,3 +138,37 @@ def test_a_reservation_is_at_most_the_models_context() -> None:
     assert reserve_tokens(["x" * 100_000], 64, context=2048) == 2048
     assert reserve_tokens(["hello"], 64, context=2048) == 5 + 16 + 64
     assert reserve_tokens(["x" * 100_000], 64, context=0) == 100_000 + 16 + 64  # not known yet
+
+
+class Stalled(rls_pb2_grpc.RateLimitServiceServicer):
+    """A rate-limit service that takes its time: as one stalled on a full CPU or a lost Redis."""
+
+    async def ShouldRateLimit(
+        self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> rls_pb2.RateLimitResponse:
+        await asyncio.sleep(30)
+        return rls_pb2.RateLimitResponse(overall_code=OK)
+
+
+@pytest.fixture(scope="module")
+async def stalled() -> AsyncIterator[rls_pb2_grpc.RateLimitServiceAsyncStub]:
+    server = GrpcServer(ServiceSettings(drain_delay_s=0, shutdown_grace_s=0.1), ["rls"], handle_signals=False)
+    server.add(rls_pb2_grpc.add_RateLimitServiceServicer_to_server, Stalled(), "rls")
+    async with server, insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield rls_pb2_grpc.RateLimitServiceStub(channel)
+
+
+@pytest.mark.parametrize("fail_closed", [False, True])
+async def test_a_stalled_rate_limit_service_holds_a_request_no_longer_than_the_budget_timeout(
+    stalled: rls_pb2_grpc.RateLimitServiceAsyncStub, fail_closed: bool
+) -> None:
+    # It held every budgeted request for the whole stall (23.7 s of a 25 s one).
+    budget = Budgets(stalled, "sluice-budget", timeout_s=0.2, fail_closed=fail_closed)
+    start = time.monotonic()
+    if fail_closed:
+        with pytest.raises(Unavailable) as caught:
+            await budget.reserve(tenant("a", 6000), 100, timeout_s=None)
+        assert caught.value.retry_after_s is not None
+    else:
+        assert await budget.reserve(tenant("a", 6000), 100, timeout_s=None) is None  # let through, unchecked
+    assert time.monotonic() - start < 1.0

@@ -37,7 +37,14 @@ async def serve(settings: QueueSettings) -> None:
     scheduler = Scheduler(redis, settings.scheduler())
     engines = Engines(inference, scheduler.report_engines, settings.engine_interval_s, settings.engine_probes)
     usage = UsageRecorder(datastore, settings.usage_batch_size, settings.usage_flush_interval_s)
-    budgets = Budgets(ratelimit, settings.budget_domain, settings.budget_lease_s, settings.budget_idle_s)
+    budgets = Budgets(
+        ratelimit,
+        settings.budget_domain,
+        settings.budget_lease_s,
+        settings.budget_idle_s,
+        timeout_s=settings.budget_timeout_ms / 1e3,
+        fail_closed=settings.budget_fail_closed,
+    )
     conversations = Conversations(datastore)
     servicer = GenerationServicer(
         inference, scheduler, engines, Authenticator(datastore), budgets, conversations, usage

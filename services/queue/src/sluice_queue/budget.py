@@ -25,28 +25,40 @@ the tenant's budget may sit in another replica's allowance for ``idle_s``.
 Budgets too small for a lease to hold a request are reserved per request.
 Give-backs are gathered for ``refund_interval_s`` and sent in one call.
 
-If the rate-limit service cannot be reached, the request goes ahead (fail
-open, as Envoy's own limits do) and the failure is logged.
+A reservation waits at most ``timeout_s`` for the rate-limit service (a
+request's first token waits for it). If the service cannot answer in time,
+the request goes ahead unchecked (fail open, as Envoy's own limits do), or
+with ``fail_closed`` is refused UNAVAILABLE with a retry hint; either way
+``sluice_queue_budget_unchecked_total`` counts it and a warning is logged at
+most once a second.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 from google.protobuf import wrappers_pb2
+from prometheus_client import Counter
 
 from envoy_api.envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy_api.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from envoy_api.envoy.type.v3 import ratelimit_unit_pb2
 from sluice.datastore.v1 import datastore_pb2
-from sluice_core.errors import ResourceExhausted
+from sluice_core.errors import ResourceExhausted, Unavailable
 
 logger = logging.getLogger(__name__)
+
+UNCHECKED = Counter(
+    "sluice_queue_budget_unchecked",
+    "Budgeted requests whose budget the rate-limit service could not check in time, by what was done.",
+    ["action"],
+)
 
 # Bytes of chat template around each message, on top of its text.
 _TEMPLATE_BYTES_PER_MESSAGE = 16
@@ -109,8 +121,15 @@ class Budgets:
         idle_s: float = 1.0,
         refund_interval_s: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        timeout_s: float = 0.25,
+        fail_closed: bool = False,
     ) -> None:
         self._ratelimit = ratelimit
+        self._timeout_s = timeout_s
+        self._fail_closed = fail_closed
+        self._warned_at = -math.inf
+        self._unwarned = 0
         self._domain = domain
         self._lease_s = lease_s
         self._idle_s = idle_s
@@ -189,16 +208,34 @@ class Budgets:
     async def _call(self, limits: Limits, hits: Hits, timeout_s: float | None) -> rls_pb2.RateLimitResponse | None:
         """The rate-limit service's answer to reserving ``hits``; None (logged) if it cannot be reached."""
         request = rls_pb2.RateLimitRequest(domain=self._domain, descriptors=_descriptors(limits, hits))
+        timeout = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
         try:
-            response: rls_pb2.RateLimitResponse = await self._ratelimit.ShouldRateLimit(request, timeout=timeout_s)
+            response: rls_pb2.RateLimitResponse = await self._ratelimit.ShouldRateLimit(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            logger.warning(
-                "budget not checked (rate-limit service: %s %s); letting the request through",
-                exc.code().name,
-                exc.details(),
-            )
+            UNCHECKED.labels("refused" if self._fail_closed else "let through").inc()
+            self._warn(exc)
+            if self._fail_closed:
+                raise Unavailable(
+                    "the tenant's budget cannot be checked now; retry shortly", retry_after_s=1.0
+                ) from None
             return None
         return response
+
+    def _warn(self, exc: grpc.aio.AioRpcError) -> None:
+        """A warning at most once a second: an outage must not flood the log with one per request."""
+        now = self._clock()
+        if now - self._warned_at < 1.0:
+            self._unwarned += 1
+            return
+        what = "refusing budgeted requests" if self._fail_closed else "letting budgeted requests through"
+        logger.warning(
+            "budgets not checked (rate-limit service: %s %s; %d more since the last warning); %s",
+            exc.code().name,
+            exc.details(),
+            self._unwarned,
+            what,
+        )
+        self._warned_at, self._unwarned = now, 0
 
     async def run(self) -> None:
         """Every interval, give back idle allowances and what was gathered, until cancelled (then ``close``)."""

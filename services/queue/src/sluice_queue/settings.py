@@ -27,6 +27,17 @@ class QueueSettings(ServiceSettings):
     budget_idle_s: float = Field(
         1.0, gt=0, description="A tenant's allowance unused for this long goes back to the rate-limit service."
     )
+    budget_timeout_ms: float = Field(
+        250.0,
+        gt=0,
+        description="How long a budget reservation may wait for the rate-limit service before the request goes "
+        "on without it (or is refused, with budget_fail_closed); its first token waits for the answer.",
+    )
+    budget_fail_closed: bool = Field(
+        False,
+        description="When the rate-limit service cannot answer, refuse budgeted requests UNAVAILABLE with a retry "
+        "hint instead of letting them through unchecked (as Envoy's own limits do by default).",
+    )
     usage_batch_size: int = Field(200, gt=0, description="Usage records per write.")
     usage_flush_interval_s: float = Field(0.5, gt=0, description="How often buffered usage records are written.")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="The shared waiting line and slot leases.")
