@@ -1,4 +1,4 @@
-"""A key in steady use never waits for its lookup, and a revoked one still stops working within a second."""
+"""A key in use never waits for its lookup; a revoked one stops working within a second; an outage is survived."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from sluice.datastore.v1 import datastore_pb2
-from sluice_core.errors import Unauthenticated
+from sluice_core.errors import Unauthenticated, Unavailable
 from sluice_queue.auth import Authenticator, api_key_from
 
 KEY = [("authorization", "Bearer k1")]
@@ -121,3 +121,34 @@ async def test_a_malformed_key_is_unauthenticated(clock: Clock) -> None:
 )
 def test_the_api_key_is_x_api_key_else_the_bearer_token(metadata: list[tuple[str, str]], key: str | None) -> None:
     assert api_key_from(metadata) == key
+
+
+class AwayDataStore:
+    """Stands in for the data-access stub while PostgreSQL stalls: every lookup runs out of time."""
+
+    async def GetTenantByApiKey(
+        self,
+        request: datastore_pb2.GetTenantByApiKeyRequest,
+        timeout: float | None,  # noqa: ASYNC109 - the stub's
+    ) -> datastore_pb2.Tenant:
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata(), "Deadline Exceeded"
+        )
+
+
+async def test_while_the_tenant_store_is_away_known_keys_are_served_stale_and_others_are_unavailable(
+    clock: Clock,
+) -> None:
+    datastore = SlowDataStore()
+    authenticator = Authenticator(datastore, clock, stale_s=300)  # type: ignore[arg-type]
+    datastore.answer.set()
+    await authenticator.tenant(KEY)
+    authenticator._datastore = AwayDataStore()  # type: ignore[assignment]  # PostgreSQL stalls from here on
+    clock.now += 60  # the tenant's entry expired during the stall
+    assert (await authenticator.tenant(KEY)).id == "t1"
+    with pytest.raises(Unavailable) as unknown:  # not DEADLINE_EXCEEDED after the caller's whole deadline
+        await authenticator.tenant([("x-api-key", "never-seen")])
+    assert unknown.value.retry_after_s is not None
+    clock.now += 300  # known too long ago to trust
+    with pytest.raises(Unavailable):
+        await authenticator.tenant(KEY)

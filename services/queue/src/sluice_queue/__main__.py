@@ -47,7 +47,13 @@ async def serve(settings: QueueSettings) -> None:
     )
     conversations = Conversations(datastore)
     servicer = GenerationServicer(
-        inference, scheduler, engines, Authenticator(datastore), budgets, conversations, usage
+        inference,
+        scheduler,
+        engines,
+        Authenticator(datastore, timeout_s=settings.auth_timeout_ms / 1e3, stale_s=settings.auth_stale_s),
+        budgets,
+        conversations,
+        usage,
     )
     server = GrpcServer(settings, health_names=[SERVICE_NAME])
     server.add(generation_pb2_grpc.add_GenerationServicer_to_server, servicer, SERVICE_NAME)

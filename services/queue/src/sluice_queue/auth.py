@@ -5,23 +5,35 @@ costs no round trip while a revoked key still stops working within about a
 second (the data-access service drops its own caches at once). A key used in
 the second half of that second is looked up again in the background, so that
 a key in steady use never makes a call wait for its lookup.
+
+When the data-access service cannot answer (PostgreSQL stalled or down, the
+service away), a key known in the last ``stale_s`` is served as it was then,
+as HTTP caches serve stale-if-error: no key can be revoked meanwhile either,
+since revoking writes to the same database. A key not known that recently is
+refused UNAVAILABLE with a retry hint, within ``timeout_s``, not the caller's
+whole deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 
 import grpc
+from prometheus_client import Counter
 
 from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
-from sluice_core.errors import Unauthenticated
+from sluice_core.errors import Unauthenticated, Unavailable
+
+logger = logging.getLogger(__name__)
 
 _TTL_S = 1.0
-# A lookup is shared by every call waiting for the key: no one call's deadline bounds it.
-_LOOKUP_TIMEOUT_S = 5.0
 _PRUNE_AT = 10_000
+
+STALE = Counter("sluice_queue_auth_stale", "Calls let in on a tenant known before the data-access service failed.")
 
 Metadata = Iterable[tuple[str, str | bytes]]
 
@@ -45,12 +57,21 @@ def api_key_from(metadata: Metadata | None) -> str | None:
 
 class Authenticator:
     def __init__(
-        self, datastore: datastore_pb2_grpc.DataStoreAsyncStub, clock: Callable[[], float] = time.monotonic
+        self,
+        datastore: datastore_pb2_grpc.DataStoreAsyncStub,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        timeout_s: float = 1.0,
+        stale_s: float = 300.0,
     ) -> None:
         self._datastore = datastore
         self._clock = clock
-        self._known: dict[str, tuple[float, datastore_pb2.Tenant]] = {}
+        # A lookup is shared by every call waiting for the key: no one call's deadline bounds it.
+        self._timeout_s = timeout_s
+        self._stale_s = stale_s
+        self._known: dict[str, tuple[float, datastore_pb2.Tenant]] = {}  # each key's expiry and tenant
         self._inflight: dict[str, asyncio.Task[datastore_pb2.Tenant]] = {}
+        self._warned_at = -math.inf
 
     async def tenant(self, metadata: Metadata | None) -> datastore_pb2.Tenant:
         api_key = api_key_from(metadata)
@@ -77,7 +98,7 @@ class Authenticator:
     async def _lookup(self, api_key: str) -> datastore_pb2.Tenant:
         try:
             tenant = await self._datastore.GetTenantByApiKey(
-                datastore_pb2.GetTenantByApiKeyRequest(api_key=api_key), timeout=_LOOKUP_TIMEOUT_S
+                datastore_pb2.GetTenantByApiKeyRequest(api_key=api_key), timeout=self._timeout_s
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
@@ -86,9 +107,21 @@ class Authenticator:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 # The data-access service's field is not the caller's: the key is what is wrong.
                 raise Unauthenticated(f"malformed API key: {exc.details()}") from None
-            raise
+            return self._stale(api_key, exc)
         now = self._clock()
         if len(self._known) >= _PRUNE_AT:
-            self._known = {k: v for k, v in self._known.items() if v[0] > now}
+            self._known = {k: v for k, v in self._known.items() if v[0] + self._stale_s > now}
         self._known[api_key] = (now + _TTL_S, tenant)
         return tenant
+
+    def _stale(self, api_key: str, exc: grpc.aio.AioRpcError) -> datastore_pb2.Tenant:
+        """The key's tenant as last known, if recently enough; else UNAVAILABLE."""
+        now = self._clock()
+        if now - self._warned_at >= 1.0:  # once a second: an outage must not flood the log
+            self._warned_at = now
+            logger.warning("API keys not looked up (data-access service: %s %s)", exc.code().name, exc.details())
+        known = self._known.get(api_key)
+        if known is not None and known[0] + self._stale_s > now:
+            STALE.inc()
+            return known[1]
+        raise Unavailable("API keys cannot be checked now; retry shortly", retry_after_s=1.0) from None

@@ -38,6 +38,15 @@ class QueueSettings(ServiceSettings):
         description="When the rate-limit service cannot answer, refuse budgeted requests UNAVAILABLE with a retry "
         "hint instead of letting them through unchecked (as Envoy's own limits do by default).",
     )
+    auth_timeout_ms: float = Field(
+        1000.0, gt=0, description="How long an API key's lookup may take before the key is served as last known."
+    )
+    auth_stale_s: float = Field(
+        300.0,
+        ge=0,
+        description="While the data-access service cannot answer, keys known this recently are served as they "
+        "were; others are refused UNAVAILABLE.",
+    )
     usage_batch_size: int = Field(200, gt=0, description="Usage records per write.")
     usage_flush_interval_s: float = Field(0.5, gt=0, description="How often buffered usage records are written.")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="The shared waiting line and slot leases.")
