@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
+import psutil
 import pytest
 from google.protobuf import timestamp_pb2
 
@@ -317,6 +318,27 @@ async def test_postgres_down_reads_from_cache_and_refuses_writes(service: Servic
         except grpc.aio.AioRpcError:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.2)
+
+
+async def test_a_stalled_postgres_is_unavailable_within_seconds_not_the_callers_deadline(
+    service: Service, postgres: PostgresServer
+) -> None:
+    # A stalled server never enforces its own statement timeout: reads hung for the caller's whole deadline.
+    assert postgres.process is not None
+    await new_tenant(service.stub)  # the pool's connections are open
+    server = psutil.Process(postgres.process.pid)
+    processes = [server, *server.children(recursive=True)]  # each backend is in a session of its own
+    for process in processes:
+        process.suspend()
+    try:
+        start = time.monotonic()
+        key = f"sk-{uuid.uuid4().hex}"
+        uncached = service.stub.GetTenantByApiKey(datastore_pb2.GetTenantByApiKeyRequest(api_key=key), timeout=30)
+        assert await code_of(uncached) == grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - start < 10
+    finally:
+        for process in processes:
+            process.resume()
 
 
 async def test_reads_go_to_replicas_but_a_writer_reads_its_writes(

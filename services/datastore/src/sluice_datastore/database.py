@@ -143,7 +143,15 @@ class Database:
                         logger.warning("could not prepare %s: %s", statement.split("*/")[0], exc)
 
             created: asyncpg.Pool = await asyncpg.create_pool(
-                url, min_size=1, max_size=size, server_settings=settings, timeout=5, init=prepare if warm else None
+                url,
+                min_size=1,
+                max_size=size,
+                server_settings=settings,
+                timeout=5,
+                # The server's statement timeout cannot end a query on a server that stalled
+                # (stopped, or its disk hung): the client gives up a little after it would have.
+                command_timeout=statement_timeout_ms / 1e3 + 0.5,
+                init=prepare if warm else None,
             )
             return created
 
