@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +53,53 @@ _OUTCOMES = {
 _STORED = ("stop", "length")
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+InferenceCall = grpc.aio.UnaryStreamCall[inference_pb2.GenerateRequest, inference_pb2.GenerateResponse]
+
+# How a replica that died (its process killed, its connection reset) shows in its stream.
+_REPLICA_LOST = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+# Times a generation that lost its replica before its first token is sent to another, and the
+# pause before the first resend (doubling): Envoy's least-request balancing picks a dead replica
+# (it has no requests) until its health checks or outlier detection take it out, within ~2 s.
+_RESENDS = 4
+_RESEND_PAUSE_S = 0.1
+
+
+class _ReplicaLost(Exception):
+    """The replica's stream broke after tokens had reached the caller: it cannot be sent again."""
+
+
+class _Calls:
+    """The call to a replica, and the ones that replace it when a replica is lost before the first token."""
+
+    def __init__(self, start: Callable[[], InferenceCall]) -> None:
+        self._start = start
+        self._call = start()
+
+    async def responses(self, progress: _Progress, span: trace.Span) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        resends = 0
+        while True:
+            try:
+                async for response in self._call:
+                    yield response
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in _REPLICA_LOST:
+                    raise  # the replica's own answer: bad input, a full engine, the deadline
+                if progress.completion_tokens:
+                    raise _ReplicaLost(f"{exc.code().name}: {exc.details()}") from exc
+                if resends == _RESENDS:
+                    raise
+                # Nothing reached the caller yet: the generation starts again on another replica.
+                resends += 1
+                span.add_event("replica_lost", {"rpc.grpc.status_code": exc.code().value[0], "resend": resends})
+                self._call.cancel()
+                await asyncio.sleep(_RESEND_PAUSE_S * 2 ** (resends - 1))
+                self._call = self._start()
+
+    def cancel(self) -> None:
+        self._call.cancel()
 
 
 @dataclass
@@ -138,7 +185,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             with _tracer.start_as_current_span("queue.stream") as span:
                 # The generation is sent first and the budget reserved while the replica
                 # starts: the check costs no time to first token.
-                call = self._inference.Generate(internal, timeout=context.time_remaining())
+                calls = _Calls(lambda: self._inference.Generate(internal, timeout=context.time_remaining()))
                 reserving = asyncio.ensure_future(
                     self._budgets.reserve(
                         tenant,
@@ -146,7 +193,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                         context.time_remaining(),
                     )
                 )
-                relay = self._relay(span, call, internal, request, timer, queue_s, reserving, progress, ticket)
+                relay = self._relay(span, calls, internal, request, timer, queue_s, reserving, progress, ticket)
                 async for event in relay:
                     if event.HasField("finished") and request.conversation_id and progress.outcome in _STORED:
                         # Stored before the caller hears it finished: its next turn will see this one.
@@ -185,7 +232,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def _relay(
         self,
         span: trace.Span,
-        call: grpc.aio.UnaryStreamCall[inference_pb2.GenerateRequest, inference_pb2.GenerateResponse],
+        calls: _Calls,
         internal: inference_pb2.GenerateRequest,
         request: generation_pb2.GenerateRequest,
         timer: StreamTimer,
@@ -195,9 +242,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         ticket: Ticket,
     ) -> AsyncIterator[generation_pb2.GenerateEvent]:
         try:
-            async for response in call:
+            async for response in calls.responses(progress, span):
                 kind = response.WhichOneof("event")
                 if kind == "accepted":
+                    if progress.model:
+                        continue  # sent again to another replica: the caller was told it started
                     progress.prompt_tokens = response.accepted.prompt_tokens
                     progress.model = self._engines.model_name
                     yield generation_pb2.GenerateEvent(
@@ -247,9 +296,30 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     )
             if not reserving.done():
                 await reserving
+        except _ReplicaLost as lost:
+            # As for a replica that could not drain in time: the caller keeps what it got, and is
+            # told the text was cut short (and billed for what it received).
+            logger.warning("replica lost after %d tokens: %s", progress.completion_tokens, lost)
+            progress.outcome = "abort"
+            yield generation_pb2.GenerateEvent(
+                finished=generation_pb2.Finished(
+                    reason=common_pb2.FINISH_REASON_ABORT,
+                    usage=common_pb2.Usage(
+                        prompt_tokens=progress.prompt_tokens, completion_tokens=progress.completion_tokens
+                    ),
+                    timings=common_pb2.Timings(
+                        queue_ms=queue_s * 1e3,
+                        time_to_first_token_ms=timer.ttft_s * 1e3,
+                        total_ms=(time.perf_counter() - timer.start) * 1e3,
+                        time_per_output_token_ms=timer.tpot_s * 1e3,
+                    ),
+                    request_id=internal.request_id,
+                    client_request_id=request.client_request_id,
+                )
+            )
         finally:
             # Whether the caller left or this hop failed, stop the generation.
-            call.cancel()
+            calls.cancel()
 
     def _after(
         self,

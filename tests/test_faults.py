@@ -1,0 +1,132 @@
+"""Faults injected into a running stack under streaming load: what callers see, and what is billed.
+
+The stack runs on the simulated engine with a slow prefill (4 ms a prompt
+token), so that a long prompt leaves a window in which a request has a
+replica but no token yet. Each test puts the stack back as it found it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import asyncpg
+import pytest
+
+from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.generation.v1 import generation_pb2
+from sluice_cli.postgres_server import PostgresServer
+from sluice_cli.redis_server import RedisServer
+from sluice_cli.stack import LocalStack
+from sluice_client import GenerationClient, StreamError
+
+from .conftest import eventually, stack_options
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+PREFILL_MS_PER_TOKEN = 4
+
+
+@pytest.fixture(scope="module")
+async def stack(
+    tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer, postgres: PostgresServer
+) -> AsyncIterator[LocalStack]:
+    options = stack_options(tmp_path_factory.mktemp("faults"), redis_server, postgres, "simulated")
+    options.inference_env["SLUICE_INFERENCE_SIMULATED_PREFILL_PER_TOKEN_MS"] = str(PREFILL_MS_PER_TOKEN)
+    local = LocalStack(options)
+    try:
+        await local.start()
+        yield local
+    finally:
+        await local.stop()
+
+
+@dataclass
+class Call:
+    """One client call as its caller saw it."""
+
+    events: list[generation_pb2.GenerateEvent] = field(default_factory=list)
+    error: StreamError | None = None
+    first_token: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(e.delta.token_ids) for e in self.events if e.HasField("delta"))
+
+    @property
+    def finished(self) -> generation_pb2.Finished | None:
+        last = self.events[-1] if self.events else None
+        return last.finished if last is not None and last.HasField("finished") else None
+
+
+async def run(client: GenerationClient, call: Call, prompt: str, max_tokens: int) -> None:
+    sampling = common_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    try:
+        async for event in client.generate(generation_pb2.GenerateRequest(prompt=prompt, sampling=sampling), 60):
+            call.events.append(event)
+            if event.HasField("delta"):
+                call.first_token.set()
+    except StreamError as exc:
+        call.error = exc
+
+
+async def usage_rows(postgres: PostgresServer, calls: list[Call]) -> dict[str, list[int]]:
+    """Each call's usage rows (their completion tokens), by its request id."""
+    ids = [c.events[0].started.request_id for c in calls]
+    connection = await asyncpg.connect(postgres.url)
+    try:
+        rows = await connection.fetch(
+            "SELECT request_id, completion_tokens FROM usage WHERE request_id = ANY($1::text[])", ids
+        )
+    finally:
+        await connection.close()
+    found: dict[str, list[int]] = {request_id: [] for request_id in ids}
+    for row in rows:
+        found[row["request_id"]].append(row["completion_tokens"])
+    return found
+
+
+async def test_a_killed_replica_aborts_the_streams_it_was_sending_and_resends_those_without_tokens(
+    stack: LocalStack, postgres: PostgresServer
+) -> None:
+    async with GenerationClient(stack.edge, api_key=stack.demo_api_key) as client:
+        # Streams with tokens flowing, then streams still prefilling a long prompt: about half on each replica.
+        flowing = [Call() for _ in range(4)]
+        tasks = [asyncio.create_task(run(client, c, "The river", 600)) for c in flowing]
+        await asyncio.gather(*(c.first_token.wait() for c in flowing))
+        prefilling = [Call() for _ in range(4)]
+        long_prompt = "the keeper walks the channel and writes the level of the river " * 30
+        tasks += [asyncio.create_task(run(client, c, long_prompt, 16)) for c in prefilling]
+        await asyncio.sleep(0.3)
+        assert not any(c.first_token.is_set() for c in prefilling), "the prompts were prefilled too fast"
+        replica = stack.process("inference-1")
+        os.kill(replica.pid, signal.SIGKILL)
+        await asyncio.gather(*tasks)
+    # Nothing reached a caller as an error: a stream with tokens ends ABORT with what it got, ...
+    assert [c.error for c in flowing + prefilling] == [None] * 8
+    aborted = [c for c in flowing if c.finished is not None and c.finished.reason == common_pb2.FINISH_REASON_ABORT]
+    assert aborted, "no stream was on the killed replica"
+    for call in flowing:
+        assert call.finished is not None
+        assert call.finished.usage.completion_tokens == call.tokens
+    # ... and one without was sent to the other replica and finished in full.
+    for call in prefilling:
+        assert call.finished is not None and call.finished.reason == common_pb2.FINISH_REASON_LENGTH
+        assert call.tokens == 16
+
+    # Each call billed once, for what its caller received.
+    async def billed() -> bool:
+        rows = await usage_rows(postgres, flowing + prefilling)
+        return all(len(r) == 1 for r in rows.values())
+
+    await eventually(billed, 5, "a usage row for every call")
+    rows = await usage_rows(postgres, flowing + prefilling)
+    assert [rows[c.events[0].started.request_id] for c in flowing + prefilling] == [
+        [c.tokens] for c in flowing + prefilling
+    ]
+    await replica.wait()
+    stack.start_inference(0)
+    await stack.wait_ready(replicas=2)
