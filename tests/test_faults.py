@@ -2,7 +2,8 @@
 
 The stack runs on the simulated engine with a slow prefill (4 ms a prompt
 token), so that a long prompt leaves a window in which a request has a
-replica but no token yet. Each test puts the stack back as it found it.
+replica but no token yet, and is supervised as ``sluice up`` runs it: what a
+fault kills is started again, and each test waits until it is back.
 """
 
 from __future__ import annotations
@@ -30,18 +31,27 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 PREFILL_MS_PER_TOKEN = 4
 
 
+@dataclass
+class Supervised:
+    stack: LocalStack
+    restarts: list[str] = field(default_factory=list)
+
+
 @pytest.fixture(scope="module")
-async def stack(
+async def supervised(
     tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer, postgres: PostgresServer
-) -> AsyncIterator[LocalStack]:
+) -> AsyncIterator[Supervised]:
+    """A stack that starts again whatever exits, as ``sluice up`` runs it."""
     options = stack_options(tmp_path_factory.mktemp("faults"), redis_server, postgres, "simulated")
     options.inference_env["SLUICE_INFERENCE_SIMULATED_PREFILL_PER_TOKEN_MS"] = str(PREFILL_MS_PER_TOKEN)
-    local = LocalStack(options)
+    local = Supervised(LocalStack(options))
     try:
-        await local.start()
+        await local.stack.start()
+        supervising = asyncio.create_task(local.stack.supervise(lambda name, *_: local.restarts.append(name)))
         yield local
+        supervising.cancel()
     finally:
-        await local.stop()
+        await local.stack.stop()
 
 
 @dataclass
@@ -55,6 +65,11 @@ class Call:
     @property
     def tokens(self) -> int:
         return sum(len(e.delta.token_ids) for e in self.events if e.HasField("delta"))
+
+    @property
+    def request_id(self) -> str:
+        """Sluice's id for the call (in its ``started`` event, after any ``queued`` ones)."""
+        return next(e.started.request_id for e in self.events if e.HasField("started"))
 
     @property
     def finished(self) -> generation_pb2.Finished | None:
@@ -75,7 +90,7 @@ async def run(client: GenerationClient, call: Call, prompt: str, max_tokens: int
 
 async def usage_rows(postgres: PostgresServer, calls: list[Call]) -> dict[str, list[int]]:
     """Each call's usage rows (their completion tokens), by its request id."""
-    ids = [c.events[0].started.request_id for c in calls]
+    ids = [c.request_id for c in calls]
     connection = await asyncpg.connect(postgres.url)
     try:
         rows = await connection.fetch(
@@ -90,8 +105,9 @@ async def usage_rows(postgres: PostgresServer, calls: list[Call]) -> dict[str, l
 
 
 async def test_a_killed_replica_aborts_the_streams_it_was_sending_and_resends_those_without_tokens(
-    stack: LocalStack, postgres: PostgresServer
+    supervised: Supervised, postgres: PostgresServer
 ) -> None:
+    stack = supervised.stack
     async with GenerationClient(stack.edge, api_key=stack.demo_api_key) as client:
         # Streams with tokens flowing, then streams still prefilling a long prompt: about half on each replica.
         flowing = [Call() for _ in range(4)]
@@ -123,10 +139,9 @@ async def test_a_killed_replica_aborts_the_streams_it_was_sending_and_resends_th
         return all(len(r) == 1 for r in rows.values())
 
     await eventually(billed, 5, "a usage row for every call")
-    rows = await usage_rows(postgres, flowing + prefilling)
-    assert [rows[c.events[0].started.request_id] for c in flowing + prefilling] == [
-        [c.tokens] for c in flowing + prefilling
-    ]
-    await replica.wait()
-    stack.start_inference(0)
-    await stack.wait_ready(replicas=2)
+    calls = flowing + prefilling
+    rows = await usage_rows(postgres, calls)
+    assert [rows[c.request_id] for c in calls] == [[c.tokens] for c in calls]
+    # And the stack starts it again by itself.
+    await stack.wait_ready(replicas=2, timeout_s=60)
+    assert supervised.restarts == ["inference-1"]

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -18,6 +19,7 @@ import socket
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -120,6 +122,9 @@ async def _belongs_to_demo(stub: datastore_pb2_grpc.DataStoreAsyncStub, key: str
 
 
 _STOP_ORDER = (("queue",), ("inference", "ratelimit", "datastore"), ("envoy", "trace-sink"))
+# A process that exits is started again after a pause: 1 s, doubling to 30 s while it keeps
+# failing, 1 s again once it has run for a minute.
+_FIRST_PAUSE_S, _LONGEST_PAUSE_S, _STEADY_S = 1.0, 30.0, 60.0
 
 
 def process_kind(name: str) -> str:
@@ -182,6 +187,7 @@ class LocalStack:
         self.options = options
         self.ports = options.ports
         self._processes: dict[str, Process] = {}
+        self._stopping = False
         self._redis: RedisServer | None = None
         self._postgres: PostgresServer | None = None
         self.redis_url = ""
@@ -220,11 +226,7 @@ class LocalStack:
             raise StackError(f"ports already in use: {busy} (is another sluice stack running?)")
         self.options.state_dir.mkdir(parents=True, exist_ok=True)
         (self.options.state_dir / "logs").mkdir(exist_ok=True)
-        self._spawn(
-            "trace-sink",
-            [sys.executable, "-m", "sluice_cli.trace_sink", f"{LOOPBACK}:{self.ports.otlp}", str(self.traces_path)],
-            {},
-        )
+        self._start_trace_sink()
         self.redis_url = await self._find_or_start_redis()
         self.database_url = await self._find_or_start_postgres()
         if not self._inference_setting("MODEL"):
@@ -286,6 +288,10 @@ class LocalStack:
         process = Process(name, argv, env, log, cpus)
         self._processes[name] = process
         return process
+
+    def _start_trace_sink(self) -> None:
+        argv = [sys.executable, "-m", "sluice_cli.trace_sink", f"{LOOPBACK}:{self.ports.otlp}", str(self.traces_path)]
+        self._spawn("trace-sink", argv, {})
 
     def _start_envoy(self) -> None:
         layout = EnvoyLayout(
@@ -367,6 +373,55 @@ class LocalStack:
         # beside a dev stack, say) keep their own.
         env[f"{prefix}QUEUE_PREFIX"] = f"{{sluice-queue-{self.ports.edge}}}"
         return self._spawn(name, [sys.executable, "-m", "sluice_queue"], {**env, **self.options.queue_env})
+
+    async def supervise(self, restarted: Callable[[str, int, float], None] = lambda *_: None) -> None:
+        """Start again whatever exits, as compose's ``restart: unless-stopped`` does, until cancelled.
+
+        A process that exits is started again after a pause that doubles from
+        1 s up to 30 s while it keeps failing, and is back to 1 s once it has
+        run for a minute; ``restarted(name, exit code, pause)`` hears of each.
+        The Redis and PostgreSQL the stack started itself are watched too.
+        """
+        pauses: dict[str, float] = {}
+        due: dict[str, float] = {}
+        started: dict[str, float] = {}
+        while not self._stopping:
+            now = time.monotonic()
+            for name, code in self._exited():
+                if name not in due:
+                    steady = now - started.get(name, -math.inf) > _STEADY_S
+                    pauses[name] = _FIRST_PAUSE_S if steady else min(2 * pauses[name], _LONGEST_PAUSE_S)
+                    due[name] = now + pauses[name]
+                    logger.warning("%s exited with code %s; starting it again in %.0f s", name, code, pauses[name])
+                    restarted(name, code, pauses[name])
+                elif now >= due[name]:
+                    del due[name]
+                    started[name] = now
+                    try:
+                        await self._start_again(name)
+                    except (OSError, RuntimeError) as exc:
+                        raise StackError(f"{name} could not be started again: {exc}") from exc
+            await asyncio.sleep(0.5)
+
+    def _exited(self) -> list[tuple[str, int]]:
+        stores = [server.process for server in (self._redis, self._postgres) if server and server.process]
+        return [
+            (process.name, process.returncode)
+            for process in [*self._processes.values(), *stores]
+            if process.returncode is not None
+        ]
+
+    async def _start_again(self, name: str) -> None:
+        if name == "redis" and self._redis is not None:
+            await self._redis.start()
+        elif name == "postgres" and self._postgres is not None:
+            await self._postgres.start()
+        elif (kind := process_kind(name)) in ("inference", "queue"):
+            index = int(name.rsplit("-", 1)[1]) - 1
+            self.start_inference(index) if kind == "inference" else self.start_queue(index)
+        else:
+            {"envoy": self._start_envoy, "ratelimit": self._start_ratelimit, "datastore": self._start_datastore,
+             "trace-sink": self._start_trace_sink}[name]()  # fmt: skip
 
     def check_alive(self) -> None:
         # The Redis and PostgreSQL this stack started count too: without them every request fails.
@@ -512,6 +567,7 @@ class LocalStack:
         answer. Then the inference replicas and those services, then Envoy (the
         queues' way to all of them) and the trace sink.
         """
+        self._stopping = True
         for tier in _STOP_ORDER:
             await asyncio.gather(
                 *(p.stop(self.options.stop_grace_s) for p in self._processes.values() if process_kind(p.name) in tier)

@@ -24,6 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def restarted(name: str, code: int, pause_s: float) -> None:
+    print(
+        f"{name} exited with code {code}; starting it again in {pause_s:.0f} s (its log: logs/{name}.log)", flush=True
+    )
+
+
 def shown(url: str) -> str:
     """A store's URL as it may be printed: without its password."""
     parts = urllib.parse.urlsplit(url)
@@ -70,12 +76,13 @@ async def run(args: argparse.Namespace) -> int:
             f"Ctrl-C stops everything.",
             flush=True,
         )
-        while not stop.is_set():
-            stack.check_alive()
-            try:
-                await asyncio.wait_for(stop.wait(), 1.0)
-            except TimeoutError:
-                pass
+        supervising = asyncio.create_task(stack.supervise(restarted))
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({supervising, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (supervising, stopping):
+            task.cancel()
+        if supervising.done() and not supervising.cancelled():
+            supervising.result()  # what stopped it (a process that could not be started again)
         return 0
     except StackError as exc:
         print(f"error: {exc}", flush=True)

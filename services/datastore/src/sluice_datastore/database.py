@@ -85,6 +85,8 @@ _UNAVAILABLE = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
     asyncpg.CannotConnectNowError,
+    # A connection caught mid-operation by a server that went away.
+    asyncpg.exceptions.InternalClientError,
     TimeoutError,
 )
 
