@@ -191,8 +191,12 @@ async def test_conversations_carry_history_and_store_the_exchange(stack: LocalSt
     assert nosy.code == grpc.StatusCode.NOT_FOUND
 
 
-async def test_every_request_is_recorded(stack: LocalStack, postgres: PostgresServer) -> None:
+async def test_every_request_served_is_recorded_once(stack: LocalStack, postgres: PostgresServer) -> None:
     tenant_id, key = await tenant_with_key(stack, "recorded")
+    bad = common_pb2.SamplingParams(max_tokens=8, temperature=5.0)
+    assert (await refused(stack, key, generation_pb2.GenerateRequest(prompt="x", sampling=bad))).code == (
+        grpc.StatusCode.INVALID_ARGUMENT
+    )
     events = await run(stack, key, request(max_tokens=8))
     request_id = events[-1].finished.request_id
     connection = await asyncpg.connect(stack.database_url)
@@ -201,6 +205,8 @@ async def test_every_request_is_recorded(stack: LocalStack, postgres: PostgresSe
         while (row := await connection.fetchrow("SELECT * FROM usage WHERE request_id = $1", request_id)) is None:
             assert time.monotonic() < deadline, "no usage record"
             await asyncio.sleep(0.1)
+        # A request refused before it was served (here, bad input) did no work and is not recorded.
+        assert await connection.fetchval("SELECT count(*) FROM usage WHERE tenant_id = $1", tenant_id) == 1
     finally:
         await connection.close()
     assert str(row["tenant_id"]) == tenant_id

@@ -11,6 +11,7 @@ import pytest
 
 from envoy_api.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
+from sluice.generation.v1 import generation_pb2, generation_pb2_grpc
 from sluice_core.channels import insecure_channel
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -36,12 +37,24 @@ class Away(datastore_pb2_grpc.DataStoreServicer, rls_pb2_grpc.RateLimitServiceSe
         await self._away("ShouldRateLimit", context)
 
 
+class AwayGeneration(generation_pb2_grpc.GenerationServicer):
+    def __init__(self, away: Away) -> None:
+        self._away = away
+
+    async def Generate(
+        self, request: generation_pb2.GenerateRequest, context: Context
+    ) -> AsyncIterator[generation_pb2.GenerateEvent]:
+        await self._away._away("Generate", context)
+        yield generation_pb2.GenerateEvent()  # never reached
+
+
 @pytest.fixture
 async def away() -> AsyncIterator[tuple[Away, str]]:
     servicer = Away()  # type: ignore[abstract]
     server = grpc.aio.server()
     datastore_pb2_grpc.add_DataStoreServicer_to_server(servicer, server)
     rls_pb2_grpc.add_RateLimitServiceServicer_to_server(servicer, server)
+    generation_pb2_grpc.add_GenerationServicer_to_server(AwayGeneration(servicer), server)  # type: ignore[abstract]
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     yield servicer, f"127.0.0.1:{port}"
@@ -59,5 +72,10 @@ async def test_only_calls_safe_to_run_twice_are_retried(away: tuple[Away, str]) 
             await datastore.IssueApiKey(datastore_pb2.IssueApiKeyRequest(tenant_id="t"))
         with pytest.raises(grpc.aio.AioRpcError):
             await ratelimit.ShouldRateLimit(rls_pb2.RateLimitRequest(domain="d"))
-    # A read is tried again; a key issued or hits counted twice would be wrong.
-    assert servicer.calls == {"GetTenantByApiKey": 3, "IssueApiKey": 1, "ShouldRateLimit": 1}
+        generation: generation_pb2_grpc.GenerationAsyncStub = generation_pb2_grpc.GenerationStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError):
+            async for _ in generation.Generate(generation_pb2.GenerateRequest(prompt="p")):
+                pass
+    # A read is tried again; a key issued or hits counted twice would be wrong. A generation is
+    # retried by Envoy alone: tried here too, one call reached the queue up to nine times.
+    assert servicer.calls == {"GetTenantByApiKey": 3, "IssueApiKey": 1, "ShouldRateLimit": 1, "Generate": 1}

@@ -11,15 +11,14 @@ import grpc
 from sluice_core.interceptors import client_interceptors
 
 # Calls that never reached a server are retried by gRPC whatever the policy.
-# UNAVAILABLE from a handler (a replica loading or draining, a store that is
-# away) is retried only where running the handler twice is safe: reads, and
-# writes made idempotent by a request id. Not the rate-limit decisions nor the
-# Create*/IssueApiKey writes: a handler that failed after its work was done
-# would do it twice. gRPC never retries a call once response headers arrived,
-# so a token stream is never replayed.
+# UNAVAILABLE from a handler (a store that is away) is retried only where
+# running the handler twice is safe: reads, and writes made idempotent by a
+# request id. Not the rate-limit decisions nor the Create*/IssueApiKey writes:
+# a handler that failed after its work was done would do it twice. Nor the
+# token streams: Envoy retries those (before their response headers), and
+# the queue sends a generation whose replica was lost to another; a third
+# layer here made one call up to nine attempts at the queue in an outage.
 _IDEMPOTENT = [
-    {"service": "sluice.generation.v1.Generation", "method": "Generate"},
-    {"service": "sluice.inference.v1.Inference"},
     *(
         {"service": "sluice.datastore.v1.DataStore", "method": method}
         for method in (

@@ -226,7 +226,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             timer.finish(progress.outcome, queue_s)
             # How the request ended (stop, length, cancelled, ...): more than the call's status code says.
             call_span.set_attribute("sluice.outcome", progress.outcome)
-            if tenant is not None:
+            if tenant is not None and ticket is not None and ticket.admitted:
+                # A request refused before it had a slot (bad input, a full line, the queue's Redis
+                # away) did no work: metrics count it; usage records are for what was served.
                 self._after(request_id, tenant, progress, reserving, timer, queue_s)
 
     async def _relay(
