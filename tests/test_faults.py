@@ -20,6 +20,7 @@ import pytest
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.generation.v1 import generation_pb2
 from sluice_cli.postgres_server import PostgresServer
+from sluice_cli.processes import Process
 from sluice_cli.redis_server import RedisServer
 from sluice_cli.stack import LocalStack
 from sluice_client import GenerationClient, StreamError
@@ -35,6 +36,16 @@ PREFILL_MS_PER_TOKEN = 4
 class Supervised:
     stack: LocalStack
     restarts: list[str] = field(default_factory=list)
+
+    async def back(self, *killed: Process) -> None:
+        """Until the stack has started each killed process again by itself, and serves through all."""
+
+        async def started_again() -> bool:
+            return all(self.stack.process(p.name) is not p for p in killed)
+
+        await eventually(started_again, 30, "the killed processes started again")
+        await self.stack.wait_ready(replicas=2, timeout_s=60)
+        assert sorted(self.restarts[-len(killed) :]) == sorted(p.name for p in killed)
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +153,22 @@ async def test_a_killed_replica_aborts_the_streams_it_was_sending_and_resends_th
     calls = flowing + prefilling
     rows = await usage_rows(postgres, calls)
     assert [rows[c.request_id] for c in calls] == [[c.tokens] for c in calls]
-    # And the stack starts it again by itself.
-    await stack.wait_ready(replicas=2, timeout_s=60)
-    assert supervised.restarts == ["inference-1"]
+    await supervised.back(replica)
+
+
+async def test_killed_queue_replicas_lose_no_finished_call(supervised: Supervised, postgres: PostgresServer) -> None:
+    stack = supervised.stack
+    async with GenerationClient(stack.edge, api_key=stack.demo_api_key) as client:
+        calls = [Call() for _ in range(6)]
+        await asyncio.gather(*(run(client, c, "The river", 16) for c in calls))
+    # The moment the last caller heard it finished, before any batch of usage records could go out.
+    killed = [stack.process(name) for name in ("queue-1", "queue-2")]
+    for process in killed:
+        process.signal_group(signal.SIGKILL)
+    assert all(c.finished is not None and c.tokens == 16 for c in calls)
+
+    async def billed() -> bool:
+        return all(len(r) == 1 for r in (await usage_rows(postgres, calls)).values())
+
+    await eventually(billed, 5, "a usage row for every finished call")
+    await supervised.back(*killed)

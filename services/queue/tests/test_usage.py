@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable
 
 import grpc
 import pytest
@@ -18,6 +20,9 @@ class FlakyDataStore:
         self.away = False
         self.refused: set[str] = set()
         self.written: list[str] = []
+        self.calls = 0
+        self.answer = asyncio.Event()
+        self.answer.set()
 
     async def RecordUsage(
         self,
@@ -25,6 +30,8 @@ class FlakyDataStore:
         timeout: float,  # noqa: ASYNC109 - the stub's
     ) -> datastore_pb2.RecordUsageResponse:
         records = [r for request in requests for r in request.records]
+        self.calls += 1
+        await self.answer.wait()
         if self.away:
             raise _error(grpc.StatusCode.UNAVAILABLE, "no healthy upstream")
         if any(r.request_id in self.refused for r in records):
@@ -66,3 +73,33 @@ async def test_a_refused_record_does_not_hold_back_the_others(datastore: FlakyDa
         usage.record(record(request_id))
     assert await usage.flush()
     assert datastore.written == ["a", "b"]
+
+
+@contextlib.asynccontextmanager
+async def running(usage: UsageRecorder) -> AsyncIterator[UsageRecorder]:
+    task = asyncio.create_task(usage.run())
+    try:
+        yield usage
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_records_committed_together_go_in_one_write(datastore: FlakyDataStore) -> None:
+    async with running(UsageRecorder(datastore, interval_s=60)) as usage:  # type: ignore[arg-type]
+        done = await asyncio.gather(*(usage.commit(record(f"r{i}"), timeout_s=5) for i in range(20)))
+    assert done == [True] * 20
+    assert sorted(datastore.written) == sorted(f"r{i}" for i in range(20))
+    assert datastore.calls <= 2  # the first alone, then everything that came while it was written
+
+
+async def test_a_commit_the_datastore_cannot_take_is_kept_and_written_later(datastore: FlakyDataStore) -> None:
+    async with running(UsageRecorder(datastore, interval_s=60)) as usage:  # type: ignore[arg-type]
+        datastore.away = True
+        assert not await usage.commit(record("away"), timeout_s=5)
+        datastore.away, datastore.answer = False, asyncio.Event()  # back, but slow
+        assert not await usage.commit(record("slow"), timeout_s=0.05)
+        datastore.answer.set()
+        assert await usage.flush()
+    assert sorted(datastore.written) == ["away", "slow"]

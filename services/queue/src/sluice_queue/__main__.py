@@ -54,6 +54,7 @@ async def serve(settings: QueueSettings) -> None:
         budgets,
         conversations,
         usage,
+        settings.usage_commit_timeout_ms / 1e3,
     )
     server = GrpcServer(settings, health_names=[SERVICE_NAME])
     server.add(generation_pb2_grpc.add_GenerationServicer_to_server, servicer, SERVICE_NAME)

@@ -112,6 +112,7 @@ class _Progress:
     reply: list[str] = field(default_factory=list)
     outcome: str = "error"
     model: str = ""
+    recorded: bool = False  # its usage record handed over before the caller heard it finished
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
@@ -124,8 +125,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         budgets: Budgets,
         conversations: Conversations,
         usage: UsageRecorder,
+        usage_commit_s: float = 1.0,
     ) -> None:
         self._inference = inference
+        self._usage_commit_s = usage_commit_s
         self._scheduler = scheduler
         self._engines = engines
         self._auth = auth
@@ -195,16 +198,22 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 )
                 relay = self._relay(span, calls, internal, request, timer, queue_s, reserving, progress, ticket)
                 async for event in relay:
-                    if event.HasField("finished") and request.conversation_id and progress.outcome in _STORED:
-                        # Stored before the caller hears it finished: its next turn will see this one.
-                        await self._conversations.store(
-                            request.conversation_id,
-                            request_id,
-                            added,
-                            "".join(progress.reply),
-                            progress.completion_tokens,
-                            context.time_remaining(),
-                        )
+                    if event.HasField("finished"):
+                        if request.conversation_id and progress.outcome in _STORED:
+                            # Stored before the caller hears it finished: its next turn will see this one.
+                            await self._conversations.store(
+                                request.conversation_id,
+                                request_id,
+                                added,
+                                "".join(progress.reply),
+                                progress.completion_tokens,
+                                context.time_remaining(),
+                            )
+                        # Billed before the caller hears it finished: a queue replica killed now loses
+                        # nothing. One the data-access service cannot take in time is kept and written later.
+                        progress.recorded = True
+                        record = _usage_record(request_id, tenant, progress, timer, queue_s)
+                        await self._usage.commit(record, self._usage_commit_s)
                     yield event
         except (asyncio.CancelledError, GeneratorExit):
             progress.outcome = ended_early(context.time_remaining())
@@ -332,27 +341,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         timer: StreamTimer,
         queue_s: float | None,
     ) -> None:
-        """Settle the budget and record usage, off the caller's path (and whether or not it is still there)."""
+        """Settle the budget and record usage if not committed yet, off the caller's path (and whether or
+        not it is still there)."""
         if reserving is not None:
             # What the caller was sent is charged, even if it went away.
             self._spawn(self._settle(reserving, progress.prompt_tokens + progress.completion_tokens))
-        finished = timestamp_pb2.Timestamp()
-        finished.GetCurrentTime()
-        self._usage.record(
-            datastore_pb2.UsageRecord(
-                request_id=request_id,
-                tenant_id=tenant.id,
-                model=progress.model,
-                prompt_tokens=progress.prompt_tokens,
-                completion_tokens=progress.completion_tokens,
-                cached_tokens=min(progress.cached_tokens, progress.prompt_tokens),
-                queue_ms=(queue_s or 0.0) * 1e3,
-                time_to_first_token_ms=timer.ttft_s * 1e3,
-                total_ms=timer.total_s * 1e3,
-                status=progress.outcome,
-                finished_at=finished,
-            )
-        )
+        if not progress.recorded:
+            self._usage.record(_usage_record(request_id, tenant, progress, timer, queue_s))
 
     async def _settle(self, reserving: asyncio.Future[Reservation | None], used: int) -> None:
         try:
@@ -378,3 +373,23 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         """Wait for slot releases and budget settlements still under way (at shutdown)."""
         if self._background:
             await asyncio.wait(self._background, timeout=10)
+
+
+def _usage_record(
+    request_id: str, tenant: datastore_pb2.Tenant, progress: _Progress, timer: StreamTimer, queue_s: float | None
+) -> datastore_pb2.UsageRecord:
+    finished = timestamp_pb2.Timestamp()
+    finished.GetCurrentTime()
+    return datastore_pb2.UsageRecord(
+        request_id=request_id,
+        tenant_id=tenant.id,
+        model=progress.model,
+        prompt_tokens=progress.prompt_tokens,
+        completion_tokens=progress.completion_tokens,
+        cached_tokens=min(progress.cached_tokens, progress.prompt_tokens),
+        queue_ms=(queue_s or 0.0) * 1e3,
+        time_to_first_token_ms=timer.ttft_s * 1e3,
+        total_ms=timer.total_s * 1e3,
+        status=progress.outcome,
+        finished_at=finished,
+    )

@@ -48,6 +48,12 @@ class QueueSettings(ServiceSettings):
         "were; others are refused UNAVAILABLE.",
     )
     usage_batch_size: int = Field(200, gt=0, description="Usage records per write.")
+    usage_commit_timeout_ms: float = Field(
+        1000.0,
+        gt=0,
+        description="How long a finished request's usage record may take to be written before its caller is told "
+        "it finished; one not written by then is kept and written later.",
+    )
     usage_flush_interval_s: float = Field(0.5, gt=0, description="How often buffered usage records are written.")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="The shared waiting line and slot leases.")
     redis_timeout_ms: float = Field(

@@ -1,10 +1,15 @@
-"""Usage records for every request, sent to the data-access service in batches.
+"""Usage records for every request served, written by the data-access service in batches.
 
-Records wait in memory and go out in batches (one client-streaming call
-each, one transaction per batch). When the data-access service is away, they
-stay and are sent again later: records are idempotent by request id, so a
-batch that was written but not acknowledged is not counted twice. Only past
-``max_buffered`` records does the oldest go, counted and logged.
+A finished request's record is written before its caller hears it finished
+(``commit``): a queue replica killed a moment later loses nothing. Records
+that arrive while a write is under way go together in the next one, so the
+calls stay few however many requests finish (a group commit). Records of
+requests that ended otherwise (cancelled, failed), and committed ones the
+data-access service could not take in time, wait in memory and go out in
+batches. When the data-access service is away they stay and are sent again
+later: records are idempotent by request id, so a batch that was written but
+not acknowledged is not counted twice. Only past ``max_buffered`` records does
+the oldest go, counted and logged.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ RECORDED = Counter("sluice_queue_usage_records", "Usage records by outcome (writ
 BUFFERED = Gauge("sluice_queue_usage_buffered", "Usage records waiting to be written.")
 
 _RETRY_MAX_S = 5.0
+# A commit's own call, not a caller's wait (``commit``'s timeout).
+_COMMIT_TIMEOUT_S = 10.0
 # Answers that a retry will not change.
 _REFUSED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
 
@@ -43,6 +50,20 @@ class UsageRecorder:
         self._buffer: deque[datastore_pb2.UsageRecord] = deque()
         self._max_buffered = max_buffered
         self._wake = asyncio.Event()
+        self._committing: list[tuple[datastore_pb2.UsageRecord, asyncio.Future[bool]]] = []
+        self._commit_due = asyncio.Event()
+
+    async def commit(self, record: datastore_pb2.UsageRecord, timeout_s: float) -> bool:
+        """Write ``record`` now; True once the data-access service has it. Otherwise (it is away, or
+        slower than ``timeout_s``) the record is kept and written later, and False says so."""
+        written: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._committing.append((record, written))
+        self._commit_due.set()
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await asyncio.shield(written)
+        except TimeoutError:
+            return False
 
     def record(self, record: datastore_pb2.UsageRecord) -> None:
         if len(self._buffer) >= self._max_buffered:
@@ -59,11 +80,43 @@ class UsageRecorder:
         return len(self._buffer)
 
     async def run(self) -> None:
-        """Flush forever: every interval, or sooner when a batch is full; back off while failing."""
-        await flush_forever(self.flush, self._wake, self._interval_s, _RETRY_MAX_S)
+        """Commit and flush forever: commits as they come, the rest every interval, or sooner when a batch
+        is full, backing off while failing."""
+        async with asyncio.TaskGroup() as jobs:
+            jobs.create_task(flush_forever(self.flush, self._wake, self._interval_s, _RETRY_MAX_S))
+            jobs.create_task(self._commit_forever())
+
+    async def _commit_forever(self) -> None:
+        while True:
+            await self._commit_due.wait()
+            self._commit_due.clear()
+            group, self._committing = self._committing[: self._batch_size], self._committing[self._batch_size :]
+            if self._committing:
+                self._commit_due.set()
+            records = [record for record, _ in group]
+            try:
+                result = await self._datastore.RecordUsage(
+                    iter([datastore_pb2.RecordUsageRequest(records=records)]), timeout=_COMMIT_TIMEOUT_S
+                )
+            except grpc.aio.AioRpcError as exc:
+                logger.warning("usage not committed (%s %s); kept to write later", exc.code().name, exc.details())
+                for record in records:
+                    self.record(record)
+                written = False
+            else:
+                RECORDED.labels("written").inc(result.recorded)
+                RECORDED.labels("duplicate").inc(result.duplicates)
+                written = True
+            for _, future in group:
+                if not future.done():
+                    future.set_result(written)
 
     async def flush(self, timeout_s: float = 10.0) -> bool:
         """Send what is buffered; False (records kept) if the data-access service failed."""
+        while self._committing:  # at shutdown: commits not started yet go with the rest
+            record, written = self._committing.pop()
+            self.record(record)
+            written.set_result(False)
         while self._buffer:
             batch = [self._buffer[i] for i in range(min(self._batch_size, len(self._buffer)))]
             try:
