@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import asyncpg
+import grpc
 import pytest
 
 from sluice.common.v1 import generation_pb2 as common_pb2
@@ -30,6 +32,7 @@ from .conftest import eventually, stack_options
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 PREFILL_MS_PER_TOKEN = 4
+DRAFT_INTERVAL_S = 1.0  # the queue's default USAGE_DRAFT_INTERVAL_S
 
 
 @dataclass
@@ -72,10 +75,14 @@ class Call:
     events: list[generation_pb2.GenerateEvent] = field(default_factory=list)
     error: StreamError | None = None
     first_token: asyncio.Event = field(default_factory=asyncio.Event)
+    arrivals: list[tuple[float, int]] = field(default_factory=list)  # (when, tokens) of each delta
 
     @property
     def tokens(self) -> int:
         return sum(len(e.delta.token_ids) for e in self.events if e.HasField("delta"))
+
+    def tokens_by(self, moment: float) -> int:
+        return sum(n for when, n in self.arrivals if when <= moment)
 
     @property
     def request_id(self) -> str:
@@ -94,6 +101,7 @@ async def run(client: GenerationClient, call: Call, prompt: str, max_tokens: int
         async for event in client.generate(generation_pb2.GenerateRequest(prompt=prompt, sampling=sampling), 60):
             call.events.append(event)
             if event.HasField("delta"):
+                call.arrivals.append((time.monotonic(), len(event.delta.token_ids)))
                 call.first_token.set()
     except StreamError as exc:
         call.error = exc
@@ -156,19 +164,36 @@ async def test_a_killed_replica_aborts_the_streams_it_was_sending_and_resends_th
     await supervised.back(replica)
 
 
-async def test_killed_queue_replicas_lose_no_finished_call(supervised: Supervised, postgres: PostgresServer) -> None:
+async def test_killed_queue_replicas_bill_every_call_once(supervised: Supervised, postgres: PostgresServer) -> None:
     stack = supervised.stack
     async with GenerationClient(stack.edge, api_key=stack.demo_api_key) as client:
-        calls = [Call() for _ in range(6)]
-        await asyncio.gather(*(run(client, c, "The river", 16) for c in calls))
-    # The moment the last caller heard it finished, before any batch of usage records could go out.
-    killed = [stack.process(name) for name in ("queue-1", "queue-2")]
-    for process in killed:
-        process.signal_group(signal.SIGKILL)
-    assert all(c.finished is not None and c.tokens == 16 for c in calls)
+        flowing = [Call() for _ in range(4)]
+        tasks = [asyncio.create_task(run(client, c, "The river", 2000)) for c in flowing]
+        await asyncio.gather(*(c.first_token.wait() for c in flowing))
 
+        async def drafts_updated() -> bool:  # streamed long enough that a draft update saw tokens
+            return all(time.monotonic() - c.arrivals[0][0] > 2 * DRAFT_INTERVAL_S + 0.5 for c in flowing)
+
+        await eventually(drafts_updated, 10, "streams two draft updates long")
+        finished = [Call() for _ in range(6)]
+        await asyncio.gather(*(run(client, c, "The river", 16) for c in finished))
+        # The moment the last caller heard it finished, before any batch of usage records could go out.
+        killed = [stack.process(name) for name in ("queue-1", "queue-2")]
+        for process in killed:
+            process.signal_group(signal.SIGKILL)
+        killed_at = time.monotonic()
+        await asyncio.gather(*tasks)
+    assert all(c.finished is not None and c.tokens == 16 for c in finished)
+    assert all(c.error is not None and c.error.code == grpc.StatusCode.UNAVAILABLE for c in flowing)
+
+    # A finished call billed as it finished; one cut off by the kill as its replica last saw it
+    # (at most USAGE_DRAFT_INTERVAL_S of tokens short of what its caller got), by another replica.
     async def billed() -> bool:
-        return all(len(r) == 1 for r in (await usage_rows(postgres, calls)).values())
+        return all(len(r) == 1 for r in (await usage_rows(postgres, finished + flowing)).values())
 
-    await eventually(billed, 5, "a usage row for every finished call")
+    await eventually(billed, 15, "a usage row for every call")
+    rows = await usage_rows(postgres, finished + flowing)
+    assert [rows[c.request_id] for c in finished] == [[16]] * len(finished)
+    for call in flowing:
+        assert call.tokens_by(killed_at - DRAFT_INTERVAL_S - 0.5) <= rows[call.request_id][0] <= call.tokens
     await supervised.back(*killed)

@@ -23,8 +23,11 @@ from opentelemetry import context, trace
 
 from sluice.generation.v1 import generation_pb2, generation_pb2_grpc
 from sluice_core.channels import insecure_channel
-from sluice_core.errors import SluiceError, from_rpc_error
+from sluice_core.errors import SluiceError, Unavailable, from_rpc_error
 from sluice_core.telemetry import TRACE_ID_KEY
+
+# gRPC's status for a stream the other end (Envoy) reset: RST_STREAM carries no status of its own.
+_RESET = "Stream removed"
 
 
 class StreamError(Exception):
@@ -80,11 +83,18 @@ class GenerationStream:
         self.trace_id = trace_id
 
     async def __aiter__(self) -> AsyncIterator[generation_pb2.GenerateEvent]:
+        received = 0
         try:
             async for event in self._call:
+                received += 1
                 yield event
         except grpc.aio.AioRpcError as exc:
             self.trace_id = _trace_id(exc.trailing_metadata(), self.trace_id)
+            if exc.code() == grpc.StatusCode.INTERNAL and (exc.details() or "").startswith(_RESET):
+                # A reset, not a server's INTERNAL: the queue replica (or a hop) went away mid-stream, and
+                # Envoy cannot send a status once the answer has begun. Worth a retry, unlike INTERNAL.
+                lost = Unavailable(f"the stream was cut off after {received} events (a server went away); retry")
+                raise StreamError(lost, lost.code, self.trace_id) from None
             raise StreamError(from_rpc_error(exc), exc.code(), self.trace_id) from None
         self.trace_id = _trace_id(await self._call.trailing_metadata(), self.trace_id)
 

@@ -17,6 +17,7 @@ from sluice_queue.auth import Authenticator
 from sluice_queue.budget import Budgets
 from sluice_queue.conversations import Conversations
 from sluice_queue.engines import Engines
+from sluice_queue.ledger import Ledger
 from sluice_queue.scheduler import Scheduler, connect
 from sluice_queue.servicer import GenerationServicer
 from sluice_queue.settings import QueueSettings
@@ -36,7 +37,8 @@ async def serve(settings: QueueSettings) -> None:
     redis = connect(settings.redis_url, settings.redis_timeout_ms / 1e3)
     scheduler = Scheduler(redis, settings.scheduler())
     engines = Engines(inference, scheduler.report_engines, settings.engine_interval_s, settings.engine_probes)
-    usage = UsageRecorder(datastore, settings.usage_batch_size, settings.usage_flush_interval_s)
+    ledger = Ledger(redis, settings.queue_prefix, settings.usage_draft_interval_s, settings.lease_s)
+    usage = UsageRecorder(datastore, settings.usage_batch_size, settings.usage_flush_interval_s, ledger=ledger)
     budgets = Budgets(
         ratelimit,
         settings.budget_domain,
@@ -70,7 +72,8 @@ async def serve(settings: QueueSettings) -> None:
         await scheduler.drain()
         await budgets.close()
         if not await usage.flush():
-            logger.error("%d usage records could not be written before shutdown", usage.pending)
+            logger.error("%d usage records not written before shutdown; another replica will", usage.pending)
+        await usage.mirror()
         if not await conversations.flush():
             logger.error("%d exchanges could not be stored before shutdown", conversations.pending)
         for channel in channels.values():

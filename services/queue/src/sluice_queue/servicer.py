@@ -13,6 +13,7 @@ outcome, unused budget is given back and usage is recorded.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -182,6 +183,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                         yield generation_pb2.GenerateEvent(queued=generation_pb2.Queued(position=position))
                     wait.set_attribute("sluice.queue_time_s", time.perf_counter() - waiting_since)
             queue_s = time.perf_counter() - waiting_since
+            # Should this replica die, billed for what it was sent by the last update.
+            draft = functools.partial(_usage_record, request_id, tenant, progress, timer, queue_s, "lost")
+            self._usage.open(request_id, draft)
             texts = (
                 [m.content for m in internal.messages.messages] if internal.HasField("messages") else [internal.prompt]
             )
@@ -376,7 +380,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
 
 def _usage_record(
-    request_id: str, tenant: datastore_pb2.Tenant, progress: _Progress, timer: StreamTimer, queue_s: float | None
+    request_id: str,
+    tenant: datastore_pb2.Tenant,
+    progress: _Progress,
+    timer: StreamTimer,
+    queue_s: float | None,
+    status: str | None = None,
 ) -> datastore_pb2.UsageRecord:
     finished = timestamp_pb2.Timestamp()
     finished.GetCurrentTime()
@@ -390,6 +399,6 @@ def _usage_record(
         queue_ms=(queue_s or 0.0) * 1e3,
         time_to_first_token_ms=timer.ttft_s * 1e3,
         total_ms=timer.total_s * 1e3,
-        status=progress.outcome,
+        status=status or progress.outcome,
         finished_at=finished,
     )

@@ -54,6 +54,12 @@ class QueueSettings(ServiceSettings):
         description="How long a finished request's usage record may take to be written before its caller is told "
         "it finished; one not written by then is kept and written later.",
     )
+    usage_draft_interval_s: float = Field(
+        1.0,
+        gt=0,
+        description="How often running requests' usage drafts are brought up to date in Redis; should the replica "
+        "die, another bills each of its requests for what it was sent by the last update.",
+    )
     usage_flush_interval_s: float = Field(0.5, gt=0, description="How often buffered usage records are written.")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="The shared waiting line and slot leases.")
     redis_timeout_ms: float = Field(

@@ -23,6 +23,7 @@ from prometheus_client import Counter, Gauge
 
 from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
 from sluice_queue.flushing import flush_forever
+from sluice_queue.ledger import Draft, Ledger
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +44,10 @@ class UsageRecorder:
         batch_size: int = 200,
         interval_s: float = 0.5,
         max_buffered: int = 100_000,
+        ledger: Ledger | None = None,
     ) -> None:
         self._datastore = datastore
+        self._ledger = ledger
         self._batch_size = batch_size
         self._interval_s = interval_s
         self._buffer: deque[datastore_pb2.UsageRecord] = deque()
@@ -53,9 +56,15 @@ class UsageRecorder:
         self._committing: list[tuple[datastore_pb2.UsageRecord, asyncio.Future[bool]]] = []
         self._commit_due = asyncio.Event()
 
+    def open(self, request_id: str, draft: Draft) -> None:
+        """A request began using a slot: what ``draft()`` says it used so far is billed if this replica dies."""
+        if self._ledger is not None:
+            self._ledger.open(request_id, draft)
+
     async def commit(self, record: datastore_pb2.UsageRecord, timeout_s: float) -> bool:
         """Write ``record`` now; True once the data-access service has it. Otherwise (it is away, or
         slower than ``timeout_s``) the record is kept and written later, and False says so."""
+        self._settle(record)
         written: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._committing.append((record, written))
         self._commit_due.set()
@@ -66,8 +75,11 @@ class UsageRecorder:
             return False
 
     def record(self, record: datastore_pb2.UsageRecord) -> None:
+        """Write ``record`` with the next batch."""
+        self._settle(record)
         if len(self._buffer) >= self._max_buffered:
-            self._buffer.popleft()
+            dropped = self._buffer.popleft()
+            self._done([dropped])
             RECORDED.labels("dropped").inc()
             logger.error("usage buffer full (%d); dropped the oldest record", self._max_buffered)
         self._buffer.append(record)
@@ -85,6 +97,22 @@ class UsageRecorder:
         async with asyncio.TaskGroup() as jobs:
             jobs.create_task(flush_forever(self.flush, self._wake, self._interval_s, _RETRY_MAX_S))
             jobs.create_task(self._commit_forever())
+            if self._ledger is not None:
+                jobs.create_task(self._ledger.run(self.record))
+
+    async def mirror(self) -> None:
+        """Bring the drafts in Redis up to date (at shutdown, after the last flush: what is still owed is
+        billed by another replica)."""
+        if self._ledger is not None:
+            await self._ledger.mirror()
+
+    def _settle(self, record: datastore_pb2.UsageRecord) -> None:
+        if self._ledger is not None:
+            self._ledger.settle(record)
+
+    def _done(self, records: list[datastore_pb2.UsageRecord]) -> None:
+        if self._ledger is not None:
+            self._ledger.done(r.request_id for r in records)
 
     async def _commit_forever(self) -> None:
         while True:
@@ -104,8 +132,7 @@ class UsageRecorder:
                     self.record(record)
                 written = False
             else:
-                RECORDED.labels("written").inc(result.recorded)
-                RECORDED.labels("duplicate").inc(result.duplicates)
+                self._written(records, result)
                 written = True
             for _, future in group:
                 if not future.done():
@@ -132,7 +159,7 @@ class UsageRecorder:
                     finally:
                         self._batch_size = size
                 if exc.code() in _REFUSED:
-                    self._buffer.popleft()
+                    self._done([self._buffer.popleft()])
                     BUFFERED.set(len(self._buffer))
                     RECORDED.labels("dropped").inc()
                     logger.error("usage record %s refused: %s", batch[0].request_id, exc.details())
@@ -144,6 +171,10 @@ class UsageRecorder:
             for _ in batch:
                 self._buffer.popleft()
             BUFFERED.set(len(self._buffer))
-            RECORDED.labels("written").inc(result.recorded)
-            RECORDED.labels("duplicate").inc(result.duplicates)
+            self._written(batch, result)
         return True
+
+    def _written(self, records: list[datastore_pb2.UsageRecord], result: datastore_pb2.RecordUsageResponse) -> None:
+        RECORDED.labels("written").inc(result.recorded)
+        RECORDED.labels("duplicate").inc(result.duplicates)
+        self._done(records)
