@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -123,6 +123,51 @@ async def test_give_backs_are_gathered_per_tenant_into_one_call_and_sent_at_shut
     await budget.close()
     assert ratelimit.calls[-1] == [("tenant_tokens", "a", 80, True), ("tenant_tokens", "b", 80, True)]
     assert ratelimit.left == {("tenant_tokens", "a"): 600 - 120, ("tenant_tokens", "b"): 600 - 20}
+
+
+class Unreachable(RateLimit):
+    """Takes reservations, but give-backs fail with ``code`` while it is set."""
+
+    code: grpc.StatusCode | None = None
+
+    async def ShouldRateLimit(
+        self,
+        request: rls_pb2.RateLimitRequest,
+        timeout: float,  # noqa: ASYNC109 - the stub's
+    ) -> rls_pb2.RateLimitResponse:
+        if self.code is not None and request.descriptors[0].is_negative_hits:
+            self.calls.append([])
+            raise grpc.aio.AioRpcError(self.code, grpc.aio.Metadata(), grpc.aio.Metadata(), "no healthy upstream")
+        return await super().ShouldRateLimit(request, timeout)
+
+
+async def until(check: Callable[[], bool]) -> None:
+    async with asyncio.timeout(2):
+        while not check():  # noqa: ASYNC110 - a stand-in stub, with nothing to wait on
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    ("code", "given_back"), [(grpc.StatusCode.UNAVAILABLE, 80), (grpc.StatusCode.DEADLINE_EXCEEDED, 0)]
+)
+async def test_a_give_back_no_service_took_is_sent_again_and_one_that_may_have_landed_is_not(
+    code: grpc.StatusCode, given_back: int
+) -> None:
+    ratelimit, clock = Unreachable({("tenant_tokens", "a"): 600}), Clock()
+    budget = budgets(ratelimit, clock, refund_interval_s=0.01)
+    running = asyncio.create_task(budget.run())
+    reservation = await budget.reserve(tenant("a", 600), 100, timeout_s=1)
+    assert reservation is not None
+    ratelimit.code = code
+    budget.settle(reservation, used=20)  # 80 to give back
+    clock.now = 2.0  # idle: everything goes back
+    await until(lambda: ratelimit.calls[-1] == [])  # a give-back failed
+    ratelimit.code = None
+    if given_back:
+        await until(lambda: ratelimit.left[("tenant_tokens", "a")] == 600 - 20)  # sent again by itself
+    running.cancel()
+    await budget.close()  # sends whatever is still owed
+    assert ratelimit.left[("tenant_tokens", "a")] == 600 - 100 + given_back
 
 
 async def test_a_request_larger_than_the_whole_budget_is_refused_without_a_retry_hint() -> None:

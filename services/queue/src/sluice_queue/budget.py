@@ -23,7 +23,9 @@ the request alone, and is refused only when that does not fit: refusals and
 their retry hints are as exact as before, except that up to one lease of
 the tenant's budget may sit in another replica's allowance for ``idle_s``.
 Budgets too small for a lease to hold a request are reserved per request.
-Give-backs are gathered for ``refund_interval_s`` and sent in one call.
+Give-backs are gathered for ``refund_interval_s`` and sent in one call; one
+that no rate-limit service took (UNAVAILABLE) is sent again with the next,
+for up to a minute (the period of the budgets it belongs to).
 
 A reservation waits at most ``timeout_s`` for the rate-limit service (a
 request's first token waits for it). If the service cannot answer in time,
@@ -63,6 +65,8 @@ UNCHECKED = Counter(
 # Bytes of chat template around each message, on top of its text.
 _TEMPLATE_BYTES_PER_MESSAGE = 16
 _REQUESTS, _TOKENS = "tenant_requests", "tenant_tokens"
+# Budgets are per minute: a give-back older than that would go to a later minute's.
+_REFUND_WITHIN_S = 60.0
 
 Descriptor = ratelimit_pb2.RateLimitDescriptor
 OVER_LIMIT = rls_pb2.RateLimitResponse.OVER_LIMIT
@@ -137,6 +141,7 @@ class Budgets:
         self._clock = clock
         self._allowances: dict[Limits, _Allowance] = {}
         self._refunds: dict[Limits, Hits] = {}
+        self._owed_since = math.inf  # when the oldest give-back not yet sent was due
         self._due = asyncio.Event()
         self._sending: asyncio.Future[None] | None = None
 
@@ -201,6 +206,7 @@ class Budgets:
 
     def _give_back(self, limits: Limits, hits: Hits) -> None:
         if hits.requests or hits.tokens:
+            self._owed_since = min(self._owed_since, self._clock())
             refund = self._refunds.setdefault(limits, Hits())
             refund.requests += hits.requests
             refund.tokens += hits.tokens
@@ -247,7 +253,7 @@ class Budgets:
                 if now - allowance.used_at >= self._idle_s:
                     del self._allowances[limits]
                     self._give_back(limits, allowance.held)
-            if not self._allowances:
+            if not self._allowances and not self._refunds:
                 self._due.clear()
             # A give-back cut off half-way could not be sent again (it may have been applied): it finishes.
             self._sending = asyncio.ensure_future(self._refund())
@@ -261,9 +267,13 @@ class Budgets:
             self._give_back(limits, allowance.held)
         self._allowances.clear()
         await self._refund()
+        if self._refunds:
+            tokens = sum(h.tokens for h in self._refunds.values())
+            logger.warning("could not give back %d tokens to %d tenants at shutdown", tokens, len(self._refunds))
 
     async def _refund(self) -> None:
         refunds, self._refunds = self._refunds, {}
+        since, self._owed_since = self._owed_since, math.inf
         if not refunds:
             return
         descriptors = [d for limits, hits in refunds.items() for d in _descriptors(limits, hits, negative=True)]
@@ -272,7 +282,16 @@ class Budgets:
                 rls_pb2.RateLimitRequest(domain=self._domain, descriptors=descriptors), timeout=5.0
             )
         except grpc.aio.AioRpcError as exc:
-            # Not sent again: a call that timed out may have been applied, and a refund twice is a gift.
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and self._clock() - since < _REFUND_WITHIN_S:
+                # No rate-limit service took it (Envoy found none, or it was not listening): sent again with
+                # the next give-backs, while the minute it was charged in may still run.
+                for limits, hits in refunds.items():
+                    self._give_back(limits, hits)
+                self._owed_since = min(self._owed_since, since)
+                self._due.set()
+                return
+            # Not sent again: a call that timed out may have been applied, and a refund twice is a gift;
+            # one older than a budget's minute would go to a later minute.
             logger.warning(
                 "could not give back %d tokens to %d tenants: %s",
                 sum(h.tokens for h in refunds.values()),
