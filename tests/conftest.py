@@ -15,8 +15,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Literal
 
+import grpc
 import pytest
 
+from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
 from sluice_cli.postgres_server import PostgresServer
 from sluice_cli.redis_server import RedisServer
 from sluice_cli.stack import LOOPBACK, LocalStack, StackOptions, StackPorts
@@ -90,3 +92,18 @@ async def eventually(check: Callable[[], Awaitable[bool]], within_s: float, what
             raise AssertionError(f"not within {within_s}s: {what}")
         await asyncio.sleep(0.02)
     return loop.time() - start
+
+
+async def tenant_with_key(stack: LocalStack, name: str, tokens_per_minute: int = 0, weight: int = 1) -> tuple[str, str]:
+    async with grpc.aio.insecure_channel(stack.internal) as channel:
+        stub = datastore_pb2_grpc.DataStoreStub(channel)
+        tenant = await stub.CreateTenant(
+            datastore_pb2.CreateTenantRequest(
+                name=name,
+                tier=datastore_pb2.TIER_STANDARD,
+                tokens_per_minute=tokens_per_minute,
+                scheduling_weight=weight,
+            )
+        )
+        key = (await stub.IssueApiKey(datastore_pb2.IssueApiKeyRequest(tenant_id=tenant.id))).api_key
+    return str(tenant.id), str(key)

@@ -24,20 +24,23 @@ from sluice.generation.v1 import generation_pb2
 from sluice_cli.postgres_server import PostgresServer
 from sluice_cli.processes import Process
 from sluice_cli.redis_server import RedisServer
-from sluice_cli.stack import LocalStack
+from sluice_cli.stack import LocalStack, free_ports
 from sluice_client import GenerationClient, StreamError
 
-from .conftest import eventually, stack_options
+from .conftest import eventually, stack_options, tenant_with_key
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 PREFILL_MS_PER_TOKEN = 4
 DRAFT_INTERVAL_S = 1.0  # the queue's default USAGE_DRAFT_INTERVAL_S
+REDIS_STALL_S = 10.0
 
 
 @dataclass
 class Supervised:
     stack: LocalStack
+    redis: RedisServer
+    postgres: PostgresServer
     restarts: list[str] = field(default_factory=list)
 
     async def back(self, *killed: Process) -> None:
@@ -52,13 +55,17 @@ class Supervised:
 
 
 @pytest.fixture(scope="module")
-async def supervised(
-    tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer, postgres: PostgresServer
-) -> AsyncIterator[Supervised]:
-    """A stack that starts again whatever exits, as ``sluice up`` runs it."""
-    options = stack_options(tmp_path_factory.mktemp("faults"), redis_server, postgres, "simulated")
+async def supervised(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Supervised]:
+    """A stack that starts again whatever exits, as ``sluice up`` runs it, with a Redis and a PostgreSQL
+    of its own for the tests to stop."""
+    state = tmp_path_factory.mktemp("faults")
+    redis = RedisServer(free_ports(1)[0], state / "redis")
+    postgres = PostgresServer(free_ports(1)[0], state / "postgres", durable=False)
+    await redis.start()
+    await postgres.start()
+    options = stack_options(state, redis, postgres, "simulated")
     options.inference_env["SLUICE_INFERENCE_SIMULATED_PREFILL_PER_TOKEN_MS"] = str(PREFILL_MS_PER_TOKEN)
-    local = Supervised(LocalStack(options))
+    local = Supervised(LocalStack(options), redis, postgres)
     try:
         await local.stack.start()
         supervising = asyncio.create_task(local.stack.supervise(lambda name, *_: local.restarts.append(name)))
@@ -66,6 +73,9 @@ async def supervised(
         supervising.cancel()
     finally:
         await local.stack.stop()
+        await postgres.stop()
+        await redis.stop()
+        postgres.remove_data()
 
 
 @dataclass
@@ -75,7 +85,9 @@ class Call:
     events: list[generation_pb2.GenerateEvent] = field(default_factory=list)
     error: StreamError | None = None
     first_token: asyncio.Event = field(default_factory=asyncio.Event)
-    arrivals: list[tuple[float, int]] = field(default_factory=list)  # (when, tokens) of each delta
+    started_at: float = 0.0
+    ended_at: float = 0.0
+    arrivals: list[tuple[float, int]] = field(default_factory=list)  # (when, tokens) of each event
 
     @property
     def tokens(self) -> int:
@@ -83,6 +95,12 @@ class Call:
 
     def tokens_by(self, moment: float) -> int:
         return sum(n for when, n in self.arrivals if when <= moment)
+
+    @property
+    def longest_silence(self) -> float:
+        """The longest the caller waited for anything: its first event, the next, or the end."""
+        moments = [self.started_at, *(when for when, _ in self.arrivals), self.ended_at]
+        return max(b - a for a, b in zip(moments, moments[1:], strict=False))
 
     @property
     def request_id(self) -> str:
@@ -97,14 +115,17 @@ class Call:
 
 async def run(client: GenerationClient, call: Call, prompt: str, max_tokens: int) -> None:
     sampling = common_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    call.started_at = time.monotonic()
     try:
         async for event in client.generate(generation_pb2.GenerateRequest(prompt=prompt, sampling=sampling), 60):
             call.events.append(event)
+            call.arrivals.append((time.monotonic(), len(event.delta.token_ids)))
             if event.HasField("delta"):
-                call.arrivals.append((time.monotonic(), len(event.delta.token_ids)))
                 call.first_token.set()
     except StreamError as exc:
         call.error = exc
+    finally:
+        call.ended_at = time.monotonic()
 
 
 async def usage_rows(postgres: PostgresServer, calls: list[Call]) -> dict[str, list[int]]:
@@ -124,7 +145,7 @@ async def usage_rows(postgres: PostgresServer, calls: list[Call]) -> dict[str, l
 
 
 async def test_a_killed_replica_aborts_the_streams_it_was_sending_and_resends_those_without_tokens(
-    supervised: Supervised, postgres: PostgresServer
+    supervised: Supervised,
 ) -> None:
     stack = supervised.stack
     async with GenerationClient(stack.edge, api_key=stack.demo_api_key) as client:
@@ -154,17 +175,17 @@ async def test_a_killed_replica_aborts_the_streams_it_was_sending_and_resends_th
 
     # Each call billed once, for what its caller received.
     async def billed() -> bool:
-        rows = await usage_rows(postgres, flowing + prefilling)
+        rows = await usage_rows(supervised.postgres, flowing + prefilling)
         return all(len(r) == 1 for r in rows.values())
 
     await eventually(billed, 5, "a usage row for every call")
     calls = flowing + prefilling
-    rows = await usage_rows(postgres, calls)
+    rows = await usage_rows(supervised.postgres, calls)
     assert [rows[c.request_id] for c in calls] == [[c.tokens] for c in calls]
     await supervised.back(replica)
 
 
-async def test_killed_queue_replicas_bill_every_call_once(supervised: Supervised, postgres: PostgresServer) -> None:
+async def test_killed_queue_replicas_bill_every_call_once(supervised: Supervised) -> None:
     stack = supervised.stack
     async with GenerationClient(stack.edge, api_key=stack.demo_api_key) as client:
         flowing = [Call() for _ in range(4)]
@@ -189,11 +210,141 @@ async def test_killed_queue_replicas_bill_every_call_once(supervised: Supervised
     # A finished call billed as it finished; one cut off by the kill as its replica last saw it
     # (at most USAGE_DRAFT_INTERVAL_S of tokens short of what its caller got), by another replica.
     async def billed() -> bool:
-        return all(len(r) == 1 for r in (await usage_rows(postgres, finished + flowing)).values())
+        return all(len(r) == 1 for r in (await usage_rows(supervised.postgres, finished + flowing)).values())
 
     await eventually(billed, 15, "a usage row for every call")
-    rows = await usage_rows(postgres, finished + flowing)
+    rows = await usage_rows(supervised.postgres, finished + flowing)
     assert [rows[c.request_id] for c in finished] == [[16]] * len(finished)
     for call in flowing:
         assert call.tokens_by(killed_at - DRAFT_INTERVAL_S - 0.5) <= rows[call.request_id][0] <= call.tokens
     await supervised.back(*killed)
+
+
+async def streaming(client: GenerationClient, n: int, max_tokens: int) -> tuple[list[Call], list[asyncio.Task[None]]]:
+    """``n`` streams with tokens flowing."""
+    calls = [Call() for _ in range(n)]
+    tasks = [asyncio.create_task(run(client, c, "The river", max_tokens)) for c in calls]
+    await asyncio.gather(*(c.first_token.wait() for c in calls))
+    return calls, tasks
+
+
+async def billed_as_received(supervised: Supervised, calls: list[Call], within_s: float = 5) -> None:
+    """Until each call has one usage row, for the tokens its caller received."""
+
+    async def billed() -> bool:
+        rows = await usage_rows(supervised.postgres, calls)
+        return all(len(r) == 1 for r in rows.values())
+
+    await eventually(billed, within_s, "a usage row for every call")
+    rows = await usage_rows(supervised.postgres, calls)
+    assert [rows[c.request_id] for c in calls] == [[c.tokens] for c in calls]
+
+
+async def served(client: GenerationClient) -> bool:
+    call = Call()
+    await run(client, call, "The river", 4)
+    return call.finished is not None
+
+
+async def test_while_redis_stalls_running_streams_go_on_and_new_calls_are_refused_unavailable(
+    supervised: Supervised,
+) -> None:
+    assert supervised.redis.process is not None
+    async with GenerationClient(supervised.stack.edge, api_key=supervised.stack.demo_api_key) as client:
+        flowing, tasks = await streaming(client, 4, 200)
+        supervised.redis.process.signal_group(signal.SIGSTOP)
+        refused: list[Call] = []
+        try:
+            stalled_until = time.monotonic() + REDIS_STALL_S
+            while time.monotonic() < stalled_until:
+                refused.append(call := Call())
+                await run(client, call, "The river", 4)
+        finally:
+            supervised.redis.process.signal_group(signal.SIGCONT)
+        await asyncio.gather(*tasks)
+        recovery_s = await eventually(lambda: served(client), 5, "a new call served after the stall")
+    for call in flowing:
+        assert call.finished is not None and call.tokens == 200
+        assert call.longest_silence < 1.0
+    for call in refused:
+        assert call.error is not None and call.error.code == grpc.StatusCode.UNAVAILABLE, call.error
+        assert call.error.error.retry_after_s is not None  # type: ignore[attr-defined]
+        assert call.ended_at - call.started_at < 3.0  # three attempts of REDIS_TIMEOUT_MS each, and no more
+    assert recovery_s < 2.0
+    await billed_as_received(supervised, flowing)
+
+
+async def test_after_redis_restarts_empty_running_streams_go_on_and_every_new_call_is_served(
+    supervised: Supervised,
+) -> None:
+    redis = supervised.redis
+    assert redis.process is not None
+    async with GenerationClient(supervised.stack.edge, api_key=supervised.stack.demo_api_key) as client:
+        flowing, tasks = await streaming(client, 4, 200)
+        redis.process.signal_group(signal.SIGKILL)
+        await redis.process.wait()
+        await redis.start()  # empty: it keeps nothing on disk
+        after = [Call() for _ in range(8)]
+        for call in after:  # one at a time: each meets a pooled connection the restart broke, if any is left
+            await run(client, call, "The river", 8)
+        await asyncio.gather(*tasks)
+    assert [c.error for c in flowing + after] == [None] * 12
+    await billed_as_received(supervised, flowing + after)
+
+
+async def test_while_postgresql_is_down_known_keys_are_served_and_their_usage_written_once_it_is_back(
+    supervised: Supervised,
+) -> None:
+    postgres = supervised.postgres
+    async with GenerationClient(supervised.stack.edge, api_key=supervised.stack.demo_api_key) as client:
+        assert await served(client)  # the key is known
+        flowing, tasks = await streaming(client, 4, 200)
+        await postgres.stop()
+        try:
+            during = [Call() for _ in range(4)]
+            await asyncio.gather(*(run(client, c, "The river", 16) for c in during))
+            await asyncio.gather(*tasks)
+        finally:
+            await postgres.start()
+    for call in flowing + during:
+        assert call.finished is not None, call.error
+        assert call.longest_silence < 1.5  # a finished call waits up to USAGE_COMMIT_TIMEOUT_MS for its row
+    await billed_as_received(supervised, flowing + during, within_s=15)
+
+
+async def test_while_the_rate_limit_service_stalls_budgeted_calls_go_ahead_unchecked_and_are_billed(
+    supervised: Supervised,
+) -> None:
+    stack = supervised.stack
+    _, key = await tenant_with_key(stack, "budgeted-in-a-stall", tokens_per_minute=1_000_000)
+    ratelimit = stack.process("ratelimit")
+    async with GenerationClient(stack.edge, api_key=key) as client:
+        assert await served(client)
+        ratelimit.signal_group(signal.SIGSTOP)
+        try:
+            during = [Call() for _ in range(4)]
+            await asyncio.gather(*(run(client, c, "The river", 16) for c in during))
+        finally:
+            ratelimit.signal_group(signal.SIGCONT)
+    for call in during:
+        assert call.finished is not None, call.error
+        # Envoy's edge limit and the budget each wait a bounded time for it (BUDGET_TIMEOUT_MS: 250 ms).
+        assert call.longest_silence < 1.5
+    await billed_as_received(supervised, during)
+
+
+async def test_stopping_the_stack_under_load_finishes_every_stream_bills_each_once_and_leaves_nothing(
+    supervised: Supervised,
+) -> None:
+    stack = supervised.stack
+    groups = [stack.process(name).pid for name in stack.process_names()]
+    async with GenerationClient(stack.edge, api_key=stack.demo_api_key) as client:
+        flowing, tasks = await streaming(client, 6, 100)
+        await stack.stop()
+        await asyncio.gather(*tasks)
+    for call in flowing:
+        assert call.finished is not None and call.tokens == 100, call.error
+    await billed_as_received(supervised, flowing)
+    for group in groups:  # each process ran in a group of its own, with whatever it started
+        with pytest.raises(ProcessLookupError):
+            os.killpg(group, 0)

@@ -21,6 +21,8 @@ from sluice_cli.stack import LocalStack
 from sluice_client import GenerationClient, StreamError
 from sluice_core.errors import ResourceExhausted
 
+from .conftest import tenant_with_key
+
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
@@ -40,21 +42,6 @@ async def refused(stack: LocalStack, key: str | None, req: generation_pb2.Genera
     with pytest.raises(StreamError) as caught:
         await run(stack, key, req or request())
     return caught.value
-
-
-async def tenant_with_key(stack: LocalStack, name: str, tokens_per_minute: int = 0, weight: int = 1) -> tuple[str, str]:
-    async with grpc.aio.insecure_channel(stack.internal) as channel:
-        stub = datastore_pb2_grpc.DataStoreStub(channel)
-        tenant = await stub.CreateTenant(
-            datastore_pb2.CreateTenantRequest(
-                name=name,
-                tier=datastore_pb2.TIER_STANDARD,
-                tokens_per_minute=tokens_per_minute,
-                scheduling_weight=weight,
-            )
-        )
-        key = (await stub.IssueApiKey(datastore_pb2.IssueApiKeyRequest(tenant_id=tenant.id))).api_key
-    return str(tenant.id), str(key)
 
 
 async def tokens_left(stack: LocalStack, tenant_id: str, per_minute: int) -> int:

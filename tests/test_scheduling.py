@@ -22,8 +22,7 @@ from sluice_cli.stack import LocalStack
 from sluice_client import GenerationClient, GenerationStream, StreamError
 from sluice_core.errors import ResourceExhausted
 
-from .conftest import SLOTS_PER_REPLICA, WAITING_PER_TENANT, eventually
-from .test_path import tenant_with_key
+from .conftest import SLOTS_PER_REPLICA, WAITING_PER_TENANT, eventually, tenant_with_key
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 

@@ -87,7 +87,8 @@ def connect(url: str, timeout_s: float, connections: int = 64) -> Redis:
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         health_check_interval=10,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries=1),
+        # Not on a timeout (redis-py's default): a stalled Redis would double every wait.
+        retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries=1, supported_errors=(ConnectionError,)),
         retry_on_error=[ConnectionError],
     )
 
