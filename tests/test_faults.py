@@ -9,6 +9,7 @@ fault kills is started again, and each test waits until it is back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -42,6 +43,22 @@ class Supervised:
     redis: RedisServer
     postgres: PostgresServer
     restarts: list[str] = field(default_factory=list)
+    supervising: asyncio.Task[None] | None = None
+
+    def supervise(self) -> None:
+        self.supervising = asyncio.create_task(self.stack.supervise(lambda name, *_: self.restarts.append(name)))
+
+    @contextlib.asynccontextmanager
+    async def unsupervised(self) -> AsyncIterator[None]:
+        """Nothing that exits meanwhile is started again (until the end of the block)."""
+        assert self.supervising is not None
+        self.supervising.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.supervising
+        try:
+            yield
+        finally:
+            self.supervise()
 
     async def back(self, *killed: Process) -> None:
         """Until the stack has started each killed process again by itself, and serves through all."""
@@ -68,9 +85,10 @@ async def supervised(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
     local = Supervised(LocalStack(options), redis, postgres)
     try:
         await local.stack.start()
-        supervising = asyncio.create_task(local.stack.supervise(lambda name, *_: local.restarts.append(name)))
+        local.supervise()
         yield local
-        supervising.cancel()
+        assert local.supervising is not None
+        local.supervising.cancel()
     finally:
         await local.stack.stop()
         await postgres.stop()
@@ -128,6 +146,14 @@ async def run(client: GenerationClient, call: Call, prompt: str, max_tokens: int
         call.ended_at = time.monotonic()
 
 
+async def usage_count(postgres: PostgresServer) -> int:
+    connection = await asyncpg.connect(postgres.url)
+    try:
+        return int(await connection.fetchval("SELECT count(*) FROM usage"))
+    finally:
+        await connection.close()
+
+
 async def usage_rows(postgres: PostgresServer, calls: list[Call]) -> dict[str, list[int]]:
     """Each call's usage rows (their completion tokens), by its request id."""
     ids = [c.request_id for c in calls]
@@ -183,6 +209,23 @@ async def test_a_killed_replica_aborts_the_streams_it_was_sending_and_resends_th
     rows = await usage_rows(supervised.postgres, calls)
     assert [rows[c.request_id] for c in calls] == [[c.tokens] for c in calls]
     await supervised.back(replica)
+
+
+async def test_a_call_no_replica_could_take_is_refused_unavailable_and_not_billed(supervised: Supervised) -> None:
+    stack = supervised.stack
+    killed = [stack.process(name) for name in ("inference-1", "inference-2")]
+    rows_before = await usage_count(supervised.postgres)
+    async with supervised.unsupervised(), GenerationClient(stack.edge, api_key=stack.demo_api_key) as client:
+        for process in killed:
+            process.signal_group(signal.SIGKILL)
+            await process.wait()
+        call = Call()
+        # Admitted (the replicas still count as capacity for ENGINE_TTL_S), sent again and again, then
+        # refused; Envoy tries it on the other queue replica too.
+        await run(client, call, "The river", 4)
+    assert call.error is not None and call.error.code == grpc.StatusCode.UNAVAILABLE, call.error
+    assert await usage_count(supervised.postgres) == rows_before, "an attempt with no work for the caller was billed"
+    await supervised.back(*killed)
 
 
 async def test_killed_queue_replicas_bill_every_call_once(supervised: Supervised) -> None:

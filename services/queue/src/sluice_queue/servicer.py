@@ -113,6 +113,7 @@ class _Progress:
     reply: list[str] = field(default_factory=list)
     outcome: str = "error"
     model: str = ""
+    started: bool = False  # an engine took it on, and the caller was told
     recorded: bool = False  # its usage record handed over before the caller heard it finished
 
 
@@ -183,9 +184,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                         yield generation_pb2.GenerateEvent(queued=generation_pb2.Queued(position=position))
                     wait.set_attribute("sluice.queue_time_s", time.perf_counter() - waiting_since)
             queue_s = time.perf_counter() - waiting_since
-            # Should this replica die, billed for what it was sent by the last update.
-            draft = functools.partial(_usage_record, request_id, tenant, progress, timer, queue_s, "lost")
-            self._usage.open(request_id, draft)
             texts = (
                 [m.content for m in internal.messages.messages] if internal.HasField("messages") else [internal.prompt]
             )
@@ -202,7 +200,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 )
                 relay = self._relay(span, calls, internal, request, timer, queue_s, reserving, progress, ticket)
                 async for event in relay:
-                    if event.HasField("finished"):
+                    if event.HasField("started"):
+                        # Should this replica die, billed for what it was sent by the last update.
+                        draft = functools.partial(_usage_record, request_id, tenant, progress, timer, queue_s, "lost")
+                        self._usage.open(request_id, draft)
+                    elif event.HasField("finished"):
                         if request.conversation_id and progress.outcome in _STORED:
                             # Stored before the caller hears it finished: its next turn will see this one.
                             await self._conversations.store(
@@ -240,8 +242,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             # How the request ended (stop, length, cancelled, ...): more than the call's status code says.
             call_span.set_attribute("sluice.outcome", progress.outcome)
             if tenant is not None and ticket is not None and ticket.admitted:
-                # A request refused before it had a slot (bad input, a full line, the queue's Redis
-                # away) did no work: metrics count it; usage records are for what was served.
                 self._after(request_id, tenant, progress, reserving, timer, queue_s)
 
     async def _relay(
@@ -260,8 +260,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             async for response in calls.responses(progress, span):
                 kind = response.WhichOneof("event")
                 if kind == "accepted":
-                    if progress.model:
+                    if progress.started:
                         continue  # sent again to another replica: the caller was told it started
+                    progress.started = True
                     progress.prompt_tokens = response.accepted.prompt_tokens
                     progress.model = self._engines.model_name
                     yield generation_pb2.GenerateEvent(
@@ -350,7 +351,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         if reserving is not None:
             # What the caller was sent is charged, even if it went away.
             self._spawn(self._settle(reserving, progress.prompt_tokens + progress.completion_tokens))
-        if not progress.recorded:
+        # Usage is for what an engine took on (the caller was told it started). A request that ended
+        # before (refused, or no replica could take it) did no work for its caller, and since nothing
+        # was sent, Envoy may retry it: one row per attempt would bill a call several times.
+        if progress.started and not progress.recorded:
             self._usage.record(_usage_record(request_id, tenant, progress, timer, queue_s))
 
     async def _settle(self, reserving: asyncio.Future[Reservation | None], used: int) -> None:
