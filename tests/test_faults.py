@@ -15,6 +15,7 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import asyncpg
 import grpc
@@ -352,6 +353,41 @@ async def test_while_postgresql_is_down_known_keys_are_served_and_their_usage_wr
     for call in flowing + during:
         assert call.finished is not None, call.error
         assert call.longest_silence < 1.5  # a finished call waits up to USAGE_COMMIT_TIMEOUT_MS for its row
+    await billed_as_received(supervised, flowing + during, within_s=15)
+
+
+def postgres_processes(postgres: PostgresServer) -> list[int]:
+    """PostgreSQL's server and its children (each in a session of its own, out of reach of its group)."""
+    assert postgres.process is not None
+    pids = [postgres.process.pid]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            # The parent's pid is the second field after the parenthesised command name.
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pids[0]:
+                pids.append(int(stat.parent.name))
+    return pids
+
+
+async def test_while_postgresql_stalls_known_keys_are_served_and_their_usage_written_once_it_answers(
+    supervised: Supervised,
+) -> None:
+    async with GenerationClient(supervised.stack.edge, api_key=supervised.stack.demo_api_key) as client:
+        assert await served(client)  # the key is known
+        flowing, tasks = await streaming(client, 4, 100)
+        stalled = postgres_processes(supervised.postgres)
+        assert len(stalled) > 1, "no connection to stall"
+        for pid in stalled:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            during = [Call() for _ in range(4)]
+            await asyncio.gather(*(run(client, c, "The river", 16) for c in during))
+            await asyncio.gather(*tasks)
+        finally:
+            for pid in stalled:
+                os.kill(pid, signal.SIGCONT)
+    for call in flowing + during:
+        assert call.finished is not None, call.error
+        assert call.longest_silence < 2.0  # a finished call waits up to USAGE_COMMIT_TIMEOUT_MS for its row
     await billed_as_received(supervised, flowing + during, within_s=15)
 
 
