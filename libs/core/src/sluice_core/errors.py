@@ -9,6 +9,7 @@ to the caller.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,13 +18,32 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+# An error goes back in trailing metadata: its message percent-encoded (up to 9 bytes a character)
+# and again, with the details, in grpc-status-details-bin (base64). gRPC refuses metadata past
+# 8 KB, and Envoy resets the whole connection, every caller's stream on it, past its header limit:
+# so an error carries at most this much, whatever the caller sent.
+MAX_MESSAGE_BYTES = 512
+MAX_VIOLATIONS = 5
+MAX_FIELD_BYTES = 96
+MAX_DESCRIPTION_BYTES = 160
+_MORE = re.compile(r"; and (\d+) more$")
+
+
+def bounded(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes, whole characters, ending in "…" if it was cut."""
+    encoded = text.encode()
+    if len(encoded) <= limit:
+        return text
+    return encoded[: limit - len("…".encode())].decode(errors="ignore") + "…"
+
 
 class SluiceError(Exception):
-    """Base class: an error a caller can act on, with its gRPC code."""
+    """Base class: an error a caller can act on, with its gRPC code; its message is bounded."""
 
     code = grpc.StatusCode.INTERNAL
 
     def __init__(self, message: str) -> None:
+        message = bounded(message, MAX_MESSAGE_BYTES)
         super().__init__(message)
         self.message = message
 
@@ -43,11 +63,19 @@ class InvalidArgument(SluiceError):
 
     code = grpc.StatusCode.INVALID_ARGUMENT
 
-    def __init__(self, violations: Sequence[FieldViolation]) -> None:
+    def __init__(self, violations: Sequence[FieldViolation], more: int = 0) -> None:
+        """The first ``MAX_VIOLATIONS`` of ``violations``, each cut to size, and how many more there were
+        (those left out here, plus ``more`` left out before)."""
         if not violations:
             raise ValueError("InvalidArgument needs at least one violation")
-        super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations))
-        self.violations = tuple(violations)
+        self.violations = tuple(
+            FieldViolation(bounded(v.field, MAX_FIELD_BYTES), bounded(v.description, MAX_DESCRIPTION_BYTES))
+            for v in violations[:MAX_VIOLATIONS]
+        )
+        self.more = more + len(violations) - len(self.violations)
+        suffix = f"; and {self.more} more" if self.more else ""
+        listed = "; ".join(f"{v.field}: {v.description}" for v in self.violations)
+        super().__init__(bounded(listed, MAX_MESSAGE_BYTES - len(suffix)) + suffix)
 
     @classmethod
     def field(cls, field: str, description: str) -> InvalidArgument:
@@ -165,7 +193,10 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> SluiceError:
         violations = [
             FieldViolation(v.field, v.description) for d in details for v in _unpack_bad_request(d).field_violations
         ]
-        return InvalidArgument(violations) if violations else InvalidArgument.field("request", message)
+        if not violations:
+            return InvalidArgument.field("request", message)
+        more = _MORE.search(message)
+        return InvalidArgument(violations, int(more[1]) if more else 0)
     cls = _BY_CODE.get(code)
     if cls is None:
         return Relayed(code, message)

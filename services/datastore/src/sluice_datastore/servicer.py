@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -14,6 +12,7 @@ from google.protobuf import timestamp_pb2
 
 from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
 from sluice_core.errors import FieldViolation, InvalidArgument, NotFound
+from sluice_core.ids import MALFORMED, canonical_id
 from sluice_core.messages import ROLE_NAMES
 from sluice_datastore.records import MessageRecord, TenantRecord, UsageRecord
 from sluice_datastore.store import Store
@@ -24,7 +23,6 @@ MAX_BATCH = 1000
 MAX_MESSAGES = 256
 MAX_INT = 2**31 - 1  # an integer column
 MAX_STATUS_LEN = 32
-_UUID = re.compile(r"[0-9a-fA-F]{8}(-?[0-9a-fA-F]{4}){3}-?[0-9a-fA-F]{12}")
 # The columns are int32, except tokens_per_minute: the rate-limit API carries a limit as a uint32.
 TENANT_MAXIMA = {"scheduling_weight": 2**31 - 1, "requests_per_minute": 2**31 - 1, "tokens_per_minute": 2**32 - 1}
 
@@ -58,11 +56,12 @@ def _message(record: MessageRecord) -> datastore_pb2.Message:
 
 
 def _id(value: str, field: str, out: list[FieldViolation]) -> str:
-    """The id in one spelling (lowercase, hyphenated): ids are cache keys, two spellings of one id must agree."""
-    if _UUID.fullmatch(value) is None:
-        out.append(FieldViolation(field, "must be an id (a UUID, 32 hex digits with or without hyphens)"))
+    """The id in one spelling (``canonical_id``), or a violation."""
+    canonical = canonical_id(value)
+    if canonical is None:
+        out.append(FieldViolation(field, MALFORMED))
         return value
-    return str(uuid.UUID(value))
+    return canonical
 
 
 def _raise(violations: Sequence[FieldViolation]) -> None:

@@ -73,8 +73,8 @@ class Conversations:
                 async for m in self._datastore.GetConversation(request, timeout=timeout_s)
             ]
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
-                raise NotFound(f"no conversation {conversation_id!r} for this API key's tenant") from None
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise NotFound("no such conversation for this API key's tenant") from None
             raise
 
     async def store(

@@ -13,6 +13,7 @@ from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.generation.v1 import generation_pb2
 from sluice.inference.v1 import inference_pb2
 from sluice_core.errors import FieldViolation, InvalidArgument
+from sluice_core.ids import MALFORMED, canonical_id
 from sluice_core.messages import validate_messages
 from sluice_core.sampling import validate_sampling
 
@@ -42,6 +43,8 @@ def to_inference(request: generation_pb2.GenerateRequest, request_id: str) -> in
         violations.append(FieldViolation("sampling.max_tokens", "required, at least 1"))
     if request.priority not in ENGINE_PRIORITY:
         violations.append(FieldViolation("priority", f"unknown priority {request.priority}"))
+    if request.conversation_id and canonical_id(request.conversation_id) is None:
+        violations.append(FieldViolation("conversation_id", MALFORMED))
     if len(request.client_request_id) > MAX_CLIENT_REQUEST_ID_LEN:
         violations.append(FieldViolation("client_request_id", f"at most {MAX_CLIENT_REQUEST_ID_LEN} characters"))
     if violations:
