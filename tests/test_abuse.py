@@ -90,3 +90,19 @@ async def test_an_error_about_huge_input_is_bounded_and_other_callers_streams_go
     violations = getattr(refused.error, "violations", ())
     assert len(str(refused)) + sum(len(v.field) + len(v.description) for v in violations) < MAX_ERROR_CHARS
     await bystanders.unaffected()
+
+
+async def test_bytes_that_are_no_request_are_invalid_argument_and_other_callers_streams_go_on(
+    stack: LocalStack, bystanders: Bystanders
+) -> None:
+    async with grpc.aio.insecure_channel(stack.edge) as channel:
+        generate: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(
+            "/sluice.generation.v1.Generation/Generate"
+        )
+        for garbage in (b"\xff\xff\xff\xff", b"\x0a\xff\xff\xff\xff\x0f" + b"x" * 100):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in generate(garbage, metadata=(("x-api-key", stack.demo_api_key),), timeout=10):
+                    pass
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value
+            assert "not a valid sluice.generation.v1.GenerateRequest" in (caught.value.details() or "")
+    await bystanders.unaffected()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -252,3 +253,30 @@ async def test_a_handler_cancelled_at_a_yield_finishes_its_span_before_it_ends(
 def test_requests_are_traced_and_probes_are_not(method: str | bytes, expected: bool) -> None:
     details = grpc.aio.ClientCallDetails(method, None, None, None, None)  # type: ignore[arg-type]
     assert traced(details) is expected
+
+
+async def test_a_request_that_does_not_parse_is_invalid_argument_and_logged_once_a_second(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = GrpcServer(ServiceSettings(drain_delay_s=0), ["test"], handle_signals=False)
+    server.add(inference_pb2_grpc.add_InferenceServicer_to_server, Failing(), "test")  # type: ignore[abstract]
+    garbage = b"\xff\xff\xff\xff"  # a field tag with no end
+    async with server, grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        # Raw bytes, as a hostile or broken client sends them.
+        generate: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(
+            "/sluice.inference.v1.Inference/Generate"
+        )
+        get_load: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            "/sluice.inference.v1.Inference/GetLoad"
+        )
+        for _ in range(20):
+            with pytest.raises(grpc.aio.AioRpcError) as streamed:
+                async for _ in generate(garbage):
+                    pass
+            with pytest.raises(grpc.aio.AioRpcError) as unary:
+                await get_load(garbage)
+    for caught in (streamed, unary):
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "does not parse" in (caught.value.details() or "")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert len([r for r in caplog.records if "not a valid" in r.getMessage()]) == 1  # 40 in well under a second

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from opentelemetry import trace
 
-from sluice_core.logs import setup_logging
+from sluice_core.logs import RateLimitedLogger, setup_logging
 
 
 @pytest.fixture
@@ -48,3 +48,14 @@ async def test_a_stream_dropped_at_a_yield_logs_no_context_traceback(service_log
     assert "a real error" in written
     assert "Failed to detach context" not in written
     assert "Traceback" not in written
+
+
+def test_a_rate_limited_logger_says_how_many_lines_it_left_out(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    log = RateLimitedLogger(logging.getLogger("flood"), interval_s=1.0, clock=lambda: now[0])
+    for i in range(5):
+        log.warning("bad request %d", i)
+    now[0] = 1.0
+    log.warning("bad request %d", 5)
+    logged = [r.getMessage() for r in caplog.records]
+    assert logged == ["bad request 0", "bad request 5 (4 more like it since the last)"]

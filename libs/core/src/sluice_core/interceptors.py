@@ -37,16 +37,23 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+from prometheus_client import Counter
 
 from sluice_core import errors
+from sluice_core.logs import RateLimitedLogger
 from sluice_core.metrics import ended_early
 from sluice_core.telemetry import TRACE_ID_KEY, current_trace_id, method_of, traced
 
 logger = logging.getLogger(__name__)
 
 INTERNAL_MESSAGE = "internal error; the server log has the details under this call's trace id"
+
+UNDECODABLE = Counter("sluice_undecodable_requests", "Request messages that did not parse, by method.", ["method"])
+# Any caller can send garbage: a line a second at most, however much of it comes.
+_undecodable_log = RateLimitedLogger(logger, interval_s=1.0)
 
 # Codes that are the server's failure, not the caller's: the span is marked as an error.
 _SERVER_ERRORS = frozenset(
@@ -138,10 +145,11 @@ def _wrapped(handler: grpc.RpcMethodHandler[Any, Any], method: str, with_span: b
     if handler.request_streaming and handler.response_streaming:
         # Sluice has no bidirectional RPCs; leave them (reflection) untouched.
         return handler
+    deserializer = _lenient(handler.request_deserializer, method)
     if handler.request_streaming:
         return grpc.stream_unary_rpc_method_handler(
-            _wrap_unary(handler.stream_unary, method, with_span),
-            request_deserializer=handler.request_deserializer,
+            _wrap_unary(handler.stream_unary, method, with_span, streamed=True),
+            request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
     if handler.response_streaming:
@@ -150,14 +158,50 @@ def _wrapped(handler: grpc.RpcMethodHandler[Any, Any], method: str, with_span: b
         stream = inspect.isasyncgenfunction(behavior)
         return grpc.unary_stream_rpc_method_handler(
             _wrap_stream(behavior, method, with_span) if stream else _wrap_unary(behavior, method, with_span),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
     return grpc.unary_unary_rpc_method_handler(
         _wrap_unary(handler.unary_unary, method, with_span),
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=deserializer,
         response_serializer=handler.response_serializer,
     )
+
+
+class _Undecodable:
+    """A request message that did not parse: refused INVALID_ARGUMENT by the handler's wrapper. gRPC
+    itself answers UNKNOWN, and logs a traceback for each, which any caller could flood the log with."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None, method: str) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+    descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    message = descriptor.full_name if descriptor is not None else "request message"
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError:
+            UNDECODABLE.labels(method).inc()
+            _undecodable_log.warning("%s: a request that is not a valid %s", method, message)
+            return _Undecodable(message)
+
+    return deserialize
+
+
+def _parsed(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise errors.InvalidArgument.field("request", f"not a valid {request.message}: it does not parse")
+    return request
+
+
+async def _parsed_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _parsed(request)
 
 
 def _rpc_attributes(method: str) -> dict[str, str]:
@@ -169,11 +213,11 @@ def _span_of(method: str, context: Context, with_span: bool) -> contextlib.Abstr
     return _server_span(method, context) if with_span else contextlib.nullcontext()
 
 
-def _wrap_unary(behavior: Any, method: str, with_span: bool) -> Callable[..., Awaitable[Any]]:
+def _wrap_unary(behavior: Any, method: str, with_span: bool, streamed: bool = False) -> Callable[..., Awaitable[Any]]:
     async def unary(request: Any, context: Context) -> Any:
         with _span_of(method, context, with_span):
             try:
-                response = await behavior(request, context)
+                response = await behavior(_parsed_stream(request) if streamed else _parsed(request), context)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
@@ -192,7 +236,7 @@ def _wrap_stream(behavior: Any, method: str, with_span: bool) -> Callable[..., A
                 # at a yield, gRPC drops this generator, and the handler's own clean-up (the
                 # outcome it records on the span) must run before the span ends, not whenever
                 # the garbage collector gets to it.
-                async with contextlib.aclosing(behavior(request, context)) as responses:
+                async with contextlib.aclosing(behavior(_parsed(request), context)) as responses:
                     async for response in responses:
                         yield response
             except grpc.aio.AbortError:

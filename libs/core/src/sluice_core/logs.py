@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
+from collections.abc import Callable
 
 from opentelemetry import trace
 
@@ -81,3 +83,25 @@ def setup_logging(service: str, level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+class RateLimitedLogger:
+    """Warnings at most once per ``interval_s``, each saying how many were left out since the last:
+    a fault or a flood of bad requests must not flood the log with a line per request."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 1.0, clock: Callable[[], float] = time.monotonic):
+        self._logger = logger
+        self._interval_s = interval_s
+        self._clock = clock
+        self._logged_at = -math.inf
+        self._left_out = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = self._clock()
+        if now - self._logged_at < self._interval_s:
+            self._left_out += 1
+            return
+        if self._left_out:
+            message += f" ({self._left_out} more like it since the last)"
+        self._logger.warning(message, *args)
+        self._logged_at, self._left_out = now, 0

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable
 
@@ -27,6 +26,7 @@ from prometheus_client import Counter
 
 from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
 from sluice_core.errors import Unauthenticated, Unavailable
+from sluice_core.logs import RateLimitedLogger
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class Authenticator:
         self._stale_s = stale_s
         self._known: dict[str, tuple[float, datastore_pb2.Tenant]] = {}  # each key's expiry and tenant
         self._inflight: dict[str, asyncio.Task[datastore_pb2.Tenant]] = {}
-        self._warned_at = -math.inf
+        self._log = RateLimitedLogger(logger, clock=clock)
 
     async def tenant(self, metadata: Metadata | None) -> datastore_pb2.Tenant:
         api_key = api_key_from(metadata)
@@ -117,9 +117,7 @@ class Authenticator:
     def _stale(self, api_key: str, exc: grpc.aio.AioRpcError) -> datastore_pb2.Tenant:
         """The key's tenant as last known, if recently enough; else UNAVAILABLE."""
         now = self._clock()
-        if now - self._warned_at >= 1.0:  # once a second: an outage must not flood the log
-            self._warned_at = now
-            logger.warning("API keys not looked up (data-access service: %s %s)", exc.code().name, exc.details())
+        self._log.warning("API keys not looked up (data-access service: %s %s)", exc.code().name, exc.details())
         known = self._known.get(api_key)
         if known is not None and known[0] + self._stale_s > now:
             STALE.inc()

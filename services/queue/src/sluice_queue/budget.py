@@ -53,6 +53,7 @@ from envoy_api.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from envoy_api.envoy.type.v3 import ratelimit_unit_pb2
 from sluice.datastore.v1 import datastore_pb2
 from sluice_core.errors import ResourceExhausted, Unavailable
+from sluice_core.logs import RateLimitedLogger
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +133,7 @@ class Budgets:
         self._ratelimit = ratelimit
         self._timeout_s = timeout_s
         self._fail_closed = fail_closed
-        self._warned_at = -math.inf
-        self._unwarned = 0
+        self._log = RateLimitedLogger(logger, clock=clock)
         self._domain = domain
         self._lease_s = lease_s
         self._idle_s = idle_s
@@ -228,20 +228,8 @@ class Budgets:
         return response
 
     def _warn(self, exc: grpc.aio.AioRpcError) -> None:
-        """A warning at most once a second: an outage must not flood the log with one per request."""
-        now = self._clock()
-        if now - self._warned_at < 1.0:
-            self._unwarned += 1
-            return
         what = "refusing budgeted requests" if self._fail_closed else "letting budgeted requests through"
-        logger.warning(
-            "budgets not checked (rate-limit service: %s %s; %d more since the last warning); %s",
-            exc.code().name,
-            exc.details(),
-            self._unwarned,
-            what,
-        )
-        self._warned_at, self._unwarned = now, 0
+        self._log.warning("budgets not checked (rate-limit service: %s %s); %s", exc.code().name, exc.details(), what)
 
     async def run(self) -> None:
         """Every interval, give back idle allowances and what was gathered, until cancelled (then ``close``)."""
