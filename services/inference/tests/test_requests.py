@@ -10,8 +10,10 @@ import pytest
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.inference.v1 import inference_pb2
 from sluice_core.errors import InvalidArgument
-from sluice_inference.prompts import ChatTemplateError, HfPromptTokenizer, render_plain
+from sluice_inference import tiny_model
+from sluice_inference.prompts import ChatTemplateError, FastPromptTokenizer, HfPromptTokenizer, render_plain
 from sluice_inference.requests import validate
+from sluice_inference.settings import DEFAULT_TINY_MODEL_DIR
 
 
 class WordTokenizer:
@@ -196,20 +198,63 @@ def test_a_template_error_becomes_a_chat_template_error() -> None:
 
 
 class CountingTokenizer(WordTokenizer):
-    calls = 0
+    chars = 0
 
     def encode(self, text: str) -> list[int]:
-        self.calls += 1
+        self.chars += len(text)
         return super().encode(text)
 
 
 def test_input_far_longer_than_the_context_is_refused_without_tokenizing_it() -> None:
     tokenizer = CountingTokenizer()
-    # 16 characters a token at most, twice over: 64 tokens of context hold at most 2048 characters.
-    with pytest.raises(InvalidArgument) as caught:
-        validate(request(prompt="river " * 500), tokenizer, max_model_len=64, vocab_size=100)
-    assert [v.field for v in caught.value.violations] == ["prompt"]
-    assert "far longer than the model's context of 64 tokens" in caught.value.violations[0].description
-    assert tokenizer.calls == 0
-    # Blank runs (a tokenizer may fold them away) do not count.
-    assert validate(request(prompt="river" + " " * 5000), tokenizer, max_model_len=64, vocab_size=100).prompt_token_ids
+    # 16 characters a token at most, twice over: 64 tokens of context hold at most 2048 characters,
+    # and twice that cannot fit whatever it holds: blank runs count too.
+    for prompt in ("river " * 1000, "river" + " " * 5000):
+        with pytest.raises(InvalidArgument) as caught:
+            validate(request(prompt=prompt), tokenizer, max_model_len=64, vocab_size=100)
+        assert [v.field for v in caught.value.violations] == ["prompt"]
+        assert "far longer than the model's context of 64 tokens" in caught.value.violations[0].description
+    assert tokenizer.chars == 0
+
+
+def test_input_that_may_not_fit_is_counted_with_bounded_work() -> None:
+    tokenizer = CountingTokenizer()
+    with pytest.raises(InvalidArgument, match="far longer"):
+        validate(request(prompt="river " * 600), tokenizer, max_model_len=64, vocab_size=100)
+    assert tokenizer.chars <= 4096  # one piece told it: 600 words are past 64 tokens
+    # A tokenizer that folds blank runs away may fit them: counted, then taken.
+    taken = validate(request(prompt="river" + " " * 3000), tokenizer, max_model_len=64, vocab_size=100)
+    assert taken.prompt_token_ids == [5]
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer() -> FastPromptTokenizer:
+    return FastPromptTokenizer(tiny_model.ensure(DEFAULT_TINY_MODEL_DIR))
+
+
+class CountingFast:
+    """The tiny model's real tokenizer, counting the characters it is given."""
+
+    def __init__(self, tokenizer: FastPromptTokenizer) -> None:
+        self._tokenizer = tokenizer
+        self.longest_token_chars = tokenizer.longest_token_chars
+        self.chars = 0
+
+    def encode(self, text: str) -> list[int]:
+        self.chars += len(text)
+        return self._tokenizer.encode(text)
+
+    def encode_chat(self, messages: Sequence[common_pb2.ChatMessage]) -> list[int]:
+        raise AssertionError("not a chat")
+
+
+def test_megabytes_of_ideographic_spaces_are_refused_after_tokenizing_about_a_context(
+    tiny_tokenizer: FastPromptTokenizer,
+) -> None:
+    counting = CountingFast(tiny_tokenizer)
+    context = 2048
+    most = 2 * context * tiny_tokenizer.longest_token_chars
+    for chars in (most + 1, 15_000_000):  # counted, and past any count
+        with pytest.raises(InvalidArgument, match="far longer"):
+            validate(request(prompt="\u3000" * chars), counting, max_model_len=context, vocab_size=512)
+    assert counting.chars <= 4 * context + 4096  # U+3000 is at least a token a character

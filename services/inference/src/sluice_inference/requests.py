@@ -7,7 +7,7 @@ naming its field, so a caller can fix a request in one round trip.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,6 +19,9 @@ from sluice_core.sampling import Sampling, validate_sampling
 from sluice_inference.prompts import ChatTemplateError
 
 MAX_REQUEST_ID_LEN = 128
+# Long inputs are counted in pieces of this many characters.
+_PIECE_CHARS = 4096
+_PIECE_SLACK_TOKENS = 4
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,7 @@ def validate(
         sampling_violations.append(FieldViolation("sampling.max_tokens", "required, at least 1"))
     room = max_model_len - max(1, sampling.max_tokens if sampling is not None else 1)
     if _cannot_fit(request, tokenizer, max_model_len):
-        # Refused before tokenizing: megabytes of text take seconds to tokenize.
+        # Refused before tokenizing it all: megabytes of text take seconds to tokenize.
         violations.append(
             FieldViolation(_input_field(request), f"far longer than the model's context of {max_model_len} tokens")
         )
@@ -94,11 +97,17 @@ def _input_field(request: inference_pb2.GenerateRequest) -> str:
 
 
 def _cannot_fit(request: inference_pb2.GenerateRequest, tokenizer: PromptTokenizer, max_model_len: int) -> bool:
-    """Whether the input is too long to fit the context whatever it tokenizes to.
+    """Whether the input is too long to fit the context, found with bounded work whatever its size.
 
-    No token stands for more visible characters than the vocabulary's longest
-    entry; twice that allows for normalizers that shrink text. Only what cannot
-    be dropped counts: the prompt, or the messages after the history.
+    Only what cannot be dropped counts: the prompt, or the messages after the
+    history. No token stands for more characters than the vocabulary's
+    longest entry; twice that per token of context allows for normalizers
+    that shrink text. Text within that may fit, and is tokenized as it is;
+    text past twice that cannot, whatever it holds. In between, it is
+    counted piece by piece, and the count stops as soon as it shows the
+    text cannot fit: at most about a context's worth of tokens is made (a
+    15 MB prompt of ideographic spaces took 57 s to tokenize in full, and
+    held up every long input behind it).
     """
     match request.WhichOneof("input"):
         case "prompt":
@@ -107,10 +116,31 @@ def _cannot_fit(request: inference_pb2.GenerateRequest, tokenizer: PromptTokeniz
             texts = [m.content for m in request.messages.messages[request.history_messages :]]
         case _:
             return False
-    limit = 2 * max_model_len * tokenizer.longest_token_chars
-    if sum(map(len, texts)) <= limit:
+    chars, most = sum(map(len, texts)), 2 * max_model_len * tokenizer.longest_token_chars
+    if chars <= most:
         return False
-    return sum(len(word) for text in texts for word in text.split()) > limit  # whitespace may be folded away
+    if chars > 2 * most:
+        return True
+    counted = 0
+    for text in texts:
+        for piece in _pieces(text, _PIECE_CHARS):
+            # Less what a cut may have split or added (a special token, a merge across the cut).
+            counted += max(0, len(tokenizer.encode(piece)) - _PIECE_SLACK_TOKENS)
+            if counted > max_model_len:
+                return True
+    return False
+
+
+def _pieces(text: str, size: int) -> Iterator[str]:
+    """``text`` in pieces of at most ``size`` characters, cut at a space or line end where there is one."""
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + size)
+        if end < len(text):
+            cut = max(text.rfind(" ", start, end), text.rfind("\n", start, end))
+            end = cut if cut > start else end
+        yield text[start:end]
+        start = end
 
 
 def _prompt_token_ids(
