@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from sluice.common.v1 import generation_pb2 as common_pb2
-from sluice.generation.v1 import generation_pb2
+from sluice.generation.v1 import generation_pb2, generation_pb2_grpc
 from sluice_cli.stack import LocalStack
 from sluice_client import GenerationClient, StreamError
 
@@ -106,3 +106,26 @@ async def test_bytes_that_are_no_request_are_invalid_argument_and_other_callers_
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value
             assert "not a valid sluice.generation.v1.GenerateRequest" in (caught.value.details() or "")
     await bystanders.unaffected()
+
+
+@pytest.mark.parametrize(
+    "credentials",
+    [
+        pytest.param(("x-api-key", "x-api-key"), id="two x-api-key headers"),
+        pytest.param(("x-api-key", "authorization"), id="x-api-key and authorization Bearer"),
+        pytest.param(("authorization", "authorization"), id="two authorization headers"),
+    ],
+)
+async def test_a_call_with_more_than_one_credential_is_refused(stack: LocalStack, credentials: tuple[str, str]) -> None:
+    # Even the same valid key twice: the edge limits a call as one key, and it must be billed as that one.
+    key = stack.demo_api_key
+    values = {"x-api-key": key, "authorization": f"Bearer {key}"}
+    metadata = tuple((name, values[name]) for name in credentials)
+    async with grpc.aio.insecure_channel(stack.edge) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        request = generation_pb2.GenerateRequest(prompt="The river", sampling=sampling())
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in stub.Generate(request, metadata=metadata, timeout=10):
+                pass
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "one credential" in (caught.value.details() or "")

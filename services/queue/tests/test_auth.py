@@ -112,15 +112,28 @@ async def test_a_malformed_key_is_unauthenticated(clock: Clock) -> None:
         ([("x-api-key", "k1")], "k1"),
         ([("authorization", "Bearer k1")], "k1"),
         ([("authorization", "bearer   k1 ")], "k1"),
-        # Envoy's edge limits a call as its x-api-key when it has one: it is billed as that key too.
-        ([("authorization", "Bearer k1"), ("x-api-key", "k2")], "k2"),
         ([("x-api-key", ""), ("authorization", "Bearer k1")], "k1"),
         ([("authorization", "Basic k1")], None),
         ([("authorization", "Bearer  ")], None),
     ],
 )
-def test_the_api_key_is_x_api_key_else_the_bearer_token(metadata: list[tuple[str, str]], key: str | None) -> None:
+def test_the_api_key_is_x_api_key_or_the_bearer_token(metadata: list[tuple[str, str]], key: str | None) -> None:
     assert api_key_from(metadata) == key
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        [("x-api-key", "k1"), ("x-api-key", "k2")],
+        [("x-api-key", "k1"), ("x-api-key", "k1")],
+        [("authorization", "Bearer k1"), ("x-api-key", "k2")],
+        [("authorization", "Bearer k1"), ("authorization", "Bearer k2")],
+    ],
+)
+def test_more_than_one_credential_is_refused(metadata: list[tuple[str, str]]) -> None:
+    # Envoy's edge limits a call as one key: it must never be billed as another.
+    with pytest.raises(Unauthenticated, match="one credential"):
+        api_key_from(metadata)
 
 
 class AwayDataStore:

@@ -30,6 +30,8 @@ from sluice_core.logs import RateLimitedLogger
 
 logger = logging.getLogger(__name__)
 
+_ONE_CREDENTIAL = "send one credential: 'x-api-key: <key>' or 'authorization: Bearer <key>', not several"
+
 _TTL_S = 1.0
 _PRUNE_AT = 10_000
 
@@ -39,20 +41,28 @@ Metadata = Iterable[tuple[str, str | bytes]]
 
 
 def api_key_from(metadata: Metadata | None) -> str | None:
-    """``x-api-key: <key>``, else ``authorization: Bearer <key>``.
+    """The caller's one credential: ``x-api-key: <key>`` or ``authorization: Bearer <key>``.
 
-    The same precedence as Envoy's edge (its rate limits count a call against
-    ``x-api-key`` when it is there): a call must be billed as the key it was
-    rate-limited as.
+    More than one (two keys, or a key and an authorization header) is refused
+    UNAUTHENTICATED, as Envoy's edge refuses it: were one taken, a later
+    change on either side could make the key a call is rate-limited as differ
+    from the key it is billed as.
     """
-    bearer = None
-    for key, value in metadata or ():
-        text = value.decode() if isinstance(value, bytes) else value
-        if key == "x-api-key" and text:
-            return text
-        if key == "authorization" and text[:7].lower() == "bearer " and text[7:].strip():
-            bearer = bearer or text[7:].strip()
-    return bearer
+    credentials = [
+        (key, value.decode() if isinstance(value, bytes) else value)
+        for key, value in metadata or ()
+        if key in ("x-api-key", "authorization") and value
+    ]
+    if len(credentials) > 1:
+        raise Unauthenticated(_ONE_CREDENTIAL)
+    if not credentials:
+        return None
+    key, text = credentials[0]
+    if key == "x-api-key":
+        return text
+    if text[:7].lower() != "bearer ":
+        return None
+    return text[7:].strip() or None
 
 
 class Authenticator:
