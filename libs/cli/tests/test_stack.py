@@ -14,6 +14,7 @@ import pytest
 
 from sluice_cli.redis_server import RedisServer
 from sluice_cli.stack import LocalStack, StackError, StackOptions, StackPorts, free_ports
+from sluice_core.settings import ServiceSettings
 
 
 async def test_a_redis_the_stack_started_is_watched_like_its_services(tmp_path: Path) -> None:
@@ -50,3 +51,10 @@ async def test_a_process_started_again_takes_what_its_killed_predecessor_left(tm
     second = stack._spawn("replica", [sys.executable, "-c", "pass"], {})
     await second.wait()
     engine.wait(timeout=5)  # raises if the leftover still runs
+
+
+def test_a_stopping_service_gets_its_whole_drain_and_grace_before_it_is_killed(tmp_path: Path) -> None:
+    # It was killed after 20 s, though a service lets its calls finish for 30 s after a 1 s drain.
+    service = ServiceSettings()
+    options = StackOptions(state_dir=tmp_path, ports=StackPorts.free())
+    assert options.stop_grace_s > service.drain_delay_s + service.shutdown_grace_s

@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 from opentelemetry import context, trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -280,3 +281,22 @@ async def test_a_request_that_does_not_parse_is_invalid_argument_and_logged_once
         assert "does not parse" in (caught.value.details() or "")
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     assert len([r for r in caplog.records if "not a valid" in r.getMessage()]) == 1  # 40 in well under a second
+
+
+@pytest.mark.parametrize("version", ["v1alpha", "v1"])
+async def test_reflection_lists_the_services_in_both_versions_grpcurl_asks_for(version: str) -> None:
+    server = GrpcServer(ServiceSettings(drain_delay_s=0), ["test"], handle_signals=False)
+    server.add(inference_pb2_grpc.add_InferenceServicer_to_server, Failing(), "sluice.inference.v1.Inference")  # type: ignore[abstract]
+    async with server, grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        info: grpc.aio.StreamStreamMultiCallable[
+            reflection_pb2.ServerReflectionRequest, reflection_pb2.ServerReflectionResponse
+        ] = channel.stream_stream(
+            f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        call = info(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        response = await call.read()
+        call.cancel()
+    assert isinstance(response, reflection_pb2.ServerReflectionResponse)
+    assert "sluice.inference.v1.Inference" in [s.name for s in response.list_services_response.service]

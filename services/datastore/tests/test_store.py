@@ -373,3 +373,11 @@ async def test_reads_go_to_replicas_but_a_writer_reads_its_writes(
         # Not written here: read from the replica, which does not have it yet.
         theirs = service.stub.GetConversation(datastore_pb2.GetConversationRequest(conversation_id=untouched.id))
         assert await code_of(_drain(theirs)) == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_taken_tenant_name_is_already_exists_in_the_apis_words(service: Service) -> None:
+    await new_tenant(service.stub, "taken")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await new_tenant(service.stub, "taken")
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert caught.value.details() == "a tenant with this name already exists; choose another name"

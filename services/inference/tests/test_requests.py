@@ -57,6 +57,8 @@ def test_a_good_request_passes_with_its_sampling() -> None:
         (request(top_p=0.0), "sampling.top_p"),
         (request(top_p=1.5), "sampling.top_p"),
         (request(top_p=float("nan")), "sampling.top_p"),
+        (request(top_k=2**32 - 1), "sampling.top_k"),
+        (request(seed=2**64 - 1), "sampling.seed"),
         (request(min_p=2.0), "sampling.min_p"),
         (request(repetition_penalty=0.0), "sampling.repetition_penalty"),
         (request(stop=[""]), "sampling.stop"),

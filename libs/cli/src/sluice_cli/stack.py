@@ -43,6 +43,7 @@ from sluice_cli.redis_server import answers as redis_answers
 from sluice_cli.trace_sink import Span, read_spans
 from sluice_client import GenerationClient, StreamError
 from sluice_core.channels import insecure_channel
+from sluice_core.settings import ServiceSettings
 from sluice_inference import SERVICE_NAME as INFERENCE_SERVICE
 from sluice_inference import tiny_model
 from sluice_inference.settings import DEFAULT_TINY_MODEL_DIR
@@ -121,6 +122,7 @@ async def _belongs_to_demo(stub: datastore_pb2_grpc.DataStoreAsyncStub, key: str
     return bool(tenant.name == "demo")
 
 
+_SERVICE_GRACE_S = sum(ServiceSettings.model_fields[f].default for f in ("drain_delay_s", "shutdown_grace_s")) + 5.0
 _STOP_ORDER = (("queue",), ("inference", "ratelimit", "datastore"), ("envoy", "trace-sink"))
 # A process that exits is started again after a pause: 1 s, doubling to 30 s while it keeps
 # failing, 1 s again once it has run for a minute.
@@ -170,7 +172,8 @@ class StackOptions:
     # The rate-limit service's YAML files or folders (default: config/ratelimit).
     ratelimit_config: tuple[Path, ...] = ()
     log_level: str = "INFO"
-    stop_grace_s: float = 20.0
+    # A service is killed only after its whole drain and grace, and a moment for its last writes.
+    stop_grace_s: float = _SERVICE_GRACE_S
     # The inference replicas' engine; unset: SLUICE_INFERENCE_ENGINE, else vLLM.
     engine: Literal["vllm", "simulated"] | None = None
     # Another sluice source tree whose services and Envoy template to run (a benchmark's

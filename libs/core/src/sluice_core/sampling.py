@@ -14,6 +14,8 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 # vLLM refuses more (and by then the request has waited for its slot).
 MAX_TEMPERATURE = 2.0
+# A signed 64-bit integer, as vLLM's and OpenAI's APIs take it.
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ def validate_sampling(params: common_pb2.SamplingParams, out: list[FieldViolatio
         math.isfinite(sampling.repetition_penalty) and sampling.repetition_penalty > 0,
         "must be above 0 (1 is off)",
     )
+    check("seed", sampling.seed is None or sampling.seed <= MAX_SEED, f"must be at most {MAX_SEED} (2^63 - 1)")
     check("stop", len(sampling.stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings")
     check("stop", all(sampling.stop), "stop strings must not be empty")
     check(

@@ -20,7 +20,7 @@ from typing import Any, Self, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from prometheus_client import start_http_server
 
 from sluice_core.interceptors import ServerInterceptor
@@ -29,6 +29,8 @@ from sluice_core.settings import ServiceSettings
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 # Long token streams: keep idle connections alive through Envoy and NATs, and
 # let clients ping without being told off for it.
@@ -62,7 +64,18 @@ class GrpcServer:
 
     async def start(self) -> None:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        reflection.enable_server_reflection(self._service_names, self._server)
+        reflecting = reflection.aio.ReflectionServicer(self._service_names)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflecting, self._server)
+        # And as grpc.reflection.v1, which current clients (grpcurl) ask for first: grpcio-reflection
+        # implements only v1alpha, whose messages are the same on the wire.
+        v1 = grpc.stream_stream_rpc_method_handler(
+            reflecting.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+        )
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": v1}),)
+        )
         for name in self._health_names:
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         # The empty name is the server as a whole: it is up as soon as it answers.

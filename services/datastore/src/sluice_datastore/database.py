@@ -91,11 +91,15 @@ _UNAVAILABLE = (
 )
 
 
+_TAKEN = {"tenants_name_key": "a tenant with this name already exists; choose another name"}
+
+
 def _translate(exc: Exception) -> SluiceError | None:
+    # In the API's words: PostgreSQL's own ("Key (name)=(acme) already exists") name tables and columns.
     if isinstance(exc, asyncpg.ForeignKeyViolationError):
-        return NotFound(f"a referenced row does not exist: {exc.detail or exc}")
+        return NotFound("what it refers to does not exist (deleted meanwhile?)")
     if isinstance(exc, asyncpg.UniqueViolationError):
-        return AlreadyExists(f"already exists: {exc.detail or exc}")
+        return AlreadyExists(_TAKEN.get(exc.constraint_name or "", "it already exists"))
     if isinstance(exc, asyncpg.CheckViolationError | asyncpg.DataError):
         return InvalidArgument.field(getattr(exc, "column_name", None) or "request", f"refused by the database: {exc}")
     if isinstance(exc, _UNAVAILABLE):

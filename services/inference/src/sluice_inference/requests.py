@@ -59,6 +59,10 @@ def validate(
     sampling = validate_sampling(request.sampling, sampling_violations) if request.HasField("sampling") else None
     if sampling is None:
         sampling_violations.append(FieldViolation("sampling.max_tokens", "required, at least 1"))
+    if sampling is not None and sampling.top_k > vocab_size:
+        sampling_violations.append(
+            FieldViolation("sampling.top_k", f"must be at most the model's vocabulary, {vocab_size} (0 is off)")
+        )
     room = max_model_len - max(1, sampling.max_tokens if sampling is not None else 1)
     if _cannot_fit(request, tokenizer, max_model_len):
         # Refused before tokenizing it all: megabytes of text take seconds to tokenize.

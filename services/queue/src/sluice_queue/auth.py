@@ -30,6 +30,8 @@ from sluice_core.logs import RateLimitedLogger
 
 logger = logging.getLogger(__name__)
 
+# The longest key the data-access service looks up (its keys are far shorter).
+MAX_API_KEY_CHARS = 256
 _ONE_CREDENTIAL = "send one credential: 'x-api-key: <key>' or 'authorization: Bearer <key>', not several"
 
 _TTL_S = 1.0
@@ -87,6 +89,8 @@ class Authenticator:
         api_key = api_key_from(metadata)
         if api_key is None:
             raise Unauthenticated("no API key: send it as 'authorization: Bearer <key>' or 'x-api-key: <key>'")
+        if len(api_key) > MAX_API_KEY_CHARS:
+            raise Unauthenticated(f"malformed API key: longer than any key ({MAX_API_KEY_CHARS} characters)")
         now = self._clock()
         known = self._known.get(api_key)
         if known is not None and known[0] > now:
@@ -116,7 +120,7 @@ class Authenticator:
                 raise Unauthenticated("unknown or revoked API key") from None
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 # The data-access service's field is not the caller's: the key is what is wrong.
-                raise Unauthenticated(f"malformed API key: {exc.details()}") from None
+                raise Unauthenticated("malformed API key") from None
             return self._stale(api_key, exc)
         now = self._clock()
         if len(self._known) >= _PRUNE_AT:
