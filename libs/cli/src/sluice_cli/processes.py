@@ -34,7 +34,10 @@ def _wrapped(argv: Sequence[str], cpus: frozenset[int] | None) -> list[str]:
     """``argv`` behind the tools that set, as it starts, what its children inherit."""
     prefix: list[str] = []
     if (setpriv := shutil.which("setpriv")) is not None:
-        prefix += [setpriv, "--pdeathsig", "TERM"]
+        # A parent that died before setpriv asked for the signal never sends it: the shell, run
+        # after the request, finds itself adopted by another process then, and exits.
+        guard = f'[ "$PPID" = {os.getpid()} ] || exit 1; exec "$@"'
+        prefix += [setpriv, "--pdeathsig", "TERM", "/bin/sh", "-c", guard, "sh"]
     if cpus and (taskset := shutil.which("taskset")) is not None:
         prefix += [taskset, "--cpu-list", ",".join(map(str, sorted(cpus)))]
     return [*prefix, *argv]
