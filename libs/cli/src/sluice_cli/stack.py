@@ -44,7 +44,6 @@ from sluice_cli.trace_sink import Span, read_spans
 from sluice_client import GenerationClient, StreamError
 from sluice_core.channels import insecure_channel
 from sluice_core.settings import ServiceSettings
-from sluice_inference import SERVICE_NAME as INFERENCE_SERVICE
 from sluice_inference import tiny_model
 from sluice_inference.settings import DEFAULT_TINY_MODEL_DIR
 
@@ -122,6 +121,9 @@ async def _belongs_to_demo(stub: datastore_pb2_grpc.DataStoreAsyncStub, key: str
     return bool(tenant.name == "demo")
 
 
+# Service names from the APIs themselves, as the services register them.
+INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+QUEUE_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 _SERVICE_GRACE_S = sum(ServiceSettings.model_fields[f].default for f in ("drain_delay_s", "shutdown_grace_s")) + 5.0
 _STOP_ORDER = (("queue",), ("inference", "ratelimit", "datastore"), ("envoy", "trace-sink"))
 # A process that exits is started again after a pause: 1 s, doubling to 30 s while it keeps
@@ -443,7 +445,8 @@ class LocalStack:
         while True:
             self.check_alive()
             ready = (
-                await self.healthy_hosts("inference") >= replicas
+                await self._queues_serving()
+                and await self.healthy_hosts("inference") >= replicas
                 and await self.healthy_hosts("ratelimit") >= 1
                 and await self.healthy_hosts("datastore") >= 1
                 and await self.healthy_hosts("queue") >= len(self.ports.queue)
@@ -552,14 +555,13 @@ class LocalStack:
 
     async def replica_status(self, index: int) -> int | None:
         """The replica's health (``HealthCheckResponse.ServingStatus``), None while it does not answer."""
-        async with grpc.aio.insecure_channel(self.inference_address(index)) as channel:
-            try:
-                response = await health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(service=INFERENCE_SERVICE), timeout=2.0
-                )
-            except grpc.aio.AioRpcError:
-                return None
-        return int(response.status)
+        return await _health(self.inference_address(index), INFERENCE_SERVICE)
+
+    async def _queues_serving(self) -> bool:
+        """Whether every queue replica says itself that it serves: Envoy finds one that was just killed
+        healthy until its health checks fail, and counts the requests it served before."""
+        statuses = [await _health(f"{LOOPBACK}:{port}", QUEUE_SERVICE) for port in self.ports.queue]
+        return all(status == health_pb2.HealthCheckResponse.SERVING for status in statuses)
 
     async def stop(self) -> None:
         """Stop every process, callers before what they call; nothing is left running.
@@ -583,3 +585,15 @@ class LocalStack:
     def spans(self, trace_id: str) -> list[Span]:
         """The spans of one trace that have reached the sink so far."""
         return read_spans(self.traces_path, trace_id)
+
+
+async def _health(address: str, service: str) -> int | None:
+    """``service``'s health at ``address`` (``HealthCheckResponse.ServingStatus``), None if it does not answer."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            response = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=2.0
+            )
+        except grpc.aio.AioRpcError:
+            return None
+    return int(response.status)
