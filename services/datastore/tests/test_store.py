@@ -102,19 +102,21 @@ async def test_conversations_round_trip_newest_messages_in_order(service: Servic
             datastore_pb2.NewMessage(role=ASSISTANT, content=f"answer {i}", token_count=4),
         ]
         await service.stub.AppendMessages(
-            datastore_pb2.AppendMessagesRequest(conversation_id=conversation.id, request_id=f"r{i}", messages=messages)
+            datastore_pb2.AppendMessagesRequest(
+                tenant_id=tenant.id, conversation_id=conversation.id, request_id=f"r{i}", messages=messages
+            )
         )
     newest = [
         m
         async for m in service.stub.GetConversation(
-            datastore_pb2.GetConversationRequest(conversation_id=conversation.id, limit=3)
+            datastore_pb2.GetConversationRequest(tenant_id=tenant.id, conversation_id=conversation.id, limit=3)
         )
     ]
     assert [(m.sequence, m.content) for m in newest] == [(8, "answer 3"), (9, "question 4"), (10, "answer 4")]
     everything = [
         m
         async for m in service.stub.GetConversation(
-            datastore_pb2.GetConversationRequest(conversation_id=conversation.id)
+            datastore_pb2.GetConversationRequest(tenant_id=tenant.id, conversation_id=conversation.id)
         )
     ]
     assert [m.sequence for m in everything] == list(range(1, 11))
@@ -132,19 +134,25 @@ async def _drain(call: object) -> None:
 async def test_a_write_then_a_read_returns_the_new_data(service: Service, other_service: Service) -> None:
     tenant = await new_tenant(service.stub)
     conversation = await service.stub.CreateConversation(datastore_pb2.CreateConversationRequest(tenant_id=tenant.id))
-    read = datastore_pb2.GetConversationRequest(conversation_id=conversation.id, limit=20)
+    read = datastore_pb2.GetConversationRequest(tenant_id=tenant.id, conversation_id=conversation.id, limit=20)
     assert [m async for m in other_service.stub.GetConversation(read)] == []  # cached, empty
     message = datastore_pb2.NewMessage(role=USER, content="hello", token_count=1)
     await service.stub.AppendMessages(
-        datastore_pb2.AppendMessagesRequest(conversation_id=conversation.id, request_id="w1", messages=[message])
+        datastore_pb2.AppendMessagesRequest(
+            tenant_id=tenant.id, conversation_id=conversation.id, request_id="w1", messages=[message]
+        )
     )
     for reader in (service, other_service):
         assert [m.content async for m in reader.stub.GetConversation(read)] == ["hello"]
     # Another spelling of the same id is the same conversation, cache included.
-    shouted = datastore_pb2.GetConversationRequest(conversation_id=conversation.id.upper().replace("-", ""), limit=20)
+    shouted = datastore_pb2.GetConversationRequest(
+        tenant_id=tenant.id, conversation_id=conversation.id.upper().replace("-", ""), limit=20
+    )
     assert [m.content async for m in service.stub.GetConversation(shouted)] == ["hello"]
     await service.stub.AppendMessages(
-        datastore_pb2.AppendMessagesRequest(conversation_id=conversation.id, request_id="w2", messages=[message])
+        datastore_pb2.AppendMessagesRequest(
+            tenant_id=tenant.id, conversation_id=conversation.id, request_id="w2", messages=[message]
+        )
     )
     assert [m.content async for m in service.stub.GetConversation(shouted)] == ["hello", "hello"]
 
@@ -155,9 +163,11 @@ async def test_a_message_with_a_nul_is_stored_with_a_replacement_character(servi
     conversation = await service.stub.CreateConversation(datastore_pb2.CreateConversationRequest(tenant_id=tenant.id))
     message = datastore_pb2.NewMessage(role=ASSISTANT, content="a\x00b", token_count=3)
     await service.stub.AppendMessages(
-        datastore_pb2.AppendMessagesRequest(conversation_id=conversation.id, request_id="nul", messages=[message])
+        datastore_pb2.AppendMessagesRequest(
+            tenant_id=tenant.id, conversation_id=conversation.id, request_id="nul", messages=[message]
+        )
     )
-    read = datastore_pb2.GetConversationRequest(conversation_id=conversation.id)
+    read = datastore_pb2.GetConversationRequest(tenant_id=tenant.id, conversation_id=conversation.id)
     assert [m.content async for m in service.stub.GetConversation(read)] == ["a\ufffdb"]
 
 
@@ -165,6 +175,7 @@ async def test_appending_twice_with_one_request_id_appends_once(service: Service
     tenant = await new_tenant(service.stub)
     conversation = await service.stub.CreateConversation(datastore_pb2.CreateConversationRequest(tenant_id=tenant.id))
     append = datastore_pb2.AppendMessagesRequest(
+        tenant_id=tenant.id,
         conversation_id=conversation.id,
         request_id="same",
         messages=[datastore_pb2.NewMessage(role=USER, content="once", token_count=1)],
@@ -174,7 +185,7 @@ async def test_appending_twice_with_one_request_id_appends_once(service: Service
     everything = [
         m
         async for m in service.stub.GetConversation(
-            datastore_pb2.GetConversationRequest(conversation_id=conversation.id)
+            datastore_pb2.GetConversationRequest(tenant_id=tenant.id, conversation_id=conversation.id)
         )
     ]
     assert len(everything) == 1
@@ -253,11 +264,21 @@ async def test_a_batch_with_a_bad_record_writes_nothing(service: Service, postgr
             datastore_pb2.CreateTenantRequest(name="x", tier=datastore_pb2.TIER_FREE, requests_per_minute=2**31),
             "requests_per_minute",
         ),
+        (
+            datastore_pb2.CreateTenantRequest(name="x", tier=datastore_pb2.TIER_FREE, scheduling_weight=2**31 - 1),
+            "scheduling_weight",
+        ),
         (datastore_pb2.IssueApiKeyRequest(tenant_id="not-a-uuid"), "tenant_id"),
         (datastore_pb2.IssueApiKeyRequest(tenant_id="{" + str(uuid.uuid4()) + "}"), "tenant_id"),
-        (datastore_pb2.AppendMessagesRequest(conversation_id=str(uuid.uuid4()), request_id="r"), "messages"),
         (
             datastore_pb2.AppendMessagesRequest(
+                tenant_id=str(uuid.uuid4()), conversation_id=str(uuid.uuid4()), request_id="r"
+            ),
+            "messages",
+        ),
+        (
+            datastore_pb2.AppendMessagesRequest(
+                tenant_id=str(uuid.uuid4()),
                 conversation_id=str(uuid.uuid4()),
                 request_id="r",
                 messages=[datastore_pb2.NewMessage(role=9)],  # type: ignore[arg-type]
@@ -365,13 +386,17 @@ async def test_reads_go_to_replicas_but_a_writer_reads_its_writes(
         untouched = await service.stub.CreateConversation(datastore_pb2.CreateConversationRequest(tenant_id=tenant.id))
         message = datastore_pb2.NewMessage(role=USER, content="mine", token_count=1)
         await service.stub.AppendMessages(
-            datastore_pb2.AppendMessagesRequest(conversation_id=written.id, request_id="rw", messages=[message])
+            datastore_pb2.AppendMessagesRequest(
+                tenant_id=tenant.id, conversation_id=written.id, request_id="rw", messages=[message]
+            )
         )
         # Just written by this process: read from the primary.
-        mine = datastore_pb2.GetConversationRequest(conversation_id=written.id, limit=20)
+        mine = datastore_pb2.GetConversationRequest(tenant_id=tenant.id, conversation_id=written.id, limit=20)
         assert [m.content async for m in service.stub.GetConversation(mine)] == ["mine"]
         # Not written here: read from the replica, which does not have it yet.
-        theirs = service.stub.GetConversation(datastore_pb2.GetConversationRequest(conversation_id=untouched.id))
+        theirs = service.stub.GetConversation(
+            datastore_pb2.GetConversationRequest(tenant_id=tenant.id, conversation_id=untouched.id)
+        )
         assert await code_of(_drain(theirs)) == grpc.StatusCode.NOT_FOUND
 
 
@@ -381,3 +406,19 @@ async def test_a_taken_tenant_name_is_already_exists_in_the_apis_words(service: 
         await new_tenant(service.stub, "taken")
     assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
     assert caught.value.details() == "a tenant with this name already exists; choose another name"
+
+
+async def test_a_conversation_is_read_and_appended_only_by_its_own_tenant(service: Service) -> None:
+    # Leaving tenant_id empty once read any tenant's conversation.
+    owner, other = await new_tenant(service.stub, "owner"), await new_tenant(service.stub, "other")
+    conversation = await service.stub.CreateConversation(datastore_pb2.CreateConversationRequest(tenant_id=owner.id))
+    message = datastore_pb2.NewMessage(role=USER, content="private", token_count=1)
+    for tenant_id, code in (("", grpc.StatusCode.INVALID_ARGUMENT), (other.id, grpc.StatusCode.NOT_FOUND)):
+        read = datastore_pb2.GetConversationRequest(conversation_id=conversation.id, tenant_id=tenant_id)
+        assert await code_of(_drain(service.stub.GetConversation(read))) == code
+        append = datastore_pb2.AppendMessagesRequest(
+            conversation_id=conversation.id, tenant_id=tenant_id, request_id=f"x{code}", messages=[message]
+        )
+        assert await code_of(service.stub.AppendMessages(append)) == code
+    read = datastore_pb2.GetConversationRequest(conversation_id=conversation.id, tenant_id=owner.id)
+    assert [m async for m in service.stub.GetConversation(read)] == []

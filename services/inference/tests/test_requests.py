@@ -57,6 +57,12 @@ def test_a_good_request_passes_with_its_sampling() -> None:
         (request(top_p=0.0), "sampling.top_p"),
         (request(top_p=1.5), "sampling.top_p"),
         (request(top_p=float("nan")), "sampling.top_p"),
+        (
+            inference_pb2.GenerateRequest(
+                prompt="hi", priority=-1_000_000, sampling=common_pb2.SamplingParams(max_tokens=1)
+            ),
+            "priority",
+        ),
         (request(top_k=2**32 - 1), "sampling.top_k"),
         (request(seed=2**64 - 1), "sampling.seed"),
         (request(min_p=2.0), "sampling.min_p"),

@@ -50,7 +50,7 @@ def datastore() -> FlakyDataStore:
 
 
 async def store(conversations: Conversations, conversation_id: str, reply: str) -> None:
-    await conversations.store(conversation_id, f"request-{reply}", QUESTION, reply, 3, timeout_s=5.0)
+    await conversations.store(conversation_id, "tenant", f"request-{reply}", QUESTION, reply, 3, timeout_s=5.0)
 
 
 async def test_an_exchange_is_stored_before_store_returns(datastore: FlakyDataStore) -> None:

@@ -84,7 +84,10 @@ async def run(args: argparse.Namespace) -> int:
             print("seeding 100,000 messages, 100,000 usage records, 10,000 keys ...", file=log, flush=True)
             await migrate(connection)
             await seed(connection)
-            conversations = [r["id"] for r in await connection.fetch("SELECT id::text FROM conversations")]
+            conversations = [
+                (r["id"], r["tenant_id"])
+                for r in await connection.fetch("SELECT id::text, tenant_id::text FROM conversations")
+            ]
             env = {
                 "SLUICE_DATASTORE_PORT": str(service_port),
                 "SLUICE_DATASTORE_DATABASE_URL": postgres.url,
@@ -109,7 +112,10 @@ async def run(args: argparse.Namespace) -> int:
                     return await tenant(1)
 
                 async def conversation(i: int) -> object:
-                    request = datastore_pb2.GetConversationRequest(conversation_id=conversations[i], limit=20)
+                    conversation_id, tenant_id = conversations[i]
+                    request = datastore_pb2.GetConversationRequest(
+                        conversation_id=conversation_id, tenant_id=tenant_id, limit=20
+                    )
                     return [m async for m in stub.GetConversation(request)]
 
                 async def hot_conversation(i: int) -> object:
@@ -129,7 +135,7 @@ async def run(args: argparse.Namespace) -> int:
             print("the newest-20 query on PostgreSQL, with and without its index ...", file=log, flush=True)
 
             async def newest(i: int) -> object:
-                return await connection.fetch(NEWEST_MESSAGES, conversations[i % len(conversations)], 20)
+                return await connection.fetch(NEWEST_MESSAGES, conversations[i % len(conversations)][0], 20)
 
             results["query_indexed"] = await measure(newest, calls)
             # A session that may not use index scans: the same query, as if the index were missing.
@@ -137,7 +143,7 @@ async def run(args: argparse.Namespace) -> int:
             unindexed = await asyncpg.connect(postgres.url, server_settings=no_index)
 
             async def newest_unindexed(i: int) -> object:
-                return await unindexed.fetch(NEWEST_MESSAGES, conversations[i % len(conversations)], 20)
+                return await unindexed.fetch(NEWEST_MESSAGES, conversations[i % len(conversations)][0], 20)
 
             results["query_unindexed"] = await measure(newest_unindexed, min(calls, 100))
             await unindexed.close()

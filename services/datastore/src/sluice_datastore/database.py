@@ -64,7 +64,7 @@ ON CONFLICT (request_id) DO NOTHING
 RETURNING request_id"""
 
 LOCK_CONVERSATION = """/* lock_conversation */
-SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE"""
+SELECT 1 FROM conversations WHERE id = $1 AND tenant_id = $2 FOR UPDATE"""
 
 INSERT_MESSAGE = """/* insert_message */
 INSERT INTO messages (conversation_id, seq, role, content, token_count, request_id)
@@ -253,14 +253,14 @@ class Database:
             return ConversationView(owner["tenant_id"], tuple(MessageRecord(*row) for row in every))
 
     async def append_messages(
-        self, conversation_id: str, request_id: str, messages: Sequence[tuple[int, str, int]]
+        self, conversation_id: str, tenant_id: str, request_id: str, messages: Sequence[tuple[int, str, int]]
     ) -> list[int]:
         """Append after the last message; a request id seen before returns what it appended then."""
         async with _errors(), self.primary.acquire() as connection, connection.transaction():
             # One append at a time per conversation: the row lock orders them.
-            locked = await connection.fetchval(LOCK_CONVERSATION, conversation_id)
+            locked = await connection.fetchval(LOCK_CONVERSATION, conversation_id, tenant_id)
             if locked is None:
-                raise NotFound(f"no conversation {conversation_id}")
+                raise NotFound(f"no conversation {conversation_id} of this tenant")
             before = [r["seq"] for r in await connection.fetch(APPENDED, conversation_id, request_id)]
             if before:
                 return before

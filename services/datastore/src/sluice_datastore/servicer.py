@@ -24,7 +24,9 @@ MAX_MESSAGES = 256
 MAX_INT = 2**31 - 1  # an integer column
 MAX_STATUS_LEN = 32
 # The columns are int32, except tokens_per_minute: the rate-limit API carries a limit as a uint32.
-TENANT_MAXIMA = {"scheduling_weight": 2**31 - 1, "requests_per_minute": 2**31 - 1, "tokens_per_minute": 2**32 - 1}
+# A weight is a share of the slots against other tenants': a thousand to one is as uneven as a
+# deployment needs, and a weight of 2^31 would put one tenant ahead of everyone for good.
+TENANT_MAXIMA = {"scheduling_weight": 1000, "requests_per_minute": 2**31 - 1, "tokens_per_minute": 2**32 - 1}
 
 
 def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
@@ -99,7 +101,7 @@ class DataStoreServicer(datastore_pb2_grpc.DataStoreServicer):
     ) -> AsyncIterator[datastore_pb2.Message]:
         violations: list[FieldViolation] = []
         conversation_id = _id(request.conversation_id, "conversation_id", violations)
-        tenant_id = _id(request.tenant_id, "tenant_id", violations) if request.tenant_id else ""
+        tenant_id = _id(request.tenant_id, "tenant_id", violations)
         _raise(violations)
         view = await self._store.conversation(conversation_id, request.limit, tenant_id)
         for message in view.messages:
@@ -110,6 +112,7 @@ class DataStoreServicer(datastore_pb2_grpc.DataStoreServicer):
     ) -> datastore_pb2.AppendMessagesResponse:
         violations: list[FieldViolation] = []
         conversation_id = _id(request.conversation_id, "conversation_id", violations)
+        tenant_id = _id(request.tenant_id, "tenant_id", violations)
         if not request.request_id or len(request.request_id) > MAX_ID_LEN:
             violations.append(FieldViolation("request_id", f"must be given, at most {MAX_ID_LEN} characters"))
         if not 1 <= len(request.messages) <= MAX_MESSAGES:
@@ -124,7 +127,7 @@ class DataStoreServicer(datastore_pb2_grpc.DataStoreServicer):
         # output) or a caller's message may contain: it is kept as the replacement character,
         # as undecodable bytes are, rather than the exchange being refused and lost.
         messages = [(m.role, m.content.replace("\x00", "\ufffd"), m.token_count) for m in request.messages]
-        seqs = await self._store.append_messages(conversation_id, request.request_id, messages)
+        seqs = await self._store.append_messages(conversation_id, tenant_id, request.request_id, messages)
         return datastore_pb2.AppendMessagesResponse(sequences=seqs)
 
     async def RecordUsage(

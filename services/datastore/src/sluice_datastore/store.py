@@ -117,14 +117,14 @@ class Store:
                 negative_ttl_s=self._settings.negative_ttl_s,
                 field=str(limit),
             )
-        if view is None or (tenant_id and view.tenant_id != tenant_id):
-            raise NotFound(f"no conversation {conversation_id}")
+        if view is None or view.tenant_id != tenant_id:
+            raise NotFound(f"no conversation {conversation_id} of this tenant")
         return view
 
     async def append_messages(
-        self, conversation_id: str, request_id: str, messages: Sequence[tuple[int, str, int]]
+        self, conversation_id: str, tenant_id: str, request_id: str, messages: Sequence[tuple[int, str, int]]
     ) -> list[int]:
-        seqs = await self._db.append_messages(conversation_id, request_id, messages)
+        seqs = await self._db.append_messages(conversation_id, tenant_id, request_id, messages)
         self._written[conversation_id] = time.monotonic() + self._settings.read_your_writes_s
         await self._cache.invalidate(f"sluice:ds:conv:{conversation_id}")
         if len(self._written) > 10_000:

@@ -19,6 +19,7 @@ from sluice_core.sampling import Sampling, validate_sampling
 from sluice_inference.prompts import ChatTemplateError
 
 MAX_REQUEST_ID_LEN = 128
+ENGINE_PRIORITIES = (0, 1)
 # Long inputs are counted in pieces of this many characters.
 _PIECE_CHARS = 4096
 _PIECE_SLACK_TOKENS = 4
@@ -54,6 +55,9 @@ def validate(
     request_id = request.request_id or uuid.uuid4().hex
     if len(request_id) > MAX_REQUEST_ID_LEN:
         violations.append(FieldViolation("request_id", f"at most {MAX_REQUEST_ID_LEN} characters"))
+    if request.priority not in ENGINE_PRIORITIES:
+        # The queue's classes: a caller reaching a replica otherwise must not run ahead of everyone.
+        violations.append(FieldViolation("priority", "must be 0 (interactive) or 1 (batch)"))
     # Sampling first (max_tokens decides how much history fits), but reported after the prompt.
     sampling_violations: list[FieldViolation] = []
     sampling = validate_sampling(request.sampling, sampling_violations) if request.HasField("sampling") else None

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections import deque
 
 import grpc
@@ -24,6 +23,7 @@ from prometheus_client import Counter, Gauge
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
 from sluice_core.errors import NotFound
+from sluice_core.ids import canonical_id
 from sluice_queue.flushing import flush_forever
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ class Conversations:
     async def store(
         self,
         conversation_id: str,
+        tenant_id: str,
         request_id: str,
         new: list[common_pb2.ChatMessage],
         reply: str,
@@ -87,13 +88,14 @@ class Conversations:
         timeout_s: float | None,
     ) -> None:
         """Append the exchange now; if the data-access service cannot take it, keep it for ``run`` to append."""
-        conversation_id = _canonical(conversation_id)  # kept turns of one conversation are found whatever its spelling
+        # Kept turns of one conversation are found whatever its spelling (the caller's was checked).
+        conversation_id = canonical_id(conversation_id) or conversation_id
         messages = [datastore_pb2.NewMessage(role=m.role, content=m.content) for m in new]
         messages.append(
             datastore_pb2.NewMessage(role=common_pb2.ROLE_ASSISTANT, content=reply, token_count=reply_tokens)
         )
         exchange = datastore_pb2.AppendMessagesRequest(
-            conversation_id=conversation_id, request_id=request_id, messages=messages
+            conversation_id=conversation_id, tenant_id=tenant_id, request_id=request_id, messages=messages
         )
         if any(kept.conversation_id == conversation_id for kept in self._kept):
             self._keep(exchange)  # an earlier turn goes first
@@ -146,11 +148,3 @@ class Conversations:
             self._kept.popleft()
             KEPT.set(len(self._kept))
         return True
-
-
-def _canonical(conversation_id: str) -> str:
-    """The id as the data-access service spells it (ids are UUIDs; any other text is left to it to refuse)."""
-    try:
-        return str(uuid.UUID(conversation_id))
-    except ValueError:
-        return conversation_id

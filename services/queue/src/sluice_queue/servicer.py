@@ -209,6 +209,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                             # Stored before the caller hears it finished: its next turn will see this one.
                             await self._conversations.store(
                                 request.conversation_id,
+                                tenant.id,
                                 request_id,
                                 added,
                                 "".join(progress.reply),

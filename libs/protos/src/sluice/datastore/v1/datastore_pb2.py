@@ -26,15 +26,15 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from sluice.common.v1 import generation_pb2 as sluice_dot_common_dot_v1_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#sluice/datastore/v1/datastore.proto\x12\x13sluice.datastore.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a!sluice/common/v1/generation.proto\"\xce\x01\n\x06Tenant\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\'\n\x04tier\x18\x03 \x01(\x0e\x32\x19.sluice.datastore.v1.Tier\x12\x19\n\x11scheduling_weight\x18\x04 \x01(\r\x12\x1b\n\x13requests_per_minute\x18\x05 \x01(\r\x12\x19\n\x11tokens_per_minute\x18\x06 \x01(\x04\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"+\n\x18GetTenantByApiKeyRequest\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\".\n\x19\x43reateConversationRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"]\n\x0c\x43onversation\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"S\n\x16GetConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x11\n\ttenant_id\x18\x03 \x01(\t\"\x97\x01\n\x07Message\x12\x10\n\x08sequence\x18\x01 \x01(\r\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.sluice.common.v1.Role\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\x12\x13\n\x0btoken_count\x18\x04 \x01(\r\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"X\n\nNewMessage\x12$\n\x04role\x18\x01 \x01(\x0e\x32\x16.sluice.common.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x13\n\x0btoken_count\x18\x03 \x01(\r\"w\n\x15\x41ppendMessagesRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x31\n\x08messages\x18\x03 \x03(\x0b\x32\x1f.sluice.datastore.v1.NewMessage\"+\n\x16\x41ppendMessagesResponse\x12\x11\n\tsequences\x18\x01 \x03(\r\"\x91\x02\n\x0bUsageRecord\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x15\n\rcached_tokens\x18\x06 \x01(\r\x12\x10\n\x08queue_ms\x18\x07 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x08 \x01(\x01\x12\x10\n\x08total_ms\x18\t \x01(\x01\x12\x0e\n\x06status\x18\n \x01(\t\x12/\n\x0b\x66inished_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"G\n\x12RecordUsageRequest\x12\x31\n\x07records\x18\x01 \x03(\x0b\x32 .sluice.datastore.v1.UsageRecord\";\n\x13RecordUsageResponse\x12\x10\n\x08recorded\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\"\x9f\x01\n\x13\x43reateTenantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x04tier\x18\x02 \x01(\x0e\x32\x19.sluice.datastore.v1.Tier\x12\x19\n\x11scheduling_weight\x18\x03 \x01(\r\x12\x1b\n\x13requests_per_minute\x18\x04 \x01(\r\x12\x19\n\x11tokens_per_minute\x18\x05 \x01(\x04\":\n\x10GetTenantRequest\x12\x0c\n\x02id\x18\x01 \x01(\tH\x00\x12\x0e\n\x04name\x18\x02 \x01(\tH\x00\x42\x08\n\x06tenant\"\'\n\x12IssueApiKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"6\n\x13IssueApiKeyResponse\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"A\n\x13RevokeApiKeyRequest\x12\x11\n\x07\x61pi_key\x18\x01 \x01(\tH\x00\x12\x10\n\x06key_id\x18\x02 \x01(\tH\x00\x42\x05\n\x03key\"\'\n\x14RevokeApiKeyResponse\x12\x0f\n\x07revoked\x18\x01 \x01(\x08*P\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\r\n\tTIER_FREE\x10\x01\x12\x11\n\rTIER_STANDARD\x10\x02\x12\x10\n\x0cTIER_PREMIUM\x10\x03\x32\xf3\x06\n\tDataStore\x12_\n\x11GetTenantByApiKey\x12-.sluice.datastore.v1.GetTenantByApiKeyRequest\x1a\x1b.sluice.datastore.v1.Tenant\x12g\n\x12\x43reateConversation\x12..sluice.datastore.v1.CreateConversationRequest\x1a!.sluice.datastore.v1.Conversation\x12^\n\x0fGetConversation\x12+.sluice.datastore.v1.GetConversationRequest\x1a\x1c.sluice.datastore.v1.Message0\x01\x12i\n\x0e\x41ppendMessages\x12*.sluice.datastore.v1.AppendMessagesRequest\x1a+.sluice.datastore.v1.AppendMessagesResponse\x12\x62\n\x0bRecordUsage\x12\'.sluice.datastore.v1.RecordUsageRequest\x1a(.sluice.datastore.v1.RecordUsageResponse(\x01\x12U\n\x0c\x43reateTenant\x12(.sluice.datastore.v1.CreateTenantRequest\x1a\x1b.sluice.datastore.v1.Tenant\x12O\n\tGetTenant\x12%.sluice.datastore.v1.GetTenantRequest\x1a\x1b.sluice.datastore.v1.Tenant\x12`\n\x0bIssueApiKey\x12\'.sluice.datastore.v1.IssueApiKeyRequest\x1a(.sluice.datastore.v1.IssueApiKeyResponse\x12\x63\n\x0cRevokeApiKey\x12(.sluice.datastore.v1.RevokeApiKeyRequest\x1a).sluice.datastore.v1.RevokeApiKeyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#sluice/datastore/v1/datastore.proto\x12\x13sluice.datastore.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a!sluice/common/v1/generation.proto\"\xce\x01\n\x06Tenant\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\'\n\x04tier\x18\x03 \x01(\x0e\x32\x19.sluice.datastore.v1.Tier\x12\x19\n\x11scheduling_weight\x18\x04 \x01(\r\x12\x1b\n\x13requests_per_minute\x18\x05 \x01(\r\x12\x19\n\x11tokens_per_minute\x18\x06 \x01(\x04\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"+\n\x18GetTenantByApiKeyRequest\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\".\n\x19\x43reateConversationRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"]\n\x0c\x43onversation\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"S\n\x16GetConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x11\n\ttenant_id\x18\x03 \x01(\t\"\x97\x01\n\x07Message\x12\x10\n\x08sequence\x18\x01 \x01(\r\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.sluice.common.v1.Role\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\x12\x13\n\x0btoken_count\x18\x04 \x01(\r\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"X\n\nNewMessage\x12$\n\x04role\x18\x01 \x01(\x0e\x32\x16.sluice.common.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x13\n\x0btoken_count\x18\x03 \x01(\r\"\x8a\x01\n\x15\x41ppendMessagesRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x31\n\x08messages\x18\x03 \x03(\x0b\x32\x1f.sluice.datastore.v1.NewMessage\x12\x11\n\ttenant_id\x18\x04 \x01(\t\"+\n\x16\x41ppendMessagesResponse\x12\x11\n\tsequences\x18\x01 \x03(\r\"\x91\x02\n\x0bUsageRecord\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x15\n\rcached_tokens\x18\x06 \x01(\r\x12\x10\n\x08queue_ms\x18\x07 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x08 \x01(\x01\x12\x10\n\x08total_ms\x18\t \x01(\x01\x12\x0e\n\x06status\x18\n \x01(\t\x12/\n\x0b\x66inished_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"G\n\x12RecordUsageRequest\x12\x31\n\x07records\x18\x01 \x03(\x0b\x32 .sluice.datastore.v1.UsageRecord\";\n\x13RecordUsageResponse\x12\x10\n\x08recorded\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\"\x9f\x01\n\x13\x43reateTenantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x04tier\x18\x02 \x01(\x0e\x32\x19.sluice.datastore.v1.Tier\x12\x19\n\x11scheduling_weight\x18\x03 \x01(\r\x12\x1b\n\x13requests_per_minute\x18\x04 \x01(\r\x12\x19\n\x11tokens_per_minute\x18\x05 \x01(\x04\":\n\x10GetTenantRequest\x12\x0c\n\x02id\x18\x01 \x01(\tH\x00\x12\x0e\n\x04name\x18\x02 \x01(\tH\x00\x42\x08\n\x06tenant\"\'\n\x12IssueApiKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"6\n\x13IssueApiKeyResponse\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"A\n\x13RevokeApiKeyRequest\x12\x11\n\x07\x61pi_key\x18\x01 \x01(\tH\x00\x12\x10\n\x06key_id\x18\x02 \x01(\tH\x00\x42\x05\n\x03key\"\'\n\x14RevokeApiKeyResponse\x12\x0f\n\x07revoked\x18\x01 \x01(\x08*P\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\r\n\tTIER_FREE\x10\x01\x12\x11\n\rTIER_STANDARD\x10\x02\x12\x10\n\x0cTIER_PREMIUM\x10\x03\x32\xf3\x06\n\tDataStore\x12_\n\x11GetTenantByApiKey\x12-.sluice.datastore.v1.GetTenantByApiKeyRequest\x1a\x1b.sluice.datastore.v1.Tenant\x12g\n\x12\x43reateConversation\x12..sluice.datastore.v1.CreateConversationRequest\x1a!.sluice.datastore.v1.Conversation\x12^\n\x0fGetConversation\x12+.sluice.datastore.v1.GetConversationRequest\x1a\x1c.sluice.datastore.v1.Message0\x01\x12i\n\x0e\x41ppendMessages\x12*.sluice.datastore.v1.AppendMessagesRequest\x1a+.sluice.datastore.v1.AppendMessagesResponse\x12\x62\n\x0bRecordUsage\x12\'.sluice.datastore.v1.RecordUsageRequest\x1a(.sluice.datastore.v1.RecordUsageResponse(\x01\x12U\n\x0c\x43reateTenant\x12(.sluice.datastore.v1.CreateTenantRequest\x1a\x1b.sluice.datastore.v1.Tenant\x12O\n\tGetTenant\x12%.sluice.datastore.v1.GetTenantRequest\x1a\x1b.sluice.datastore.v1.Tenant\x12`\n\x0bIssueApiKey\x12\'.sluice.datastore.v1.IssueApiKeyRequest\x1a(.sluice.datastore.v1.IssueApiKeyResponse\x12\x63\n\x0cRevokeApiKey\x12(.sluice.datastore.v1.RevokeApiKeyRequest\x1a).sluice.datastore.v1.RevokeApiKeyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sluice.datastore.v1.datastore_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TIER']._serialized_start=1857
-  _globals['_TIER']._serialized_end=1937
+  _globals['_TIER']._serialized_start=1877
+  _globals['_TIER']._serialized_end=1957
   _globals['_TENANT']._serialized_start=129
   _globals['_TENANT']._serialized_end=335
   _globals['_GETTENANTBYAPIKEYREQUEST']._serialized_start=337
@@ -49,28 +49,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MESSAGE']._serialized_end=762
   _globals['_NEWMESSAGE']._serialized_start=764
   _globals['_NEWMESSAGE']._serialized_end=852
-  _globals['_APPENDMESSAGESREQUEST']._serialized_start=854
-  _globals['_APPENDMESSAGESREQUEST']._serialized_end=973
-  _globals['_APPENDMESSAGESRESPONSE']._serialized_start=975
-  _globals['_APPENDMESSAGESRESPONSE']._serialized_end=1018
-  _globals['_USAGERECORD']._serialized_start=1021
-  _globals['_USAGERECORD']._serialized_end=1294
-  _globals['_RECORDUSAGEREQUEST']._serialized_start=1296
-  _globals['_RECORDUSAGEREQUEST']._serialized_end=1367
-  _globals['_RECORDUSAGERESPONSE']._serialized_start=1369
-  _globals['_RECORDUSAGERESPONSE']._serialized_end=1428
-  _globals['_CREATETENANTREQUEST']._serialized_start=1431
-  _globals['_CREATETENANTREQUEST']._serialized_end=1590
-  _globals['_GETTENANTREQUEST']._serialized_start=1592
-  _globals['_GETTENANTREQUEST']._serialized_end=1650
-  _globals['_ISSUEAPIKEYREQUEST']._serialized_start=1652
-  _globals['_ISSUEAPIKEYREQUEST']._serialized_end=1691
-  _globals['_ISSUEAPIKEYRESPONSE']._serialized_start=1693
-  _globals['_ISSUEAPIKEYRESPONSE']._serialized_end=1747
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1749
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1814
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=1816
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=1855
-  _globals['_DATASTORE']._serialized_start=1940
-  _globals['_DATASTORE']._serialized_end=2823
+  _globals['_APPENDMESSAGESREQUEST']._serialized_start=855
+  _globals['_APPENDMESSAGESREQUEST']._serialized_end=993
+  _globals['_APPENDMESSAGESRESPONSE']._serialized_start=995
+  _globals['_APPENDMESSAGESRESPONSE']._serialized_end=1038
+  _globals['_USAGERECORD']._serialized_start=1041
+  _globals['_USAGERECORD']._serialized_end=1314
+  _globals['_RECORDUSAGEREQUEST']._serialized_start=1316
+  _globals['_RECORDUSAGEREQUEST']._serialized_end=1387
+  _globals['_RECORDUSAGERESPONSE']._serialized_start=1389
+  _globals['_RECORDUSAGERESPONSE']._serialized_end=1448
+  _globals['_CREATETENANTREQUEST']._serialized_start=1451
+  _globals['_CREATETENANTREQUEST']._serialized_end=1610
+  _globals['_GETTENANTREQUEST']._serialized_start=1612
+  _globals['_GETTENANTREQUEST']._serialized_end=1670
+  _globals['_ISSUEAPIKEYREQUEST']._serialized_start=1672
+  _globals['_ISSUEAPIKEYREQUEST']._serialized_end=1711
+  _globals['_ISSUEAPIKEYRESPONSE']._serialized_start=1713
+  _globals['_ISSUEAPIKEYRESPONSE']._serialized_end=1767
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1769
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1834
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=1836
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=1875
+  _globals['_DATASTORE']._serialized_start=1960
+  _globals['_DATASTORE']._serialized_end=2843
 # @@protoc_insertion_point(module_scope)

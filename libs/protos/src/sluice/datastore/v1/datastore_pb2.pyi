@@ -157,7 +157,7 @@ class GetConversationRequest(_message.Message):
     limit: _builtins.int
     """The newest `limit` messages (still oldest first); 0 means all."""
     tenant_id: _builtins.str
-    """Only if it belongs to this tenant (NOT_FOUND otherwise); empty skips the check."""
+    """The tenant asking: a conversation of another tenant is NOT_FOUND. Required."""
     def __init__(
         self,
         *,
@@ -237,9 +237,12 @@ class AppendMessagesRequest(_message.Message):
     CONVERSATION_ID_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
     conversation_id: _builtins.str
     request_id: _builtins.str
     """The caller's id for this append; a retry with the same id appends nothing more."""
+    tenant_id: _builtins.str
+    """The tenant appending: a conversation of another tenant is NOT_FOUND. Required."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___NewMessage]: ...
     def __init__(
@@ -248,10 +251,11 @@ class AppendMessagesRequest(_message.Message):
         conversation_id: _builtins.str = ...,
         request_id: _builtins.str = ...,
         messages: _abc.Iterable[Global___NewMessage] | None = ...,
+        tenant_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "messages", b"messages", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "messages", b"messages", "request_id", b"request_id", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
