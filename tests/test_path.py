@@ -153,10 +153,12 @@ async def test_conversations_carry_history_and_store_the_exchange(stack: LocalSt
             second.append(event)
             if event.HasField("finished"):
                 # Read as soon as the caller hears it finished: a next turn sent now must see it.
+                datastore = datastore_pb2_grpc.DataStoreStub(channel)
+                tenant = await datastore.GetTenantByApiKey(datastore_pb2.GetTenantByApiKeyRequest(api_key=key))
                 stored = [
                     (m.role, m.content)
-                    async for m in datastore_pb2_grpc.DataStoreStub(channel).GetConversation(
-                        datastore_pb2.GetConversationRequest(conversation_id=conversation)
+                    async for m in datastore.GetConversation(
+                        datastore_pb2.GetConversationRequest(conversation_id=conversation, tenant_id=tenant.id)
                     )
                 ]
     alone = await run(stack, key, request("The second one"))
