@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 
 from sluice_core.interceptors import client_interceptors
+from sluice_core.tls import TlsFiles
 
 # Calls that never reached a server are retried by gRPC whatever the policy.
 # UNAVAILABLE from a handler (a store that is away) is retried only where
@@ -60,5 +61,13 @@ CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
 
 
 def insecure_channel(target: str) -> grpc.aio.Channel:
-    """A channel to another sluice service (normally Envoy's internal listener)."""
+    """A channel without TLS: to Envoy's public edge, or inside a network that has no TLS set up."""
     return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=client_interceptors())
+
+
+def channel(target: str, tls: TlsFiles | None) -> grpc.aio.Channel:
+    """A channel to another sluice process (normally Envoy's internal listener), as ``tls``'s identity."""
+    if tls is None:
+        return insecure_channel(target)
+    credentials = tls.channel_credentials()
+    return grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS, interceptors=client_interceptors())

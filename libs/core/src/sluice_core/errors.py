@@ -103,6 +103,12 @@ class AlreadyExists(SluiceError):
     code = grpc.StatusCode.ALREADY_EXISTS
 
 
+class PermissionDenied(SluiceError):
+    """A caller this service does not take (its identity), whatever it asks."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class Unimplemented(SluiceError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
@@ -158,6 +164,7 @@ _BY_CODE: dict[grpc.StatusCode, type[SluiceError]] = {
     cls.code: cls
     for cls in (
         Unauthenticated,
+        PermissionDenied,
         NotFound,
         AlreadyExists,
         Unimplemented,

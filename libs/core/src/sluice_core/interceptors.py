@@ -46,6 +46,7 @@ from sluice_core import errors
 from sluice_core.logs import RateLimitedLogger
 from sluice_core.metrics import ended_early
 from sluice_core.telemetry import TRACE_ID_KEY, current_trace_id, method_of, traced
+from sluice_core.tls import peer_identity
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,9 @@ async def _abort(context: Context, exc: Exception, method: str) -> None:
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     """Traces each call, maps exceptions raised by handlers to statuses and adds ``x-trace-id`` to trailing metadata."""
 
-    def __init__(self) -> None:
+    def __init__(self, callers: frozenset[str] | None = None) -> None:
+        """``callers``: the identities (``sluice_core.tls``) that may call, with TLS; None takes anyone."""
+        self._callers = callers
         # Each method's wrapped handler, built at its first call: registered handlers never change.
         self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
@@ -137,18 +140,20 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             handler = await continuation(handler_call_details)
             if handler is None:
                 return None  # an unknown method (not kept: any caller can make up names)
-            wrapped = self._handlers[method] = _wrapped(handler, method, traced(handler_call_details))
+            wrapped = self._handlers[method] = _wrapped(handler, method, traced(handler_call_details), self._callers)
         return wrapped
 
 
-def _wrapped(handler: grpc.RpcMethodHandler[Any, Any], method: str, with_span: bool) -> grpc.RpcMethodHandler[Any, Any]:
+def _wrapped(
+    handler: grpc.RpcMethodHandler[Any, Any], method: str, with_span: bool, callers: frozenset[str] | None
+) -> grpc.RpcMethodHandler[Any, Any]:
     if handler.request_streaming and handler.response_streaming:
         # Sluice has no bidirectional RPCs; leave them (reflection) untouched.
         return handler
     deserializer = _lenient(handler.request_deserializer, method)
     if handler.request_streaming:
         return grpc.stream_unary_rpc_method_handler(
-            _wrap_unary(handler.stream_unary, method, with_span, streamed=True),
+            _wrap_unary(handler.stream_unary, method, with_span, callers, streamed=True),
             request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
@@ -157,12 +162,14 @@ def _wrapped(handler: grpc.RpcMethodHandler[Any, Any], method: str, with_span: b
         # Some handlers (grpc's health Watch) write with context.write() instead of yielding.
         stream = inspect.isasyncgenfunction(behavior)
         return grpc.unary_stream_rpc_method_handler(
-            _wrap_stream(behavior, method, with_span) if stream else _wrap_unary(behavior, method, with_span),
+            _wrap_stream(behavior, method, with_span, callers)
+            if stream
+            else _wrap_unary(behavior, method, with_span, callers),
             request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
     return grpc.unary_unary_rpc_method_handler(
-        _wrap_unary(handler.unary_unary, method, with_span),
+        _wrap_unary(handler.unary_unary, method, with_span, callers),
         request_deserializer=deserializer,
         response_serializer=handler.response_serializer,
     )
@@ -193,6 +200,12 @@ def _lenient(deserializer: Callable[[bytes], Any] | None, method: str) -> Callab
     return deserialize
 
 
+def _admit(context: Context, callers: frozenset[str] | None) -> None:
+    """Refuse a caller whose identity this port does not take (with TLS, all have one)."""
+    if callers is not None and (caller := peer_identity(context)) not in callers:
+        raise errors.PermissionDenied(f"{caller or 'a caller without an identity'} may not call this service")
+
+
 def _parsed(request: Any) -> Any:
     if isinstance(request, _Undecodable):
         raise errors.InvalidArgument.field("request", f"not a valid {request.message}: it does not parse")
@@ -213,10 +226,13 @@ def _span_of(method: str, context: Context, with_span: bool) -> contextlib.Abstr
     return _server_span(method, context) if with_span else contextlib.nullcontext()
 
 
-def _wrap_unary(behavior: Any, method: str, with_span: bool, streamed: bool = False) -> Callable[..., Awaitable[Any]]:
+def _wrap_unary(
+    behavior: Any, method: str, with_span: bool, callers: frozenset[str] | None, streamed: bool = False
+) -> Callable[..., Awaitable[Any]]:
     async def unary(request: Any, context: Context) -> Any:
         with _span_of(method, context, with_span):
             try:
+                _admit(context, callers)
                 response = await behavior(_parsed_stream(request) if streamed else _parsed(request), context)
             except grpc.aio.AbortError:
                 raise
@@ -228,10 +244,13 @@ def _wrap_unary(behavior: Any, method: str, with_span: bool, streamed: bool = Fa
     return unary
 
 
-def _wrap_stream(behavior: Any, method: str, with_span: bool) -> Callable[..., AsyncIterator[Any]]:
+def _wrap_stream(
+    behavior: Any, method: str, with_span: bool, callers: frozenset[str] | None
+) -> Callable[..., AsyncIterator[Any]]:
     async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
         with _span_of(method, context, with_span):
             try:
+                _admit(context, callers)
                 # Closed here, inside the span: when the caller goes away while the handler waits
                 # at a yield, gRPC drops this generator, and the handler's own clean-up (the
                 # outcome it records on the span) must run before the span ends, not whenever

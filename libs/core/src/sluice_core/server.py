@@ -50,7 +50,9 @@ class GrpcServer:
         self._settings = settings
         self._handle_signals = handle_signals
         self._health_names = tuple(health_names)
-        self._server = grpc.aio.server(interceptors=[ServerInterceptor()], options=SERVER_OPTIONS)
+        self._tls = settings.tls()
+        callers = None if self._tls is None else frozenset((*settings.tls_callers, self._tls.identity))
+        self._server = grpc.aio.server(interceptors=[ServerInterceptor(callers)], options=SERVER_OPTIONS)
         self._health = health.aio.HealthServicer()
         self._stop = asyncio.Event()
         self._stopped = False
@@ -80,7 +82,12 @@ class GrpcServer:
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         # The empty name is the server as a whole: it is up as soon as it answers.
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
-        self.port = self._server.add_insecure_port(f"{self._settings.host}:{self._settings.port}")
+        address = f"{self._settings.host}:{self._settings.port}"
+        if self._tls is None:
+            logger.warning("serving %s without TLS: whatever reaches this port can call it", address)
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, self._tls.server_credentials())
         if self.port == 0:
             raise OSError(f"cannot bind {self._settings.host}:{self._settings.port}")
         await self._server.start()

@@ -5,10 +5,13 @@ from __future__ import annotations
 import difflib
 import os
 import socket
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from sluice_core.tls import TlsFiles
 
 
 class ServiceSettings(BaseSettings):
@@ -27,6 +30,30 @@ class ServiceSettings(BaseSettings):
         1.0, ge=0, description="After SIGTERM, keep accepting calls this long while load balancers see NOT_SERVING."
     )
     replica_id: str = Field("", description="Names this process in traces, logs and replies; host:port when empty.")
+    tls_ca: Path | None = Field(
+        None,
+        description="The certificate authority of sluice's internal network. With tls_cert and tls_key, every "
+        "connection in and out is mutual TLS; unset, the port takes whoever connects.",
+    )
+    tls_cert: Path | None = Field(None, description="This process's certificate (PEM), naming its identity.")
+    tls_key: Path | None = Field(None, description="This process's private key (PEM).")
+    tls_callers: tuple[str, ...] = Field(
+        ("spiffe://sluice.local/envoy", "spiffe://sluice.local/admin"),
+        description="With TLS, the identities that may call this port (itself too): Envoy, and the operator's tools.",
+    )
+
+    def tls(self) -> TlsFiles | None:
+        """The TLS files, if set."""
+        if self.tls_ca is None or self.tls_cert is None or self.tls_key is None:
+            return None
+        return TlsFiles(self.tls_ca, self.tls_cert, self.tls_key)
+
+    @model_validator(mode="after")
+    def _tls_whole(self) -> ServiceSettings:
+        given = [f for f in ("tls_ca", "tls_cert", "tls_key") if getattr(self, f) is not None]
+        if given and len(given) < 3:
+            raise ValueError(f"TLS needs tls_ca, tls_cert and tls_key together; only {', '.join(given)} given")
+        return self
 
     @model_validator(mode="after")
     def _no_unknown_variables(self) -> ServiceSettings:
