@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Literal
 
-import grpc
 import pytest
 
 from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
@@ -95,7 +94,7 @@ async def eventually(check: Callable[[], Awaitable[bool]], within_s: float, what
 
 
 async def tenant_with_key(stack: LocalStack, name: str, tokens_per_minute: int = 0, weight: int = 1) -> tuple[str, str]:
-    async with grpc.aio.insecure_channel(stack.internal) as channel:
+    async with stack.channel(stack.internal) as channel:
         stub = datastore_pb2_grpc.DataStoreStub(channel)
         tenant = await stub.CreateTenant(
             datastore_pb2.CreateTenantRequest(

@@ -4,15 +4,22 @@ documented status, and well-behaved streams on the same replicas are unaffected.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import inspect
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from envoy_api.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
 from sluice.generation.v1 import generation_pb2, generation_pb2_grpc
-from sluice_cli.stack import LocalStack
+from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
+from sluice_cli.stack import LOOPBACK, LocalStack
 from sluice_client import GenerationClient, StreamError
+from sluice_core.channels import channel
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -129,3 +136,86 @@ async def test_a_call_with_more_than_one_credential_is_refused(stack: LocalStack
                 pass
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "one credential" in (caught.value.details() or "")
+
+
+def internal_calls(stack: LocalStack, connected: grpc.aio.Channel) -> dict[str, Awaitable[object]]:
+    """One call of each kind a stranger on the internal network would want to make."""
+    datastore = datastore_pb2_grpc.DataStoreStub(connected)
+    inference = inference_pb2_grpc.InferenceStub(connected)
+    ratelimit = rls_pb2_grpc.RateLimitServiceStub(connected)
+    return {
+        "issue an API key": datastore.IssueApiKey(datastore_pb2.IssueApiKeyRequest(tenant_id=str(uuid.uuid4()))),
+        "create a tenant": datastore.CreateTenant(
+            datastore_pb2.CreateTenantRequest(name="intruder", tier=datastore_pb2.TIER_PREMIUM)
+        ),
+        "record usage": datastore.RecordUsage(iter([datastore_pb2.RecordUsageRequest()])),
+        "read a conversation": _first(
+            datastore.GetConversation(
+                datastore_pb2.GetConversationRequest(conversation_id=str(uuid.uuid4()), tenant_id=str(uuid.uuid4()))
+            )
+        ),
+        "generate at the engine": _first(
+            inference.Generate(inference_pb2.GenerateRequest(prompt="hi", sampling=sampling()))
+        ),
+        "spend a budget": ratelimit.ShouldRateLimit(rls_pb2.RateLimitRequest(domain="sluice-budget")),
+    }
+
+
+async def _first(call: AsyncIterable[object]) -> object:
+    async for item in call:
+        return item
+    return None
+
+
+async def code_of(call: Awaitable[object]) -> grpc.StatusCode:
+    try:
+        await asyncio.wait_for(call, 10)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize("identity", [None, "inference", "datastore", "ratelimit"])
+async def test_the_internal_network_takes_no_call_from_a_stranger_or_another_service(
+    stack: LocalStack, identity: str | None
+) -> None:
+    tls = stack.identity(identity) if identity else None
+    async with channel(stack.internal, tls) as connected:
+        for what, call in internal_calls(stack, connected).items():
+            code = await code_of(call)
+            # Without a certificate there is no connection at all; with another service's, no route.
+            expected = grpc.StatusCode.UNAVAILABLE if identity is None else grpc.StatusCode.PERMISSION_DENIED
+            assert code == expected, f"{what}: {code}"
+
+
+async def test_the_queue_may_serve_requests_but_not_administer(stack: LocalStack) -> None:
+    async with channel(stack.internal, stack.identity("queue")) as connected:
+        calls = internal_calls(stack, connected)
+        for what in ("issue an API key", "create a tenant"):
+            assert await code_of(calls[what]) == grpc.StatusCode.PERMISSION_DENIED, what
+        for what in ("read a conversation", "generate at the engine", "record usage"):
+            assert await code_of(calls[what]) != grpc.StatusCode.PERMISSION_DENIED, what
+        for call in calls.values():  # not awaited above
+            if inspect.iscoroutine(call):
+                call.close()
+
+
+@pytest.mark.parametrize("port", ["inference", "datastore", "ratelimit", "queue"])
+async def test_a_service_port_takes_only_envoy_and_the_operator(stack: LocalStack, port: str) -> None:
+    address = {
+        "inference": stack.inference_address(0),
+        "datastore": f"{LOOPBACK}:{stack.ports.datastore}",
+        "ratelimit": f"{LOOPBACK}:{stack.ports.ratelimit}",
+        "queue": f"{LOOPBACK}:{stack.ports.queue[0]}",
+    }[port]
+    health = health_pb2.HealthCheckRequest()
+    for identity, expected in ((None, grpc.StatusCode.UNAVAILABLE), ("queue" if port != "queue" else "inference",
+                                grpc.StatusCode.PERMISSION_DENIED), ("admin", grpc.StatusCode.OK)):  # fmt: skip
+        async with channel(address, stack.identity(identity) if identity else None) as connected:
+            assert await code_of(health_pb2_grpc.HealthStub(connected).Check(health, timeout=5)) == expected, identity
+
+
+async def test_the_edge_routes_nothing_but_the_public_api(stack: LocalStack) -> None:
+    async with grpc.aio.insecure_channel(stack.edge) as connected:
+        for what, call in internal_calls(stack, connected).items():
+            assert await code_of(call) == grpc.StatusCode.UNIMPLEMENTED, what

@@ -53,7 +53,7 @@ async def tokens_left(stack: LocalStack, tenant_id: str, per_minute: int) -> int
         ),
         hits_addend=wrappers_pb2.UInt64Value(value=0),
     )
-    async with grpc.aio.insecure_channel(stack.internal) as channel:
+    async with stack.channel(stack.internal) as channel:
         answer = await rls_pb2_grpc.RateLimitServiceStub(channel).ShouldRateLimit(
             rls_pb2.RateLimitRequest(domain="sluice-budget", descriptors=[descriptor])
         )
@@ -76,7 +76,7 @@ async def test_calls_without_a_valid_key_are_unauthenticated(stack: LocalStack) 
     assert (await refused(stack, None, request(prompt=""))).code == grpc.StatusCode.UNAUTHENTICATED
     tenant_id, key = await tenant_with_key(stack, "soon-revoked")
     assert (await run(stack, key, request()))[-1].HasField("finished")
-    async with grpc.aio.insecure_channel(stack.internal) as channel:
+    async with stack.channel(stack.internal) as channel:
         await datastore_pb2_grpc.DataStoreStub(channel).RevokeApiKey(datastore_pb2.RevokeApiKeyRequest(api_key=key))
     deadline = time.monotonic() + 3
     while True:
@@ -147,7 +147,7 @@ async def test_conversations_carry_history_and_store_the_exchange(stack: LocalSt
     second: list[generation_pb2.GenerateEvent] = []
     async with (
         GenerationClient(stack.edge, api_key=key) as client,
-        grpc.aio.insecure_channel(stack.internal) as channel,
+        stack.channel(stack.internal) as channel,
     ):
         async for event in client.generate(request("The second one", conversation_id=conversation), timeout=60):
             second.append(event)

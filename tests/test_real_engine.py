@@ -24,7 +24,6 @@ from sluice_cli.postgres_server import PostgresServer
 from sluice_cli.redis_server import RedisServer
 from sluice_cli.stack import LocalStack
 from sluice_client import GenerationClient
-from sluice_core.channels import insecure_channel
 
 from .conftest import eventually, requests_served, stack_options
 
@@ -74,7 +73,7 @@ async def test_a_replica_still_loading_gets_no_traffic(vllm_stack: LocalStack) -
 
 
 async def test_the_models_tokens_stream_through_every_hop(vllm_stack: LocalStack) -> None:
-    async with insecure_channel(vllm_stack.internal) as channel:
+    async with vllm_stack.channel(vllm_stack.internal) as channel:
         info = await inference_pb2_grpc.InferenceStub(channel).GetModelInfo(inference_pb2.GetModelInfoRequest())
     assert info.dtype == "float32", "a real engine, not the simulated one"
     received = await events(vllm_stack, request(max_tokens=32))

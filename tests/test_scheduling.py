@@ -59,7 +59,7 @@ async def call(client: GenerationClient, req: generation_pb2.GenerateRequest, de
 async def engine_loads(stack: LocalStack) -> list[inference_pb2.Load]:
     loads = []
     for index in range(len(stack.ports.inference)):
-        async with grpc.aio.insecure_channel(stack.inference_address(index)) as channel:
+        async with stack.channel(stack.inference_address(index)) as channel:
             try:
                 loads.append(await inference_pb2_grpc.InferenceStub(channel).GetLoad(inference_pb2.GetLoadRequest()))
             except grpc.aio.AioRpcError:

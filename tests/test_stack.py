@@ -23,7 +23,6 @@ from sluice_cli.bench import transport_floor
 from sluice_cli.stack import LOOPBACK, LocalStack
 from sluice_cli.trace_sink import Span
 from sluice_client import GenerationClient, StreamError
-from sluice_core.channels import insecure_channel
 from sluice_core.errors import InvalidArgument
 
 from .conftest import LIMITED_KEY, LIMITED_PER_HOUR, RATE_LIMITS, eventually, requests_served
@@ -46,7 +45,7 @@ async def events(
 
 
 async def idle(stack: LocalStack, index: int) -> bool:
-    async with grpc.aio.insecure_channel(stack.inference_address(index)) as channel:
+    async with stack.channel(stack.inference_address(index)) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         load = await stub.GetLoad(inference_pb2.GetLoadRequest())
     return bool(load.running == 0 and load.waiting == 0)
@@ -182,7 +181,7 @@ def test_the_cli_streams_and_summarizes(stack: LocalStack) -> None:
 
 async def test_envoy_refuses_calls_over_the_rate_limit(stack: LocalStack) -> None:
     # A real tenant's key, limited by a rate-limit file rewritten while the stack runs (hot reload).
-    async with grpc.aio.insecure_channel(stack.internal) as channel:
+    async with stack.channel(stack.internal) as channel:
         stub = datastore_pb2_grpc.DataStoreStub(channel)
         tenant = await stub.CreateTenant(
             datastore_pb2.CreateTenantRequest(name="limited", tier=datastore_pb2.TIER_FREE)
@@ -220,7 +219,7 @@ async def test_envoy_refuses_calls_over_the_rate_limit(stack: LocalStack) -> Non
 
 
 def test_admin_manages_tenants_and_keys_through_envoy(stack: LocalStack) -> None:
-    sluice = [sys.executable, "-m", "sluice_cli", "admin", "--target", stack.internal]
+    sluice = [sys.executable, "-m", "sluice_cli", "admin", "--target", stack.internal, "--tls-dir", str(stack.tls_dir)]
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*sluice, *args], capture_output=True, text=True, timeout=60)
@@ -233,7 +232,7 @@ def test_admin_manages_tenants_and_keys_through_envoy(stack: LocalStack) -> None
     key = issued.stdout.split("api key (shown once): ")[1].split()[0]
 
     async def tenant_name() -> str:
-        async with grpc.aio.insecure_channel(stack.internal) as channel:
+        async with stack.channel(stack.internal) as channel:
             stub = datastore_pb2_grpc.DataStoreStub(channel)
             return str((await stub.GetTenantByApiKey(datastore_pb2.GetTenantByApiKeyRequest(api_key=key))).name)
 
@@ -248,7 +247,7 @@ async def test_the_demo_key_is_kept_across_restarts_until_it_stops_working(stack
     key = stack.demo_api_key
     assert (stack.options.state_dir / "demo-api-key").read_text().strip() == key
     assert await stack.demo_key() == key, "a restart keeps the key scripts were given"
-    async with grpc.aio.insecure_channel(stack.internal) as channel:
+    async with stack.channel(stack.internal) as channel:
         stub = datastore_pb2_grpc.DataStoreStub(channel)
         assert (await stub.GetTenantByApiKey(datastore_pb2.GetTenantByApiKeyRequest(api_key=key))).name == "demo"
         await stub.RevokeApiKey(datastore_pb2.RevokeApiKeyRequest(api_key=key))
@@ -267,6 +266,6 @@ async def test_the_transport_floor_crosses_the_hops_it_names(stack: LocalStack) 
     assert trips["edge"] > trips["redis"]
     assert trips["total"] == pytest.approx(trips["edge"] + trips["inference"] + trips["redis"], abs=0.02)
     # `sluice bench scheduler`'s paced floor: a stream opened on a queue replica, its first message read.
-    async with insecure_channel(f"{LOOPBACK}:{stack.ports.queue[0]}") as queue:
+    async with stack.channel(f"{LOOPBACK}:{stack.ports.queue[0]}") as queue:
         opened = await floor.round_trips_ms({"stream": floor.stream_opened(queue)}, rounds=5)
     assert opened["stream"] > 0

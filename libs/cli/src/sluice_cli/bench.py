@@ -221,7 +221,7 @@ async def transport_floor(stack: LocalStack) -> dict[str, float]:
     async with (
         redis.Redis.from_url(stack.redis_url) as client,
         insecure_channel(stack.edge) as edge,
-        insecure_channel(stack.internal) as internal,
+        stack.channel(stack.internal) as internal,
     ):
         return await floor.round_trips_ms(
             {

@@ -53,7 +53,6 @@ from sluice_cli.admin import ensure_tenant_key
 from sluice_cli.bench import percentile, prompt, unlimited_edge
 from sluice_cli.stack import LOOPBACK, LocalStack, StackOptions, StackPorts
 from sluice_client import GenerationClient
-from sluice_core.channels import insecure_channel
 from sluice_datastore.servicer import TENANT_MAXIMA
 
 INTERACTIVE, BATCH = generation_pb2.PRIORITY_INTERACTIVE, generation_pb2.PRIORITY_BATCH
@@ -145,7 +144,7 @@ async def budgeted_key(stack: LocalStack) -> str:
     Unlike the demo tenant (no limits), its requests pay for the budget reservation and refund, as a limited
     tenant's do.
     """
-    async with insecure_channel(stack.internal) as channel:
+    async with stack.channel(stack.internal) as channel:
         stub = datastore_pb2_grpc.DataStoreStub(channel)
         most = TENANT_MAXIMA
         return await ensure_tenant_key(stub, "bench", most["requests_per_minute"], most["tokens_per_minute"])
@@ -186,8 +185,8 @@ async def measure(stack: LocalStack, args: argparse.Namespace) -> dict[str, Any]
     async with (
         GenerationClient(stack.edge, api_key=api_key) as client,
         GenerationClient(f"{LOOPBACK}:{stack.ports.queue[0]}", api_key=api_key) as queue_client,
-        insecure_channel(stack.internal) as channel,
-        insecure_channel(f"{LOOPBACK}:{stack.ports.queue[0]}") as queue_channel,
+        stack.channel(stack.internal) as channel,
+        stack.channel(f"{LOOPBACK}:{stack.ports.queue[0]}") as queue_channel,
         redis.Redis.from_url(stack.redis_url) as redis_client,
     ):
         inference = inference_pb2_grpc.InferenceStub(channel)

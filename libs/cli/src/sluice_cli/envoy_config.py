@@ -50,6 +50,9 @@ class EnvoyLayout:
     max_stream_duration: str = "3600s"
     trace_flush_ms: int = 1000
     trace_min_flush_spans: int = 512
+    # The folder of sluice's certificates (``sluice_cli.certificates``): with it, the internal
+    # listener and every service connection are mutual TLS; without, plaintext.
+    tls_dir: str | None = None
 
 
 def render(layout: EnvoyLayout, root: Path | None = None) -> str:
@@ -74,6 +77,7 @@ def compose_layout() -> EnvoyLayout:
         listen_address="0.0.0.0",
         cluster_type="STRICT_DNS",
         health_interval="2s",
+        tls_dir="/etc/sluice/tls",
     )
 
 

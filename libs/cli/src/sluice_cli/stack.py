@@ -33,6 +33,7 @@ from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
 from sluice.generation.v1 import generation_pb2
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
+from sluice_cli import certificates
 from sluice_cli.admin import ensure_tenant_key
 from sluice_cli.envoy_config import EnvoyLayout, HostPort, render, repo_root
 from sluice_cli.postgres_server import PostgresServer, ensure_database
@@ -42,8 +43,9 @@ from sluice_cli.redis_server import RedisServer
 from sluice_cli.redis_server import answers as redis_answers
 from sluice_cli.trace_sink import Span, read_spans
 from sluice_client import GenerationClient, StreamError
-from sluice_core.channels import insecure_channel
+from sluice_core.channels import channel
 from sluice_core.settings import ServiceSettings
+from sluice_core.tls import TlsFiles
 from sluice_inference import tiny_model
 from sluice_inference.settings import DEFAULT_TINY_MODEL_DIR
 
@@ -181,6 +183,9 @@ class StackOptions:
     # Another sluice source tree whose services and Envoy template to run (a benchmark's
     # baseline, say); unset: this checkout's.
     code_root: Path | None = None
+    # Mutual TLS on the internal network (certificates made in the state folder). Off only to
+    # measure its cost, or to run a baseline that predates it.
+    tls: bool = True
 
 
 class StackError(RuntimeError):
@@ -231,6 +236,8 @@ class LocalStack:
             raise StackError(f"ports already in use: {busy} (is another sluice stack running?)")
         self.options.state_dir.mkdir(parents=True, exist_ok=True)
         (self.options.state_dir / "logs").mkdir(exist_ok=True)
+        if self.options.tls:
+            await asyncio.to_thread(certificates.ensure, self.tls_dir)
         self._start_trace_sink()
         self.redis_url = await self._find_or_start_redis()
         self.database_url = await self._find_or_start_postgres()
@@ -308,6 +315,7 @@ class LocalStack:
             edge_port=self.ports.edge,
             internal_port=self.ports.internal,
             admin_port=self.ports.admin,
+            tls_dir=str(self.tls_dir) if self.options.tls else None,
         )
         config = self.options.state_dir / "envoy.yaml"
         config.write_text(render(layout, self.options.code_root))
@@ -323,8 +331,26 @@ class LocalStack:
         ]  # fmt: skip
         self._spawn("envoy", argv, {})
 
+    @property
+    def tls_dir(self) -> Path:
+        """The stack's certificate authority and certificates (``sluice_cli.certificates``)."""
+        return self.options.state_dir / "tls"
+
+    def identity(self, name: str) -> TlsFiles | None:
+        """``name``'s certificate, to call the stack's internal network as it; None without TLS."""
+        return certificates.files(self.tls_dir, name) if self.options.tls else None
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """A channel to the internal listener or a service's own port, as the operator (``admin``)."""
+        return channel(address, self.identity("admin"))
+
     def _common_env(self, prefix: str, port: int, metrics_port: int, replica_id: str) -> dict[str, str]:
-        return {
+        identity = self.identity(process_kind(replica_id))
+        tls = {} if identity is None else {
+            f"{prefix}TLS_CA": str(identity.ca), f"{prefix}TLS_CERT": str(identity.cert),
+            f"{prefix}TLS_KEY": str(identity.key),
+        }  # fmt: skip
+        return tls | {
             f"{prefix}HOST": LOOPBACK,
             f"{prefix}PORT": str(port),
             f"{prefix}METRICS_PORT": str(metrics_port),
@@ -470,8 +496,8 @@ class LocalStack:
         """
         saved = self.options.state_dir / "demo-api-key"
         key = saved.read_text().strip() if saved.is_file() else ""
-        async with insecure_channel(self.internal) as channel:
-            stub: datastore_pb2_grpc.DataStoreAsyncStub = datastore_pb2_grpc.DataStoreStub(channel)
+        async with self.channel(self.internal) as internal:
+            stub: datastore_pb2_grpc.DataStoreAsyncStub = datastore_pb2_grpc.DataStoreStub(internal)
             if not key or not await _belongs_to_demo(stub, key):
                 key = await ensure_tenant_key(stub, "demo")
         saved.write_text(key + "\n")
@@ -514,9 +540,9 @@ class LocalStack:
             return False
         request = inference_pb2.GenerateRequest(prompt="ready?", sampling=common_pb2.SamplingParams(max_tokens=2))
         for index in range(replicas):
-            async with grpc.aio.insecure_channel(self.inference_address(index)) as channel:
+            async with self.channel(self.inference_address(index)) as replica:
                 try:
-                    async for _ in inference_pb2_grpc.InferenceStub(channel).Generate(request, timeout=10.0):
+                    async for _ in inference_pb2_grpc.InferenceStub(replica).Generate(request, timeout=10.0):
                         pass
                 except grpc.aio.AioRpcError as exc:
                     logger.debug("inference replica %d not ready yet: %s", index + 1, exc.details())
@@ -555,12 +581,12 @@ class LocalStack:
 
     async def replica_status(self, index: int) -> int | None:
         """The replica's health (``HealthCheckResponse.ServingStatus``), None while it does not answer."""
-        return await _health(self.inference_address(index), INFERENCE_SERVICE)
+        return await _health(self.channel(self.inference_address(index)), INFERENCE_SERVICE)
 
     async def _queues_serving(self) -> bool:
         """Whether every queue replica says itself that it serves: Envoy finds one that was just killed
         healthy until its health checks fail, and counts the requests it served before."""
-        statuses = [await _health(f"{LOOPBACK}:{port}", QUEUE_SERVICE) for port in self.ports.queue]
+        statuses = [await _health(self.channel(f"{LOOPBACK}:{port}"), QUEUE_SERVICE) for port in self.ports.queue]
         return all(status == health_pb2.HealthCheckResponse.SERVING for status in statuses)
 
     async def stop(self) -> None:
@@ -587,11 +613,11 @@ class LocalStack:
         return read_spans(self.traces_path, trace_id)
 
 
-async def _health(address: str, service: str) -> int | None:
-    """``service``'s health at ``address`` (``HealthCheckResponse.ServingStatus``), None if it does not answer."""
-    async with grpc.aio.insecure_channel(address) as channel:
+async def _health(connected: grpc.aio.Channel, service: str) -> int | None:
+    """``service``'s health (``HealthCheckResponse.ServingStatus``), None if it does not answer."""
+    async with connected:
         try:
-            response = await health_pb2_grpc.HealthStub(channel).Check(
+            response = await health_pb2_grpc.HealthStub(connected).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=2.0
             )
         except grpc.aio.AioRpcError:

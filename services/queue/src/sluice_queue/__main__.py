@@ -9,7 +9,7 @@ from envoy_api.envoy.service.ratelimit.v3 import rls_pb2_grpc
 from sluice.datastore.v1 import datastore_pb2_grpc
 from sluice.generation.v1 import generation_pb2_grpc
 from sluice.inference.v1 import inference_pb2_grpc
-from sluice_core.channels import insecure_channel
+from sluice_core.channels import channel
 from sluice_core.server import GrpcServer
 from sluice_core.service import cancel, run
 from sluice_queue import SERVICE_NAME
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 async def serve(settings: QueueSettings) -> None:
     channels = {
-        target: insecure_channel(target)
+        target: channel(target, settings.tls())
         for target in {settings.inference_target, settings.datastore_target, settings.ratelimit_target}
     }
     inference = inference_pb2_grpc.InferenceStub(channels[settings.inference_target])
@@ -76,8 +76,8 @@ async def serve(settings: QueueSettings) -> None:
         await usage.mirror()
         if not await conversations.flush():
             logger.error("%d exchanges could not be stored before shutdown", conversations.pending)
-        for channel in channels.values():
-            await channel.close()
+        for connected in channels.values():
+            await connected.close()
         await redis.aclose()
 
 
