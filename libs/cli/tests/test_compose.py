@@ -34,8 +34,26 @@ def test_envoy_routes_to_compose_services_and_mounts_the_rendered_config() -> No
     hosts = (*layout.queue_hosts, *layout.inference_hosts, *layout.ratelimit_hosts, *layout.datastore_hosts)
     for host in (*hosts, layout.otlp):
         assert host is not None and host.address in SERVICES, host
-    (mount,) = SERVICES["envoy"]["volumes"]
-    assert mount.startswith("./envoy/envoy.compose.yaml:")
+    config, certificates = SERVICES["envoy"]["volumes"]
+    assert config.startswith("./envoy/envoy.compose.yaml:")
+    assert certificates == f"tls:{layout.tls_dir}:ro"
+
+
+def test_every_process_has_its_identity_from_the_certificates_service() -> None:
+    assert SERVICES["certificates"]["volumes"] == ["tls:/etc/sluice/tls"]
+    for name in ("envoy", "queue", "ratelimit", "datastore", "inference-1", "inference-2"):
+        service = SERVICES[name]
+        assert "tls:/etc/sluice/tls:ro" in service["volumes"], name
+        assert service["depends_on"]["certificates"] == {"condition": "service_completed_successfully"}, name
+        if name == "envoy":
+            continue
+        identity = name.split("-")[0]
+        prefix = f"SLUICE_{identity.upper()}_"
+        environment = service["environment"]
+        assert environment[f"{prefix}TLS_CERT"] == f"/etc/sluice/tls/{identity}.pem", name
+        assert environment[f"{prefix}TLS_KEY"] == f"/etc/sluice/tls/{identity}-key.pem", name
+        # Its health check calls its own port, which takes only Envoy, the operator and itself.
+        assert service["healthcheck"]["test"][-2:] == ["--identity", identity], name
 
 
 def test_settings_in_the_environment_are_real_settings() -> None:

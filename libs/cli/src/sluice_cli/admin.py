@@ -9,8 +9,8 @@ from pathlib import Path
 import grpc
 
 from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
-from sluice_cli import certificates
 from sluice_cli.arguments import whole_number
+from sluice_core import certificates
 from sluice_core.channels import channel
 from sluice_core.errors import from_rpc_error
 from sluice_datastore.servicer import TENANT_MAXIMA

@@ -50,7 +50,7 @@ class EnvoyLayout:
     max_stream_duration: str = "3600s"
     trace_flush_ms: int = 1000
     trace_min_flush_spans: int = 512
-    # The folder of sluice's certificates (``sluice_cli.certificates``): with it, the internal
+    # The folder of sluice's certificates (``sluice_core.certificates``): with it, the internal
     # listener and every service connection are mutual TLS; without, plaintext.
     tls_dir: str | None = None
 

@@ -33,7 +33,6 @@ from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
 from sluice.generation.v1 import generation_pb2
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
-from sluice_cli import certificates
 from sluice_cli.admin import ensure_tenant_key
 from sluice_cli.envoy_config import EnvoyLayout, HostPort, render, repo_root
 from sluice_cli.postgres_server import PostgresServer, ensure_database
@@ -43,6 +42,7 @@ from sluice_cli.redis_server import RedisServer
 from sluice_cli.redis_server import answers as redis_answers
 from sluice_cli.trace_sink import Span, read_spans
 from sluice_client import GenerationClient, StreamError
+from sluice_core import certificates
 from sluice_core.channels import channel
 from sluice_core.settings import ServiceSettings
 from sluice_core.tls import TlsFiles
@@ -333,7 +333,7 @@ class LocalStack:
 
     @property
     def tls_dir(self) -> Path:
-        """The stack's certificate authority and certificates (``sluice_cli.certificates``)."""
+        """The stack's certificate authority and certificates (``sluice_core.certificates``)."""
         return self.options.state_dir / "tls"
 
     def identity(self, name: str) -> TlsFiles | None:

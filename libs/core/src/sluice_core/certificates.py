@@ -153,11 +153,32 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
         out.write(pem)
 
 
+def hand_over(folder: Path, owners: dict[str, int]) -> None:
+    """Each identity's key and certificate to the user its process runs as (``"*"``: the rest), the
+    authority's certificate to everyone, its key to nobody but the one who made it."""
+    for identity in IDENTITIES:
+        uid = owners.get(identity, owners.get("*"))
+        if uid is not None:
+            paths = files(folder, identity)
+            for path in (paths.cert, paths.key):
+                os.chown(path, uid, uid)
+    (folder / "ca.pem").chmod(0o644)
+
+
 def main() -> None:
-    """``python -m sluice_cli.certificates FOLDER``: what compose's one-shot ``certificates`` service runs."""
+    """``python -m sluice_core.certificates FOLDER``: what compose's one-shot ``certificates`` service runs."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
-    ensure(parser.parse_args().folder)
+    parser.add_argument(
+        "--owner",
+        action="append",
+        default=[],
+        metavar="IDENTITY=UID",
+        help="give an identity's files to the user its container runs as (* for every other identity)",
+    )
+    args = parser.parse_args()
+    ensure(args.folder)
+    hand_over(args.folder, {name: int(uid) for name, _, uid in (owner.partition("=") for owner in args.owner)})
 
 
 if __name__ == "__main__":
