@@ -58,6 +58,7 @@ KNEE_DELIVERED_RATIO = 0.98
 _SIMULATED_ENGINE_CPU = "sluice_inference_simulated_engine_cpu_seconds_total"
 _ANCHOR_MODEL = "tiny"
 _SLUICE = "sluice (all but the load generator)"
+_PLAINTEXT = "this checkout without TLS"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,6 +86,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="REV",
         help="also run the stack of this git revision (its services and Envoy template), taking turns with this "
         "checkout's, for an A/B in one run",
+    )
+    parser.add_argument(
+        "--without-tls",
+        action="store_true",
+        help="also run this checkout's stack without mutual TLS on its internal network, taking turns, for its cost",
     )
     parser.add_argument("--rounds", type=int, default=1, help="runs of each stack, taking turns (%(default)s)")
     parser.add_argument("--chart", type=Path, default=Path("bench-scale.svg"), help="where the chart goes")
@@ -322,7 +328,7 @@ def common_load(args: argparse.Namespace, streams: int) -> list[str]:
     ]  # fmt: skip
 
 
-async def scale(args: argparse.Namespace, state_dir: Path, code_root: Path | None) -> list[Step]:
+async def scale(args: argparse.Namespace, state_dir: Path, code_root: Path | None, tls: bool = True) -> list[Step]:
     concurrencies = [int(n) for n in args.streams.split(",")]
     slots = max(concurrencies)  # per replica: the engine, not the queue, decides how many run at once
     inference_env = {"SLUICE_INFERENCE_MAX_NUM_SEQS": str(slots)}
@@ -337,6 +343,7 @@ async def scale(args: argparse.Namespace, state_dir: Path, code_root: Path | Non
         inference_env=inference_env,
         queue_env={"SLUICE_QUEUE_MAX_WAITING_PER_TENANT": str(2 * slots)},
         code_root=code_root,
+        tls=tls,
     )
     stack = LocalStack(options)
     steps: list[Step] = []
@@ -446,9 +453,14 @@ async def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="sluice-bench-scale-") as tmp:
         state_dir = args.state_dir or Path(tmp)
         print(f"whole stack: {describe(args)}; load generator in its own process ...", file=sys.stderr, flush=True)
-        stacks: dict[str, Path | None] = {"this checkout": None}
+        # Each stack's code (None: this checkout's) and whether its internal network is mutual TLS.
+        stacks: dict[str, tuple[Path | None, bool]] = {"this checkout": (None, True)}
+        if args.without_tls:
+            stacks = {_PLAINTEXT: (None, False), **stacks}
         if args.baseline:
-            stacks = {args.baseline: baseline_tree(args.baseline, Path(tmp) / "baseline"), **stacks}
+            tree = baseline_tree(args.baseline, Path(tmp) / "baseline")
+            # A revision from before mutual TLS runs without it.
+            stacks = {args.baseline: (tree, (tree / "libs/core/src/sluice_core/tls.py").is_file()), **stacks}
         runs: dict[str, list[list[Step]]] = {name: [] for name in stacks}
         anchors: list[list[Anchor]] = []
         for round_ in range(args.rounds):
@@ -460,7 +472,7 @@ async def run(args: argparse.Namespace) -> int:
                 if name == "vllm serve":
                     anchors.append(await anchor(args, folder, anchor_streams))
                 else:
-                    runs[name].append(await scale(args, folder, stacks[name]))
+                    runs[name].append(await scale(args, folder, *stacks[name]))
     steps = runs["this checkout"][-1]
     write_chart(args.chart, steps, runs[args.baseline][-1] if args.baseline else None)
     result: dict[str, object] = {
@@ -470,7 +482,9 @@ async def run(args: argparse.Namespace) -> int:
         "anchor_vllm_serve": [asdict(a) for a in anchors[-1]] if anchors else [],
         "chart": str(args.chart),
     }
-    if args.baseline or args.rounds > 1:
+    if args.without_tls:
+        result["tls_cost"] = tls_cost(runs["this checkout"], runs[_PLAINTEXT])
+    if args.baseline or args.without_tls or args.rounds > 1:
         result["runs"] = {
             name: [{"knee_streams": knee(r), "steps": [asdict(s) for s in r]} for r in variant]
             for name, variant in runs.items()
@@ -490,6 +504,27 @@ def describe(args: argparse.Namespace) -> str:
         f"{args.replicas} replicas of the simulated {args.gpu} engine ({gpu.base_s * 1e3:g} ms + "
         f"{gpu.per_sequence_s * 1e3:g} ms per sequence per step), {args.queues} queue replicas"
     )
+
+
+def tls_cost(with_tls: list[list[Step]], without: list[list[Step]]) -> dict[str, dict[str, float]]:
+    """At each concurrency, the medians over the rounds with and without mutual TLS, and their ratios."""
+    compared: dict[str, dict[str, float]] = {}
+    for streams in sorted({s.streams for run_ in with_tls for s in run_}):
+        figures = {}
+        for name, runs in (("tls", with_tls), ("plaintext", without)):
+            found = [s for run_ in runs for s in run_ if s.streams == streams]
+            if not found:
+                break
+            figures[f"{name}_cpu_s_per_million_tokens"] = statistics.median(
+                s.cpu_s_per_million_tokens[_SLUICE] for s in found
+            )
+            figures[f"{name}_ttft_added_p50_ms"] = statistics.median(s.ttft_added_p50_ms or 0.0 for s in found)
+            figures[f"{name}_gap_p99_ms"] = statistics.median(s.gap_p99_ms or 0.0 for s in found)
+        else:
+            plain_cpu = figures["plaintext_cpu_s_per_million_tokens"]
+            figures["cpu_ratio"] = round(figures["tls_cpu_s_per_million_tokens"] / plain_cpu, 3) if plain_cpu else 0.0
+            compared[str(streams)] = figures
+    return compared
 
 
 def against_anchor(runs: list[list[Step]], anchors: list[list[Anchor]]) -> dict[str, dict[str, float]]:
