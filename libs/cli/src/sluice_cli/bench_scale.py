@@ -344,6 +344,7 @@ async def scale(args: argparse.Namespace, state_dir: Path, code_root: Path | Non
         queue_env={"SLUICE_QUEUE_MAX_WAITING_PER_TENANT": str(2 * slots)},
         code_root=code_root,
         tls=tls,
+        traces_max_mb=0,  # read as it grows (SpanIndex)
     )
     stack = LocalStack(options)
     steps: list[Step] = []

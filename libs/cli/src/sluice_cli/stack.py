@@ -183,6 +183,8 @@ class StackOptions:
     # Another sluice source tree whose services and Envoy template to run (a benchmark's
     # baseline, say); unset: this checkout's.
     code_root: Path | None = None
+    # The trace file is moved aside past this size (0: never; a benchmark reads it as it grows).
+    traces_max_mb: int = 64
     # Mutual TLS on the internal network (certificates made in the state folder). Off only to
     # measure its cost, or to run a baseline that predates it.
     tls: bool = True
@@ -303,7 +305,9 @@ class LocalStack:
 
     def _start_trace_sink(self) -> None:
         argv = [sys.executable, "-m", "sluice_cli.trace_sink", f"{LOOPBACK}:{self.ports.otlp}", str(self.traces_path)]
-        self._spawn("trace-sink", argv, {})
+        # A baseline's sink may predate the setting; 0 is what it did then.
+        rotation = ["--max-mb", str(self.options.traces_max_mb)] if self.options.traces_max_mb else []
+        self._spawn("trace-sink", [*argv, *rotation], {})
 
     def _start_envoy(self) -> None:
         layout = EnvoyLayout(

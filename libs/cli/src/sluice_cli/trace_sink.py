@@ -3,7 +3,9 @@
 The local stack runs it as its own process and points Envoy and every service
 at it, so ``sluice trace`` can show where a request's time went without a
 tracing backend; the tests read the file to check that one trace spans Envoy,
-queue and inference.
+queue and inference. Past ``max_bytes`` the file is moved aside (``.1``,
+replacing the one before) and a new one begun: a stack left running keeps at
+most twice that, and a trace is looked up in both.
 """
 
 from __future__ import annotations
@@ -68,10 +70,11 @@ def spans_from_request(request: trace_service_pb2.ExportTraceServiceRequest) -> 
 
 
 class TraceSink(trace_service_pb2_grpc.TraceServiceServicer):
-    """Appends every span it receives to ``path``, one JSON object per line."""
+    """Appends every span it receives to ``path``, one JSON object per line; ``max_bytes`` 0 keeps all."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_bytes: int = 0) -> None:
         self._path = path
+        self._max_bytes = max_bytes
 
     async def Export(
         self, request: trace_service_pb2.ExportTraceServiceRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -83,18 +86,30 @@ class TraceSink(trace_service_pb2_grpc.TraceServiceServicer):
     def _append(self, lines: str) -> None:
         with self._path.open("a") as out:
             out.write(lines)
+            full = self._max_bytes and out.tell() >= self._max_bytes
+        if full:
+            self._path.replace(rotated(self._path))
+
+
+def rotated(path: Path) -> Path:
+    """Where the sink moves a full file."""
+    return path.with_suffix(".1" + path.suffix)
 
 
 def read_spans(path: Path, trace_id: str) -> list[Span]:
-    if not path.is_file():
-        return []
-    with path.open() as lines:
-        return [span for line in lines if (span := Span.from_json(line)).trace_id == trace_id]
+    """The spans of one trace, from the file and the one moved aside before it."""
+    found = []
+    for part in (rotated(path), path):
+        if part.is_file():
+            with part.open() as lines:
+                found += [span for line in lines if (span := Span.from_json(line)).trace_id == trace_id]
+    return found
 
 
-async def serve(address: str, path: Path) -> None:
+async def serve(address: str, path: Path, max_bytes: int) -> None:
     server = grpc.aio.server()
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceSink(path), server)  # type: ignore[no-untyped-call]
+    sink = TraceSink(path, max_bytes)
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(sink, server)  # type: ignore[no-untyped-call]
     server.add_insecure_port(address)
     await server.start()
     stop = asyncio.Event()
@@ -108,8 +123,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Receive OTLP/gRPC spans and append them to a JSON-lines file.")
     parser.add_argument("address", help="host:port to listen on")
     parser.add_argument("path", type=Path)
+    parser.add_argument(
+        "--max-mb", type=int, default=0, help="move the file aside past this size in MB (default: never)"
+    )
     args = parser.parse_args()
-    asyncio.run(serve(args.address, args.path))
+    asyncio.run(serve(args.address, args.path, args.max_mb * 2**20))
 
 
 if __name__ == "__main__":
