@@ -237,7 +237,14 @@ def test_admin_manages_tenants_and_keys_through_envoy(stack: LocalStack) -> None
             return str((await stub.GetTenantByApiKey(datastore_pb2.GetTenantByApiKeyRequest(api_key=key))).name)
 
     assert asyncio.run(tenant_name()) == "e2e-tenant"
+    listed = run("list-tenants")
+    assert listed.returncode == 0, listed.stderr
+    (line,) = [line for line in listed.stdout.splitlines() if line.startswith("e2e-tenant\t")]
+    assert "premium\tweight 3" in line
+    key_id = issued.stdout.split("key id: ")[1].split()[0]
+    assert run("list-keys", "e2e-tenant").stdout.startswith(f"{key_id}\tcreated ")
     assert run("revoke-key", key).returncode == 0
+    assert "\trevoked " in run("list-keys", "e2e-tenant").stdout
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         asyncio.run(tenant_name())
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND

@@ -422,3 +422,19 @@ async def test_a_conversation_is_read_and_appended_only_by_its_own_tenant(servic
         assert await code_of(service.stub.AppendMessages(append)) == code
     read = datastore_pb2.GetConversationRequest(conversation_id=conversation.id, tenant_id=owner.id)
     assert [m async for m in service.stub.GetConversation(read)] == []
+
+
+async def test_tenants_are_listed_by_name_a_page_at_a_time_and_keys_newest_first(service: Service) -> None:
+    for name in ("list-c", "list-a", "list-b"):
+        await new_tenant(service.stub, name)
+    first = await service.stub.ListTenants(datastore_pb2.ListTenantsRequest(limit=2, after="list-"))
+    assert [t.name for t in first.tenants] == ["list-a", "list-b"]
+    rest = await service.stub.ListTenants(datastore_pb2.ListTenantsRequest(limit=2, after="list-b"))
+    assert [t.name for t in rest.tenants][:1] == ["list-c"]
+    tenant = await new_tenant(service.stub, "list-keys")
+    older, newer = [await issue(service, tenant.id) for _ in range(2)]
+    await service.stub.RevokeApiKey(datastore_pb2.RevokeApiKeyRequest(api_key=older))
+    keys = (await service.stub.ListApiKeys(datastore_pb2.ListApiKeysRequest(tenant_id=tenant.id))).keys
+    assert [k.HasField("revoked_at") for k in keys] == [False, True]  # newest first; no key is ever shown
+    too_many = service.stub.ListTenants(datastore_pb2.ListTenantsRequest(limit=1001))
+    assert await code_of(too_many) == grpc.StatusCode.INVALID_ARGUMENT

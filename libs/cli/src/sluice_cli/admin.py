@@ -52,6 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     issue.add_argument("tenant", help="the tenant's name or id")
     revoke = actions.add_parser("revoke-key", help="revoke an API key (by the key or its id)")
     revoke.add_argument("key")
+    tenants = actions.add_parser("list-tenants", help="tenants in name order, with their limits")
+    tenants.add_argument("--after", default="", help="start after this tenant's name (the next page)")
+    tenants.add_argument("--limit", type=whole_number(1, 1000), default=100, help="at most this many (%(default)s)")
+    keys = actions.add_parser("list-keys", help="a tenant's API keys (ids and dates; keys are never shown again)")
+    keys.add_argument("tenant", help="the tenant's name or id")
 
 
 async def tenant_id(stub: datastore_pb2_grpc.DataStoreAsyncStub, name_or_id: str) -> str:
@@ -102,6 +107,25 @@ async def run(args: argparse.Namespace) -> int:
                     datastore_pb2.IssueApiKeyRequest(tenant_id=await tenant_id(stub, args.tenant))
                 )
                 print(f"api key (shown once): {issued.api_key}\nkey id: {issued.key_id}")
+            case "list-tenants":
+                listed = await stub.ListTenants(datastore_pb2.ListTenantsRequest(limit=args.limit, after=args.after))
+                for tenant in listed.tenants:
+                    tier = datastore_pb2.Tier.Name(tenant.tier).removeprefix("TIER_").lower()
+                    print(
+                        f"{tenant.name}\t{tenant.id}\t{tier}\tweight {tenant.scheduling_weight}\t"
+                        f"{tenant.requests_per_minute or 'unlimited'} requests/min\t"
+                        f"{tenant.tokens_per_minute or 'unlimited'} tokens/min"
+                    )
+            case "list-keys":
+                of_tenant = datastore_pb2.ListApiKeysRequest(tenant_id=await tenant_id(stub, args.tenant))
+                for key in (await stub.ListApiKeys(of_tenant)).keys:
+                    created = key.created_at.ToDatetime().isoformat(timespec="seconds")
+                    state = (
+                        f"revoked {key.revoked_at.ToDatetime().isoformat(timespec='seconds')}"
+                        if key.HasField("revoked_at")
+                        else "active"
+                    )
+                    print(f"{key.key_id}\tcreated {created}\t{state}")
             case _:
                 key = args.key
                 by_id = len(key) == 36 and key.count("-") == 4

@@ -29,6 +29,8 @@ _IDEMPOTENT = [
             "AppendMessages",
             "RecordUsage",
             "RevokeApiKey",
+            "ListTenants",
+            "ListApiKeys",
         )
     ),
 ]

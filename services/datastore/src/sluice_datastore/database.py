@@ -19,7 +19,14 @@ from typing import Any
 import asyncpg
 
 from sluice_core.errors import AlreadyExists, InvalidArgument, NotFound, SluiceError, Unavailable
-from sluice_datastore.records import ConversationRecord, ConversationView, MessageRecord, TenantRecord, UsageRecord
+from sluice_datastore.records import (
+    ConversationRecord,
+    ConversationView,
+    KeyRecord,
+    MessageRecord,
+    TenantRecord,
+    UsageRecord,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +195,26 @@ class Database:
                 name,
             )
         return _tenant(row) if row is not None else None
+
+    async def tenants(self, limit: int, after: str) -> list[TenantRecord]:
+        async with _errors():
+            rows = await self.primary.fetch(
+                """SELECT id::text, name, tier, scheduling_weight, requests_per_minute, tokens_per_minute, created_at
+                   FROM tenants WHERE name > $1 ORDER BY name LIMIT $2""",
+                after,
+                limit,
+            )
+        return [_tenant(row) for row in rows]
+
+    async def keys(self, tenant_id: str, limit: int) -> list[KeyRecord]:
+        async with _errors():
+            rows = await self.primary.fetch(
+                """SELECT id::text, created_at, revoked_at FROM api_keys
+                   WHERE tenant_id = $1::uuid ORDER BY created_at DESC LIMIT $2""",
+                tenant_id,
+                limit,
+            )
+        return [KeyRecord(*row) for row in rows]
 
     async def revoke_key(self, key_id: str | None, key_hash: bytes | None) -> tuple[bool, bytes | None]:
         """Revoke a key by id or hash; returns whether it was active, and its hash (for the caches)."""

@@ -20,6 +20,13 @@ class TenantRecord:
 
 
 @dataclass(frozen=True)
+class KeyRecord:
+    id: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True)
 class MessageRecord:
     seq: int
     role: int

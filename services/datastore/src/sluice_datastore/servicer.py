@@ -24,6 +24,8 @@ MAX_MESSAGES = 256
 MAX_INT = 2**31 - 1  # an integer column
 MAX_STATUS_LEN = 32
 # The columns are int32, except tokens_per_minute: the rate-limit API carries a limit as a uint32.
+DEFAULT_PAGE, MAX_PAGE = 100, 1000
+MAX_TENANT_NAME = 200
 # A weight is a share of the slots against other tenants': a thousand to one is as uneven as a
 # deployment needs, and a weight of 2^31 would put one tenant ahead of everyone for good.
 TENANT_MAXIMA = {"scheduling_weight": 1000, "requests_per_minute": 2**31 - 1, "tokens_per_minute": 2**32 - 1}
@@ -145,8 +147,8 @@ class DataStoreServicer(datastore_pb2_grpc.DataStoreServicer):
 
     async def CreateTenant(self, request: datastore_pb2.CreateTenantRequest, context: Context) -> datastore_pb2.Tenant:
         violations: list[FieldViolation] = []
-        if not 1 <= len(request.name) <= 200:
-            violations.append(FieldViolation("name", "must be 1 to 200 characters"))
+        if not 1 <= len(request.name) <= MAX_TENANT_NAME:
+            violations.append(FieldViolation("name", f"must be 1 to {MAX_TENANT_NAME} characters"))
         if request.tier == datastore_pb2.TIER_UNSPECIFIED:
             violations.append(FieldViolation("tier", "must be set"))
         for name, largest in TENANT_MAXIMA.items():
@@ -194,6 +196,43 @@ class DataStoreServicer(datastore_pb2_grpc.DataStoreServicer):
         _raise(violations)
         revoked = await self._store.revoke_key(request.api_key or None, key_id)
         return datastore_pb2.RevokeApiKeyResponse(revoked=revoked)
+
+    async def ListTenants(
+        self, request: datastore_pb2.ListTenantsRequest, context: Context
+    ) -> datastore_pb2.ListTenantsResponse:
+        violations: list[FieldViolation] = []
+        limit = _page(request.limit, violations)
+        if len(request.after) > MAX_TENANT_NAME:
+            violations.append(FieldViolation("after", f"a tenant's name: at most {MAX_TENANT_NAME} characters"))
+        _raise(violations)
+        tenants = await self._store.tenants(limit, request.after)
+        return datastore_pb2.ListTenantsResponse(tenants=[_tenant(t) for t in tenants])
+
+    async def ListApiKeys(
+        self, request: datastore_pb2.ListApiKeysRequest, context: Context
+    ) -> datastore_pb2.ListApiKeysResponse:
+        violations: list[FieldViolation] = []
+        tenant_id = _id(request.tenant_id, "tenant_id", violations)
+        limit = _page(request.limit, violations)
+        _raise(violations)
+        keys = await self._store.keys(tenant_id, limit)
+        return datastore_pb2.ListApiKeysResponse(
+            keys=[
+                datastore_pb2.ApiKey(
+                    key_id=k.id,
+                    created_at=_timestamp(k.created_at),
+                    revoked_at=_timestamp(k.revoked_at) if k.revoked_at is not None else None,
+                )
+                for k in keys
+            ]
+        )
+
+
+def _page(limit: int, out: list[FieldViolation]) -> int:
+    """A page's size: 0 is the default; more than the most is refused, not cut (the caller would miss rows)."""
+    if limit > MAX_PAGE:
+        out.append(FieldViolation("limit", f"at most {MAX_PAGE}"))
+    return limit or DEFAULT_PAGE
 
 
 def _usage(record: datastore_pb2.UsageRecord, field: str) -> UsageRecord:

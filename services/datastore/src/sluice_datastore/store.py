@@ -25,6 +25,7 @@ from sluice_datastore.invalidation import LocalTenants, publish
 from sluice_datastore.records import (
     ConversationRecord,
     ConversationView,
+    KeyRecord,
     TenantRecord,
     UsageRecord,
     tenant_from_json,
@@ -80,6 +81,12 @@ class Store:
 
     async def tenant(self, tenant_id: str | None, name: str | None) -> TenantRecord | None:
         return await self._db.tenant(tenant_id, name)
+
+    async def tenants(self, limit: int, after: str) -> list[TenantRecord]:
+        return await self._db.tenants(limit, after)
+
+    async def keys(self, tenant_id: str, limit: int) -> list[KeyRecord]:
+        return await self._db.keys(tenant_id, limit)
 
     async def issue_key(self, tenant_id: str) -> tuple[str, str]:
         api_key = new_key()

@@ -79,6 +79,16 @@ class DataStoreStub:
                 request_serializer=sluice_dot_datastore_dot_v1_dot_datastore__pb2.RevokeApiKeyRequest.SerializeToString,
                 response_deserializer=sluice_dot_datastore_dot_v1_dot_datastore__pb2.RevokeApiKeyResponse.FromString,
                 _registered_method=True)
+        self.ListTenants = channel.unary_unary(
+                '/sluice.datastore.v1.DataStore/ListTenants',
+                request_serializer=sluice_dot_datastore_dot_v1_dot_datastore__pb2.ListTenantsRequest.SerializeToString,
+                response_deserializer=sluice_dot_datastore_dot_v1_dot_datastore__pb2.ListTenantsResponse.FromString,
+                _registered_method=True)
+        self.ListApiKeys = channel.unary_unary(
+                '/sluice.datastore.v1.DataStore/ListApiKeys',
+                request_serializer=sluice_dot_datastore_dot_v1_dot_datastore__pb2.ListApiKeysRequest.SerializeToString,
+                response_deserializer=sluice_dot_datastore_dot_v1_dot_datastore__pb2.ListApiKeysResponse.FromString,
+                _registered_method=True)
 
 
 class DataStoreServicer:
@@ -147,6 +157,20 @@ class DataStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTenants(self, request, context):
+        """Tenants in name order, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApiKeys(self, request, context):
+        """A tenant's API keys, newest first: their ids and dates, never the keys.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DataStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -194,6 +218,16 @@ def add_DataStoreServicer_to_server(servicer, server):
                     servicer.RevokeApiKey,
                     request_deserializer=sluice_dot_datastore_dot_v1_dot_datastore__pb2.RevokeApiKeyRequest.FromString,
                     response_serializer=sluice_dot_datastore_dot_v1_dot_datastore__pb2.RevokeApiKeyResponse.SerializeToString,
+            ),
+            'ListTenants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTenants,
+                    request_deserializer=sluice_dot_datastore_dot_v1_dot_datastore__pb2.ListTenantsRequest.FromString,
+                    response_serializer=sluice_dot_datastore_dot_v1_dot_datastore__pb2.ListTenantsResponse.SerializeToString,
+            ),
+            'ListApiKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiKeys,
+                    request_deserializer=sluice_dot_datastore_dot_v1_dot_datastore__pb2.ListApiKeysRequest.FromString,
+                    response_serializer=sluice_dot_datastore_dot_v1_dot_datastore__pb2.ListApiKeysResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -439,6 +473,60 @@ class DataStore:
             '/sluice.datastore.v1.DataStore/RevokeApiKey',
             sluice_dot_datastore_dot_v1_dot_datastore__pb2.RevokeApiKeyRequest.SerializeToString,
             sluice_dot_datastore_dot_v1_dot_datastore__pb2.RevokeApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTenants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.datastore.v1.DataStore/ListTenants',
+            sluice_dot_datastore_dot_v1_dot_datastore__pb2.ListTenantsRequest.SerializeToString,
+            sluice_dot_datastore_dot_v1_dot_datastore__pb2.ListTenantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApiKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.datastore.v1.DataStore/ListApiKeys',
+            sluice_dot_datastore_dot_v1_dot_datastore__pb2.ListApiKeysRequest.SerializeToString,
+            sluice_dot_datastore_dot_v1_dot_datastore__pb2.ListApiKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,10 @@ class DataStoreStub:
     """The key itself is returned once, here; only its hash is stored."""
     RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_datastore_pb2.RevokeApiKeyRequest, _datastore_pb2.RevokeApiKeyResponse]
     """Takes effect everywhere, caches included, within a second."""
+    ListTenants: _grpc.UnaryUnaryMultiCallable[_datastore_pb2.ListTenantsRequest, _datastore_pb2.ListTenantsResponse]
+    """Tenants in name order, a page at a time."""
+    ListApiKeys: _grpc.UnaryUnaryMultiCallable[_datastore_pb2.ListApiKeysRequest, _datastore_pb2.ListApiKeysResponse]
+    """A tenant's API keys, newest first: their ids and dates, never the keys."""
 
 @_typing.type_check_only
 class DataStoreAsyncStub(DataStoreStub):
@@ -77,6 +81,10 @@ class DataStoreAsyncStub(DataStoreStub):
     """The key itself is returned once, here; only its hash is stored."""
     RevokeApiKey: _aio.UnaryUnaryMultiCallable[_datastore_pb2.RevokeApiKeyRequest, _datastore_pb2.RevokeApiKeyResponse]  # type: ignore[assignment]
     """Takes effect everywhere, caches included, within a second."""
+    ListTenants: _aio.UnaryUnaryMultiCallable[_datastore_pb2.ListTenantsRequest, _datastore_pb2.ListTenantsResponse]  # type: ignore[assignment]
+    """Tenants in name order, a page at a time."""
+    ListApiKeys: _aio.UnaryUnaryMultiCallable[_datastore_pb2.ListApiKeysRequest, _datastore_pb2.ListApiKeysResponse]  # type: ignore[assignment]
+    """A tenant's API keys, newest first: their ids and dates, never the keys."""
 
 class DataStoreServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -152,5 +160,21 @@ class DataStoreServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_datastore_pb2.RevokeApiKeyResponse, _abc.Awaitable[_datastore_pb2.RevokeApiKeyResponse]]:
         """Takes effect everywhere, caches included, within a second."""
+
+    @_abc_1.abstractmethod
+    def ListTenants(
+        self,
+        request: _datastore_pb2.ListTenantsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datastore_pb2.ListTenantsResponse, _abc.Awaitable[_datastore_pb2.ListTenantsResponse]]:
+        """Tenants in name order, a page at a time."""
+
+    @_abc_1.abstractmethod
+    def ListApiKeys(
+        self,
+        request: _datastore_pb2.ListApiKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_datastore_pb2.ListApiKeysResponse, _abc.Awaitable[_datastore_pb2.ListApiKeysResponse]]:
+        """A tenant's API keys, newest first: their ids and dates, never the keys."""
 
 def add_DataStoreServicer_to_server(servicer: DataStoreServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
