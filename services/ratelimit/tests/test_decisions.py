@@ -39,7 +39,7 @@ descriptors:
 
 def decider(redis: Redis, cache: OverLimitCache | None = None) -> Decider:
     config = Config({"edge": parse(CONFIG, Path("edge.yaml"))}, ())
-    return Decider(lambda: config, Limiter(redis), Policy(redis_timeout_s=1.0), cache)
+    return Decider(lambda: config, Limiter(redis, timeout_s=1.0), Policy(), cache)
 
 
 def descriptor(

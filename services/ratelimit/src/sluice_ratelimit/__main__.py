@@ -25,12 +25,10 @@ async def serve(settings: RateLimitSettings) -> None:
     timeout_s = settings.redis_timeout_ms / 1e3
     redis = pooled_redis(settings.redis_url, 256, timeout_s, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
     policy = Policy(
-        key_prefix=settings.key_prefix,
-        redis_timeout_s=timeout_s,
-        fail_closed=settings.fail_closed,
-        near_limit_ratio=settings.near_limit_ratio,
+        key_prefix=settings.key_prefix, fail_closed=settings.fail_closed, near_limit_ratio=settings.near_limit_ratio
     )
-    decider = Decider(lambda: store.current, Limiter(redis), policy, OverLimitCache() if settings.local_cache else None)
+    limiter = Limiter(redis, timeout_s)
+    decider = Decider(lambda: store.current, limiter, policy, OverLimitCache() if settings.local_cache else None)
     server = GrpcServer(settings, health_names=[SERVICE_NAME])
     server.add(rls_pb2_grpc.add_RateLimitServiceServicer_to_server, RateLimitServicer(decider), SERVICE_NAME)
     watcher = asyncio.create_task(store.watch(settings.reload_interval_s))
