@@ -22,14 +22,14 @@ import grpc
 import pytest
 
 from sluice.common.v1 import generation_pb2 as common_pb2
-from sluice.generation.v1 import generation_pb2
+from sluice.generation.v1 import generation_pb2, generation_pb2_grpc
 from sluice_cli.postgres_server import PostgresServer
 from sluice_cli.processes import Process
 from sluice_cli.redis_server import RedisServer
 from sluice_cli.stack import LocalStack, free_ports
 from sluice_client import GenerationClient, StreamError
 
-from .conftest import eventually, stack_options, tenant_with_key
+from .conftest import LIMITED_KEY, LIMITED_PER_HOUR, eventually, stack_options, tenant_with_key
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -169,6 +169,27 @@ async def usage_rows(postgres: PostgresServer, calls: list[Call]) -> dict[str, l
     for row in rows:
         found[row["request_id"]].append(row["completion_tokens"])
     return found
+
+
+async def test_the_first_burst_after_start_is_limited(supervised: Supervised) -> None:
+    # First in this module, so right after the stack started: 60 calls at once were all admitted
+    # against a per-key limit, the rate-limit service failing open on its own client's timeouts.
+    async with grpc.aio.insecure_channel(supervised.stack.edge) as edge:
+        stub = generation_pb2_grpc.GenerationStub(edge)
+        request = generation_pb2.GenerateRequest(prompt="hi", sampling=common_pb2.SamplingParams(max_tokens=1))
+
+        async def call() -> grpc.StatusCode:
+            try:
+                async for _ in stub.Generate(request, metadata=(("x-api-key", LIMITED_KEY),), timeout=30):
+                    pass
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+            return grpc.StatusCode.OK
+
+        codes = await asyncio.gather(*(call() for _ in range(60)))
+    # The key's limit lets LIMITED_PER_HOUR through the edge (the queue then refuses the unknown key).
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 60 - LIMITED_PER_HOUR
+    assert codes.count(grpc.StatusCode.UNAUTHENTICATED) == LIMITED_PER_HOUR
 
 
 async def test_a_killed_replica_aborts_the_streams_it_was_sending_and_resends_those_without_tokens(
