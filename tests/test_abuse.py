@@ -219,3 +219,53 @@ async def test_the_edge_routes_nothing_but_the_public_api(stack: LocalStack) -> 
     async with grpc.aio.insecure_channel(stack.edge) as connected:
         for what, call in internal_calls(stack, connected).items():
             assert await code_of(call) == grpc.StatusCode.UNIMPLEMENTED, what
+
+
+@pytest.mark.parametrize(
+    ("request_", "metadata", "code"),
+    [
+        pytest.param(
+            generation_pb2.GenerateRequest(prompt="hi", client_request_id="r" * 1_000_000, sampling=sampling()),
+            (),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            id="a 1 MB client request id",
+        ),
+        pytest.param(
+            generation_pb2.GenerateRequest(
+                prompt="hi", sampling=common_pb2.SamplingParams(max_tokens=8, stop=["s" * 300] * 10_000)
+            ),
+            (),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            id="10,000 long stop strings",
+        ),
+        pytest.param(
+            generation_pb2.GenerateRequest(prompt="a " * 6_000_000, sampling=sampling()),
+            (),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            id="a 12 MB prompt",
+        ),
+        pytest.param(
+            generation_pb2.GenerateRequest(prompt="hi", sampling=sampling()),
+            (("x-api-key", "k" * 7_000),),
+            grpc.StatusCode.UNAUTHENTICATED,
+            id="a 7 KB API key",
+        ),
+    ],
+)
+async def test_huge_fields_get_a_bounded_answer_and_other_callers_streams_go_on(
+    stack: LocalStack,
+    bystanders: Bystanders,
+    request_: generation_pb2.GenerateRequest,
+    metadata: tuple[tuple[str, str], ...],
+    code: grpc.StatusCode,
+) -> None:
+    async with grpc.aio.insecure_channel(stack.edge) as edge:
+        stub = generation_pb2_grpc.GenerationStub(edge)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in stub.Generate(
+                request_, metadata=metadata or (("x-api-key", stack.demo_api_key),), timeout=30
+            ):
+                pass
+    assert caught.value.code() == code, caught.value.details()
+    assert len(caught.value.details() or "") < MAX_ERROR_CHARS
+    await bystanders.unaffected()
