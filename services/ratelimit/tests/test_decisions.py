@@ -183,3 +183,19 @@ async def test_bad_requests_name_the_field(redis: Redis, bad: rls_pb2.RateLimitR
     with pytest.raises(InvalidArgument) as caught:
         await decider(redis).decide(bad)
     assert caught.value.violations[0].field == field
+
+
+async def test_a_refusal_from_the_cache_reports_where_the_other_limits_stand(redis: Redis) -> None:
+    limits = decider(redis, OverLimitCache())
+    for _ in range(6):
+        await limits.decide(request(descriptor(("api_key", "g"))))
+    await limits.decide(request(descriptor(("tenant", "g"), hits=10)))
+    answer = await limits.decide(request(descriptor(("api_key", "g")), descriptor(("tenant", "g"), hits=1)))
+    assert answer.overall_code == OVER_LIMIT
+    key, tenant = answer.statuses
+    assert key.code == OVER_LIMIT and key.limit_remaining == 0 and key.duration_until_reset.ToNanoseconds() > 0
+    # It said 0 left, with no duration: the tenant had 990 of its 1000 an hour, and still has.
+    assert tenant.code == OK and tenant.limit_remaining == 990
+    assert tenant.duration_until_reset.ToNanoseconds() > 0
+    again = await limits.decide(request(descriptor(("tenant", "g"), hits=0)))
+    assert again.statuses[0].limit_remaining == 990  # the refused request charged nothing

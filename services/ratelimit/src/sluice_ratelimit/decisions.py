@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from google.protobuf import duration_pb2
 from prometheus_client import Counter
@@ -92,7 +92,7 @@ class Decider:
         plans = [self._plan(request, d, domain.match(_entries(d)) if domain else None) for d in request.descriptors]
         _apply_replaces(plans)
         checks = [c for p in plans for c in p.checks]
-        decisions = self._cached_refusal(checks)
+        decisions = await self._cached_refusal(request.domain, plans, checks, now_us)
         from_redis = decisions is None
         if decisions is None and checks:
             decisions = await self._ask_redis(request.domain, plans, checks, now_us)
@@ -130,14 +130,31 @@ class Decider:
         path = rule.path if rule is not None else ("override" if limits else "")
         return _Plan(rule, limits, hits, mode, checks, path, shadow)
 
-    def _cached_refusal(self, checks: list[Check]) -> list[Decision] | None:
-        """Answer without Redis when a key is known to be over its limit (nothing would be consumed anyway)."""
+    async def _cached_refusal(
+        self, domain: str, plans: list[_Plan], checks: list[Check], now_us: int | None
+    ) -> list[Decision] | None:
+        """Refuse without consuming anything when a key is known to be over its limit (nothing would be consumed
+        anyway). Where the other keys stand is still asked of Redis, without charging them (one call, only
+        for requests with other keys); while Redis fails they are reported with nothing left."""
         if self._cache is None:
             return None
         waits = [self._cache.over_for(c.key) if c.mode == Mode.CONSUME and not c.shadow else 0.0 for c in checks]
         if not any(waits):
             return None
-        return [Decision(admitted=w == 0, remaining=0, reset_s=w, wait_s=w, wait_one_s=w, within=w == 0) for w in waits]
+        # A descriptor with a key known over shows that one; the others show where they stand.
+        over = {c.key for c, wait in zip(checks, waits, strict=True) if wait}
+        shown_over = {c.key for p in plans if any(k.key in over for k in p.checks) for c in p.checks}
+        others = [replace(c, mode=Mode.CHECK) for c in checks if c.key not in shown_over]
+        standing = iter((await self._ask_redis(domain, plans, others, now_us) if others else None) or [])
+        unknown = Decision(admitted=True, remaining=0, reset_s=0, wait_s=0, wait_one_s=0, within=True)
+        return [
+            Decision(admitted=False, remaining=0, reset_s=w, wait_s=w, wait_one_s=w, within=False)
+            if w
+            else unknown
+            if c.key in shown_over
+            else next(standing, unknown)
+            for c, w in zip(checks, waits, strict=True)
+        ]
 
     async def _ask_redis(
         self, domain: str, plans: list[_Plan], checks: list[Check], now_us: int | None
