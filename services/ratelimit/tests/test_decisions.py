@@ -199,3 +199,16 @@ async def test_a_refusal_from_the_cache_reports_where_the_other_limits_stand(red
     assert tenant.duration_until_reset.ToNanoseconds() > 0
     again = await limits.decide(request(descriptor(("tenant", "g"), hits=0)))
     assert again.statuses[0].limit_remaining == 990  # the refused request charged nothing
+
+
+async def test_a_refusals_reset_is_when_to_retry_and_agrees_with_its_headers(redis: Redis) -> None:
+    limits = decider(redis)
+    for _ in range(5):
+        await limits.decide(request(descriptor(("api_key", "h"))), now_us=T0)
+    refused = await limits.decide(request(descriptor(("api_key", "h"))), now_us=T0)
+    assert refused.overall_code == OVER_LIMIT
+    headers = {h.key: h.value for h in refused.response_headers_to_add}
+    # 5 a minute, all spent at once: one more fits 12 s later. It said 60 s (the key full again),
+    # more after each hit, while Retry-After said 12.
+    assert headers["Retry-After"] == headers["RateLimit-Reset"] == "12"
+    assert refused.statuses[0].duration_until_reset.ToSeconds() == 12

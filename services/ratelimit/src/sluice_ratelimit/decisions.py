@@ -208,6 +208,10 @@ class Decider:
             if refused:
                 status.code = OVER_LIMIT
                 over.extend((lim, d, plan.hits) for lim, d in refused)
+                if plan.hits <= shown[0].requests_per_unit:
+                    # When the caller may try again, as Retry-After says (Envoy's x-ratelimit-reset is
+                    # this): not when the key is full again, which grows with every hit.
+                    status.duration_until_reset.CopyFrom(_duration(retry_after_s(shown[1])))
         if over:
             response.overall_code = OVER_LIMIT
             _add_headers(response, over)
@@ -281,6 +285,11 @@ def _describe(
         status.duration_until_reset.CopyFrom(_duration(decision.reset_s))
 
 
+def retry_after_s(decision: Decision) -> int:
+    """Whole seconds until a refused request's hits fit (HTTP's Retry-After is whole seconds)."""
+    return math.ceil(decision.wait_s)
+
+
 def _duration(seconds: float) -> duration_pb2.Duration:
     duration = duration_pb2.Duration()
     duration.FromNanoseconds(int(seconds * 1e9))
@@ -296,7 +305,7 @@ def _add_headers(response: rls_pb2.RateLimitResponse, over: list[tuple[Limit, De
         lim, hits = never[0]
         message = f"asks for {hits} at once, more than the rate limit of {lim.requests_per_unit} per {lim.unit}"
     else:
-        retry_after = max(math.ceil(d.wait_s) for _, d, _ in over)
+        retry_after = max(retry_after_s(d) for _, d, _ in over)
         headers += [("RateLimit-Reset", str(retry_after)), ("Retry-After", str(retry_after))]
         message = f"over the rate limit of {limit.requests_per_unit} per {limit.unit}; retry in {retry_after} s"
     for key, value in headers:
