@@ -29,6 +29,14 @@ async def test_admits_exactly_the_limit_at_once_then_refills_smoothly(redis: Red
     assert await admitted(limiter, per_minute(10), 20, T0 + 10 * 60 * SECOND) == 10
 
 
+async def test_any_window_of_one_period_admits_at_most_twice_the_limit_less_one(redis: Redis) -> None:
+    # The docs once said exactly the limit: a burst, then the refill within the same period, is more.
+    limiter, per_second = Limiter(redis), Check("w", 1, 10, 1)
+    burst = await admitted(limiter, per_second, 11, T0)
+    refill = [await admitted(limiter, per_second, 2, T0 + k * SECOND // 10) for k in range(1, 10)]
+    assert (burst, refill) == (10, [1] * 9)  # 19 within 0.9 s: 2 x 10 - 1
+
+
 async def test_reports_remaining_reset_and_wait(redis: Redis) -> None:
     limiter = Limiter(redis)
     (first,) = await limiter.decide([per_minute(10, hits=4)], T0)

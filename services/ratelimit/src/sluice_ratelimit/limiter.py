@@ -3,9 +3,10 @@
 GCRA (the generic cell rate algorithm) keeps one number per key: how far the
 key's "theoretical arrival time" is ahead of now, its *debt*. Each hit adds
 ``period / limit`` to it; a request is admitted if the debt stays within one
-period. That admits exactly ``limit`` hits in any window of one period, lets a
-burst of up to ``limit`` through at once, and then refills smoothly, so there
-is no double burst at a window edge as with fixed windows. Refunds subtract.
+period. That lets a burst of up to ``limit`` through at once and then refills
+smoothly, one hit every ``period / limit``: at most ``2 * limit - 1`` in any
+window of one period, never two bursts back to back (docs/ratelimit.md).
+Refunds subtract.
 
 One Lua script takes every check of a request (``KEYS``) and decides them all
 or none: when any check fails, nothing is consumed anywhere. The debt is kept
