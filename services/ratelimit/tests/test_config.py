@@ -65,14 +65,13 @@ def test_unmatched_descriptors_have_no_rule() -> None:
     [
         ("domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: fortnight, requests_per_unit: 1}\n",
          "descriptors[0].rate_limit.unit: unknown unit 'fortnight'"),
-        ("domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: minute, requests_per_unit: 0}\n",
-         "descriptors[0].rate_limit.requests_per_unit: expected a whole number from 1 to 4294967295"),
+        ("domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: minute, requests_per_unit: -1}\n",
+         "descriptors[0].rate_limit.requests_per_unit: expected a whole number from 0 to 4294967295"),
         ("domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: minute, requests_per_unit: '5'}\n",
-         "requests_per_unit: expected a whole number from 1"),
+         "requests_per_unit: expected a whole number from 0"),
         ("domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: month, requests_per_unit: 5000000000}\n",
-         "requests_per_unit: expected a whole number from 1 to 4294967295"),
+         "requests_per_unit: expected a whole number from 0 to 4294967295"),
         ("domain: d\ndescriptors:\n  - key: k\n    colour: blue\n", "descriptors[0].colour: unknown key"),
-        ("domain: d\ndescriptors:\n  - key: k\n    detailed_metric: true\n", "not supported by sluice"),
         ("domain: d\ndescriptors:\n  - value: v\n", "descriptors[0].key: expected a non-empty string"),
         ("descriptors: []\n", "domain: expected a non-empty string"),
         ("domain: d\ndescriptors:\n  - key: k\n  - key: k\n", "a second descriptor for key 'k'"),
@@ -91,6 +90,33 @@ def test_bad_configuration_names_file_place_and_reason(text: str, message: str) 
         parse(text, Path("limits/bad.yaml"))
     assert str(caught.value).startswith("limits/bad.yaml: ")
     assert message in str(caught.value)
+
+
+UPSTREAM_KEYS = """
+domain: upstream
+descriptors:
+  - key: remote_address
+    detailed_metric: true
+    value_to_metric: true
+    share_threshold: true
+    quota_mode: true
+    metadata: {team: edge}
+    rate_limit: {unit: second, requests_per_unit: 10}
+  - key: blocked
+    rate_limit: {unit: second, requests_per_unit: 0}
+"""
+
+
+def test_upstream_keys_are_taken_and_named_as_not_implemented(caplog: pytest.LogCaptureFixture) -> None:
+    # Seven of ten of envoyproxy/ratelimit's own example files stopped the service at start.
+    domain = parse(UPSTREAM_KEYS, Path("upstream.yaml"))
+    rule = domain.match([("remote_address", "10.0.0.1")])
+    assert rule is not None and rule.limits[0].requests_per_unit == 10
+    blocked = domain.match([("blocked", "x")])
+    assert blocked is not None and blocked.limits[0].requests_per_unit == 0  # upstream's block list
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    for key in ("detailed_metric", "value_to_metric", "share_threshold", "quota_mode", "metadata"):
+        assert f"descriptors[0].{key}: accepted but not implemented" in warned
 
 
 def test_several_files_and_domains(tmp_path: Path) -> None:

@@ -124,6 +124,23 @@ async def test_a_descriptor_limit_overrides_the_configured_one(redis: Redis) -> 
     assert answers[0].statuses[0].current_limit.requests_per_unit == 2
 
 
+async def test_a_limit_of_zero_refuses_everything_and_charges_nothing(redis: Redis) -> None:
+    # Upstream's block list; an override of 0 was INVALID_ARGUMENT, which Envoy's fail-open turned into an allow.
+    limits = decider(redis)
+    blocked = descriptor(("tenant", "t0"))
+    blocked.limit.CopyFrom(
+        ratelimit_pb2.RateLimitDescriptor.RateLimitOverride(requests_per_unit=0, unit=ratelimit_unit_pb2.MINUTE)
+    )
+    for hits in (1, 0):  # a charge, and a check
+        blocked.hits_addend.CopyFrom(wrappers_pb2.UInt64Value(value=hits))
+        answer = await limits.decide(request(blocked, descriptor(("api_key", "z"))), T0)
+        assert answer.overall_code == OVER_LIMIT
+        assert answer.raw_body.decode() == "blocked: the rate limit is 0 per minute"
+        assert "Retry-After" not in {h.key for h in answer.response_headers_to_add}
+    free = await limits.decide(request(descriptor(("api_key", "z"))), T0)
+    assert free.statuses[0].limit_remaining == 4  # of 5 a minute: the refused requests charged it nothing
+
+
 async def test_replaces_drops_the_named_limit(redis: Redis) -> None:
     limits = decider(redis)
     both = request(descriptor(("api_key", "d")), descriptor(("vip", "d")))

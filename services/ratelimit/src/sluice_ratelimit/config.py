@@ -24,6 +24,7 @@ place in it and the reason; nothing is silently ignored.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ UNIT_SECONDS = {
     "month": 30 * 86400,
     "year": 365 * 86400,
 }
+logger = logging.getLogger(__name__)
+
 # Envoy's API carries a limit as a uint32.
 MAX_REQUESTS_PER_UNIT = 2**32 - 1
 # The response's RateLimit.Unit values (WEEK is 7; the others follow SECOND = 1).
@@ -50,8 +53,10 @@ OVERRIDE_UNITS = {1: "second", 2: "minute", 3: "hour", 4: "day", 5: "month", 6: 
 
 _DESCRIPTOR_KEYS = {"key", "value", "rate_limit", "rate_limits", "shadow_mode", "descriptors"}
 _LIMIT_KEYS = {"unit", "requests_per_unit", "unlimited", "name", "replaces"}
-# Keys of the reference format that sluice does not implement: an error, not ignored.
-_UNSUPPORTED = {"quota_mode", "detailed_metric", "value_to_metric", "share_threshold", "metadata"}
+# Keys of the reference format that sluice does not implement (per-value metrics, shared
+# thresholds, quota mode, metadata): upstream's files are taken as they are, each such key
+# named in a warning, so that nobody believes it applies.
+_NOT_IMPLEMENTED = {"quota_mode", "detailed_metric", "value_to_metric", "share_threshold", "metadata"}
 
 
 class ConfigError(Exception):
@@ -203,8 +208,9 @@ class _Where:
         if not isinstance(value, dict):
             raise self.fail(place, "expected a mapping")
         for key in value:
-            if key in _UNSUPPORTED:
-                raise self.fail(_join(place, str(key)), "not supported by sluice's rate-limit service")
+            if key in _NOT_IMPLEMENTED:
+                logger.warning("%s: %s: accepted but not implemented by sluice", self.source, _join(place, str(key)))
+                continue
             if key not in allowed:
                 raise self.fail(_join(place, str(key)), f"unknown key (expected one of {', '.join(sorted(allowed))})")
         return value
@@ -292,9 +298,10 @@ def _rule(where: _Where, item: dict[str, Any], place: str, path: str) -> Rule | 
         if unit not in UNIT_SECONDS:
             raise where.fail(_join(here, "unit"), f"unknown unit {unit!r} (one of {', '.join(UNIT_SECONDS)})")
         count = spec.get("requests_per_unit")
-        if isinstance(count, bool) or not isinstance(count, int) or not 0 < count <= MAX_REQUESTS_PER_UNIT:
+        # 0 blocks every request (upstream's block-list pattern).
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= MAX_REQUESTS_PER_UNIT:
             raise where.fail(
-                _join(here, "requests_per_unit"), f"expected a whole number from 1 to {MAX_REQUESTS_PER_UNIT}"
+                _join(here, "requests_per_unit"), f"expected a whole number from 0 to {MAX_REQUESTS_PER_UNIT}"
             )
         limits.append(Limit(count, unit, name))
     return Rule(path, tuple(limits), unlimited, shadow, frozenset(replaces))

@@ -208,7 +208,7 @@ class Decider:
             if refused:
                 status.code = OVER_LIMIT
                 over.extend((lim, d, plan.hits) for lim, d in refused)
-                if plan.hits <= shown[0].requests_per_unit:
+                if not _hopeless(shown[0], plan.hits):
                     # When the caller may try again, as Retry-After says (Envoy's x-ratelimit-reset is
                     # this): not when the key is full again, which grows with every hit.
                     status.duration_until_reset.CopyFrom(_duration(retry_after_s(shown[1])))
@@ -250,8 +250,6 @@ def _validate(request: rls_pb2.RateLimitRequest) -> None:
         if descriptor.HasField("limit"):
             if descriptor.limit.unit not in OVERRIDE_UNITS:
                 violations.append(FieldViolation(f"descriptors[{i}].limit.unit", "must be SECOND ... YEAR"))
-            if descriptor.limit.requests_per_unit == 0:
-                violations.append(FieldViolation(f"descriptors[{i}].limit.requests_per_unit", "must be above 0"))
     if violations:
         raise InvalidArgument(violations)
 
@@ -285,6 +283,11 @@ def _describe(
         status.duration_until_reset.CopyFrom(_duration(decision.reset_s))
 
 
+def _hopeless(limit: Limit, hits: int) -> bool:
+    """Whether no wait would let these hits through: a limit of 0 (a block list), or fewer than the hits."""
+    return limit.requests_per_unit == 0 or hits > limit.requests_per_unit
+
+
 def retry_after_s(decision: Decision) -> int:
     """Whole seconds until a refused request's hits fit (HTTP's Retry-After is whole seconds)."""
     return math.ceil(decision.wait_s)
@@ -299,11 +302,15 @@ def _duration(seconds: float) -> duration_pb2.Duration:
 def _add_headers(response: rls_pb2.RateLimitResponse, over: list[tuple[Limit, Decision, int]]) -> None:
     limit = min((lim for lim, _, _ in over), key=lambda lim: lim.requests_per_unit)
     headers = [("RateLimit-Limit", str(limit.requests_per_unit)), ("RateLimit-Remaining", "0")]
-    never = [(lim, hits) for lim, _, hits in over if hits > lim.requests_per_unit]
+    never = [(lim, hits) for lim, _, hits in over if _hopeless(lim, hits)]
     if never:
-        # More hits than the limit holds at all: no wait would help, so no hint to wait.
+        # Blocked, or more hits than the limit holds at all: no wait would help, so no hint to wait.
         lim, hits = never[0]
-        message = f"asks for {hits} at once, more than the rate limit of {lim.requests_per_unit} per {lim.unit}"
+        message = (
+            f"blocked: the rate limit is 0 per {lim.unit}"
+            if lim.requests_per_unit == 0
+            else f"asks for {hits} at once, more than the rate limit of {lim.requests_per_unit} per {lim.unit}"
+        )
     else:
         retry_after = max(retry_after_s(d) for _, d, _ in over)
         headers += [("RateLimit-Reset", str(retry_after)), ("Retry-After", str(retry_after))]

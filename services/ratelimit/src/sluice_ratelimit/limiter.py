@@ -45,7 +45,7 @@ for i = 1, n do
   local a = 1 + (i - 1) * 5
   local period, limit = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   local hits, mode, shadow = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
-  local step = period / limit
+  local step = period / math.max(limit, 1)
   -- Room for floating-point rounding: nanoseconds, far below one hit.
   local slack = period * 1e-12 + 1e-3
   local stored = redis.call('HMGET', KEYS[i], 'd', 't')
@@ -57,6 +57,8 @@ for i = 1, n do
   if mode == 0 then after = debt + hits * step
   elseif mode == 2 then after = math.max(0, debt - hits * step) end
   local within = after <= period + slack or mode == 2
+  -- A limit of 0 (a block list) refuses every hit and every check, and charges nothing.
+  if limit == 0 then within, after = mode == 2, debt end
   local ok = within or shadow == 1
   if not ok then over = true end
   debts[i], admitted[i] = {debt, after, period, step, hits, within}, ok
