@@ -93,6 +93,15 @@ async def test_shadow_mode_admits_but_says_it_was_over(redis: Redis) -> None:
     assert [r.within for r in results] == [True, True, False]
 
 
+async def test_shadow_mode_leaves_no_debt_for_enforcement_to_find(redis: Redis) -> None:
+    # 300 hits on a 10-a-second rule in shadow mode, then enforcing: it refused the key for about 30 s.
+    limiter = Limiter(redis)
+    shadow, enforced = Check("s", 1, 10, 1, shadow=True), Check("s", 1, 10, 1)
+    assert await admitted(limiter, shadow, 300, T0) == 300
+    assert await admitted(limiter, enforced, 1, T0) == 0  # the 10 a second are spent, as enforcement would have
+    assert await admitted(limiter, enforced, 10, T0 + SECOND) == 10  # and no more than that
+
+
 async def test_keys_expire_once_refilled(redis: Redis) -> None:
     limiter = Limiter(redis)
     await limiter.decide([per_minute(60, key="ttl", hits=30)], T0)

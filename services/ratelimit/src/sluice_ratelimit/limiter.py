@@ -66,12 +66,15 @@ end
 local out = {}
 for i = 1, n do
   local debt, after, period, step, hits, within = unpack(debts[i])
-  if not over and after ~= debt then
+  -- A shadow-mode check over its limit is admitted but not recorded, as enforcement would not
+  -- have: switching it to enforcing then decides exactly as if it had been enforcing all along.
+  local recorded = not over and within
+  if recorded and after ~= debt then
     redis.call('HSET', KEYS[i], 'd', after, 't', now)
     redis.call('PEXPIRE', KEYS[i], math.ceil(after / 1000) + 1)
   end
   local now_debt = after
-  if over then now_debt = debt end
+  if not recorded then now_debt = debt end
   local remaining = math.max(0, math.floor((period - now_debt) / step + 1e-6))
   local wait, wait_one = 0, 0
   if not within then
