@@ -71,6 +71,7 @@ async def run(args: argparse.Namespace) -> int:
             f"ratelimit :{ports.ratelimit_metrics}, datastore :{ports.datastore_metrics}\n"
             f"  state: Redis {shown(stack.redis_url)}, PostgreSQL {shown(stack.database_url)}\n"
             f"  logs: {args.state_dir / 'logs'}\n"
+            f"  internal network: mutual TLS, certificates in {stack.tls_dir} (sluice admin uses admin.pem)\n"
             f"  demo tenant's API key: {demo_key} (also in {args.state_dir / 'demo-api-key'})\n"
             f'try:  .venv/bin/sluice generate "The river"   (with the demo key)\n'
             f"Ctrl-C stops everything.",
