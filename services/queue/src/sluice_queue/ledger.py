@@ -27,6 +27,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from sluice.datastore.v1 import datastore_pb2
+from sluice_core.logs import RateLimitedLogger
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class Ledger:
         self._new: set[str] = set()
         self._gone: set[str] = set()
         self._wake = asyncio.Event()
+        self._log = RateLimitedLogger(logger)  # an outage fails every update
         # Redis last failed here (or this replica started): no claims for a lease after it.
         self._failed_at = time.monotonic()
 
@@ -107,10 +109,6 @@ class Ledger:
             if self._drafts.pop(request_id, None) is not None:
                 self._new.discard(request_id)
                 self._gone.add(request_id)
-
-    @property
-    def open_drafts(self) -> int:
-        return len(self._drafts)
 
     async def run(self, owe: Callable[[datastore_pb2.UsageRecord], None]) -> None:
         """Mirror new drafts at once and all of them every interval; claim the dead's and ``owe`` each. Until
@@ -133,22 +131,21 @@ class Ledger:
             for record in await self.claim():
                 owe(record)
 
-    async def mirror(self, only_new: bool = False) -> bool:
+    async def mirror(self, only_new: bool = False) -> None:
         """Write drafts (the new ones, or all) to Redis and renew their leases; delete those written."""
         ids = list(self._new) if only_new else list(self._drafts)
         gone = list(self._gone)
         if not ids and not gone:
-            return True
+            return
         pairs = [value for i in ids for value in (i, self._drafts[i]().SerializeToString())]
         try:
             await self._script(keys=[self._prefix], args=["mirror", self._lease_ms, len(gone), *gone, *pairs])
         except RedisError as exc:
             self._failed_at = time.monotonic()
-            logger.warning("usage drafts not mirrored (%s); retrying", exc)
-            return False
+            self._log.warning("usage drafts not mirrored (%s); retrying", exc)
+            return
         self._new.difference_update(ids)
         self._gone.difference_update(gone)
-        return True
 
     async def claim(self) -> list[datastore_pb2.UsageRecord]:
         """The drafts of replicas that stopped renewing them, now owed (and renewed) by this one."""
@@ -158,7 +155,7 @@ class Ledger:
             found = await self._script(keys=[self._prefix], args=["claim", self._lease_ms, self._claim_limit])
         except RedisError as exc:
             self._failed_at = time.monotonic()
-            logger.warning("could not look for other replicas' usage drafts (%s)", exc)
+            self._log.warning("could not look for other replicas' usage drafts (%s)", exc)
             return []
         assert isinstance(found, list)
         records = [datastore_pb2.UsageRecord.FromString(blob) for blob in found]
