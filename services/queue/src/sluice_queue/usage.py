@@ -57,7 +57,7 @@ class UsageRecorder:
         self._commit_due = asyncio.Event()
 
     def open(self, request_id: str, draft: Draft) -> None:
-        """A request began using a slot: what ``draft()`` says it used so far is billed if this replica dies."""
+        """An engine took a request on: what ``draft()`` says it used so far is billed if this replica dies."""
         if self._ledger is not None:
             self._ledger.open(request_id, draft)
 
