@@ -1,6 +1,6 @@
 """Usage a replica still owes, mirrored in Redis, so that another replica bills it if this one dies.
 
-Every request holding a slot here has a draft of its usage record in Redis,
+Every request an engine took on here has a draft of its usage record in Redis,
 brought up to date every ``interval_s`` with what it has been sent so far,
 under a lease this replica renews; new drafts go out at once (one call for
 all that arrive while the last one was under way). Once a request's record
