@@ -266,3 +266,18 @@ def test_megabytes_of_ideographic_spaces_are_refused_after_tokenizing_about_a_co
         with pytest.raises(InvalidArgument, match="far longer"):
             validate(request(prompt="\u3000" * chars), counting, max_model_len=context, vocab_size=512)
     assert counting.chars <= 4 * context + 4096  # U+3000 is at least a token a character
+
+
+def test_many_empty_messages_are_a_long_input_refused_untouched() -> None:
+    # 400,000 empty messages were rendered and tokenized on the replica's loop, holding its other streams.
+    tokenizer = CountingTokenizer()
+    empty = [common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content="")] * 5000
+    request_ = inference_pb2.GenerateRequest(
+        messages=common_pb2.ChatMessages(
+            messages=[*empty, common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content="hi")]
+        ),
+        sampling=common_pb2.SamplingParams(max_tokens=1),
+    )
+    with pytest.raises(InvalidArgument, match="far longer"):
+        validate(request_, tokenizer, max_model_len=64, vocab_size=100)
+    assert tokenizer.chars == 0

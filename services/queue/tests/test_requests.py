@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 from sluice.common.v1 import generation_pb2 as common_pb2
@@ -49,6 +51,13 @@ def chat(*turns: tuple[common_pb2.Role.ValueType, str]) -> common_pb2.ChatMessag
         (public(prompt=None, messages=chat((9, "hi"))), ["messages.messages[0].role"]),  # type: ignore[arg-type]
         (public(prompt=None, messages=chat((common_pb2.ROLE_USER, " "))), ["messages"]),
         (public(sampling=common_pb2.SamplingParams(max_tokens=1, stop=["x" * 257])), ["sampling.stop"]),
+        # 400,000 empty messages held a replica's other streams for 4 s.
+        (public(prompt=None, messages=chat(*[(common_pb2.ROLE_USER, "")] * 4097)), ["messages"]),
+        # A turn of a conversation that could not be stored was generated, then silently dropped.
+        (
+            public(prompt=None, conversation_id=str(uuid.uuid4()), messages=chat(*[(common_pb2.ROLE_USER, "x")] * 256)),
+            ["messages"],
+        ),
     ],
 )
 def test_bad_input_is_rejected_before_queueing(request_: generation_pb2.GenerateRequest, fields: list[str]) -> None:

@@ -14,7 +14,7 @@ from typing import Protocol
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.inference.v1 import inference_pb2
 from sluice_core.errors import FieldViolation, InvalidArgument
-from sluice_core.messages import validate_messages
+from sluice_core.messages import MAX_MESSAGES, TEMPLATE_CHARS_PER_MESSAGE, validate_messages
 from sluice_core.sampling import Sampling, validate_sampling
 from sluice_inference.prompts import ChatTemplateError
 
@@ -124,7 +124,8 @@ def _cannot_fit(request: inference_pb2.GenerateRequest, tokenizer: PromptTokeniz
             texts = [m.content for m in request.messages.messages[request.history_messages :]]
         case _:
             return False
-    chars, most = sum(map(len, texts)), 2 * max_model_len * tokenizer.longest_token_chars
+    chars = sum(map(len, texts)) + (TEMPLATE_CHARS_PER_MESSAGE * len(texts) if request.HasField("messages") else 0)
+    most = 2 * max_model_len * tokenizer.longest_token_chars
     if chars <= most:
         return False
     if chars > 2 * most:
@@ -167,7 +168,8 @@ def _prompt_token_ids(
             return tokenizer.encode(request.prompt), 0
         case "messages":
             messages = list(request.messages.messages)
-            if not validate_messages(messages, out):
+            # The history the queue adds (at most its own cap) comes on top of the caller's messages.
+            if not validate_messages(messages, out, most=2 * MAX_MESSAGES):
                 return None, 0
             if request.history_messages > len(messages):
                 out.append(FieldViolation("history_messages", "more than there are messages"))

@@ -16,6 +16,7 @@ from opentelemetry import trace
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
 from sluice_core.errors import SluiceError
+from sluice_core.messages import TEMPLATE_CHARS_PER_MESSAGE
 from sluice_core.metrics import RequestMetrics, StreamTimer, ended_early
 from sluice_inference.chunking import hold_s, next_send
 from sluice_inference.engines import EngineOutput
@@ -42,7 +43,8 @@ _INLINE_INPUT_CHARS = 16_384
 
 
 def _input_chars(request: inference_pb2.GenerateRequest) -> int:
-    return len(request.prompt) + sum(len(m.content) for m in request.messages.messages)
+    messages = request.messages.messages
+    return len(request.prompt) + sum(len(m.content) for m in messages) + TEMPLATE_CHARS_PER_MESSAGE * len(messages)
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):

@@ -54,6 +54,7 @@ from envoy_api.envoy.type.v3 import ratelimit_unit_pb2
 from sluice.datastore.v1 import datastore_pb2
 from sluice_core.errors import ResourceExhausted, Unavailable
 from sluice_core.logs import RateLimitedLogger
+from sluice_core.messages import TEMPLATE_CHARS_PER_MESSAGE
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +64,6 @@ UNCHECKED = Counter(
     ["action"],
 )
 
-# Bytes of chat template around each message, on top of its text.
-_TEMPLATE_BYTES_PER_MESSAGE = 16
 _REQUESTS, _TOKENS = "tenant_requests", "tenant_tokens"
 # Budgets are per minute: a give-back older than that would go to a later minute's.
 _REFUND_WITHIN_S = 60.0
@@ -113,7 +112,7 @@ def reserve_tokens(texts: list[str], max_tokens: int, context: int) -> int:
     costs no more than that; counted in bytes, it could exceed the tenant's
     whole budget and be refused forever.
     """
-    estimate = sum(len(t.encode()) + _TEMPLATE_BYTES_PER_MESSAGE for t in texts) + max_tokens
+    estimate = sum(len(t.encode()) + TEMPLATE_CHARS_PER_MESSAGE for t in texts) + max_tokens
     return min(estimate, context) if context else estimate
 
 

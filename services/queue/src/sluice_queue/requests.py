@@ -18,6 +18,8 @@ from sluice_core.messages import validate_messages
 from sluice_core.sampling import validate_sampling
 
 MAX_CLIENT_REQUEST_ID_LEN = 128
+# The data-access service appends at most 256 messages at once: a turn's and the reply.
+MAX_TURN_MESSAGES = 255
 _MESSAGE_FIELD = re.compile(r"messages\.messages\[(\d+)\](.*)")
 
 # The engine runs lower priority values first.
@@ -45,6 +47,11 @@ def to_inference(request: generation_pb2.GenerateRequest, request_id: str) -> in
         violations.append(FieldViolation("priority", f"unknown priority {request.priority}"))
     if request.conversation_id and canonical_id(request.conversation_id) is None:
         violations.append(FieldViolation("conversation_id", MALFORMED))
+    if request.conversation_id and len(request.messages.messages) > MAX_TURN_MESSAGES:
+        # Generated, then silently not stored, it was: the exchange did not fit one append.
+        violations.append(
+            FieldViolation("messages", f"at most {MAX_TURN_MESSAGES} messages in a turn of a conversation")
+        )
     if len(request.client_request_id) > MAX_CLIENT_REQUEST_ID_LEN:
         violations.append(FieldViolation("client_request_id", f"at most {MAX_CLIENT_REQUEST_ID_LEN} characters"))
     if violations:
