@@ -269,3 +269,32 @@ async def test_huge_fields_get_a_bounded_answer_and_other_callers_streams_go_on(
     assert caught.value.code() == code, caught.value.details()
     assert len(caught.value.details() or "") < MAX_ERROR_CHARS
     await bystanders.unaffected()
+
+
+async def test_a_malformed_grpc_timeout_is_refused_at_the_edge_and_harms_no_other_call(stack: LocalStack) -> None:
+    # Sent on to a queue replica, a few of these made other callers' calls with deadlines fail INTERNAL.
+    frame = generation_pb2.GenerateRequest(prompt="hi", sampling=sampling(1)).SerializeToString()
+    body = b"\x00" + len(frame).to_bytes(4, "big") + frame
+    for timeout, status in (("abc", 3), ("1x", 3), ("123456789S", 3), ("-5S", 3), ("99999999H", 0)):
+        curl = await asyncio.create_subprocess_exec(
+            "curl", "-s", "--http2-prior-knowledge", "-D", "-", "-o", "/dev/null", "--max-time", "10",
+            "-H", "content-type: application/grpc", "-H", "te: trailers", "-H", f"grpc-timeout: {timeout}",
+            "-H", f"x-api-key: {stack.demo_api_key}", "--data-binary", "@-",
+            f"http://{stack.edge}/sluice.generation.v1.Generation/Generate",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        headers, _ = await curl.communicate(body)
+        assert f"grpc-status: {status}".encode() in headers, (timeout, headers)  # the longest is no deadline
+    async with GenerationClient(stack.edge, api_key=stack.demo_api_key) as client:
+        for _ in range(24):
+            assert [
+                e async for e in client.generate(generation_pb2.GenerateRequest(prompt="hi", sampling=sampling(1)), 10)
+            ]
+
+
+async def test_a_deadline_centuries_away_is_no_deadline(stack: LocalStack) -> None:
+    # gRPC's clock overflowed on it: DEADLINE_EXCEEDED within 5 ms.
+    async with GenerationClient(stack.edge, api_key=stack.demo_api_key) as client:
+        request = generation_pb2.GenerateRequest(prompt="hi", sampling=sampling(4))
+        events = [e async for e in client.generate(request, timeout=3.6e10)]
+    assert events[-1].HasField("finished")

@@ -52,6 +52,7 @@ _OUTCOMES = {
 
 # Outcomes whose exchange is appended to its conversation.
 _STORED = ("stop", "length")
+_LONGEST_DEADLINE_S = 7 * 86400.0
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -143,7 +144,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self, request: generation_pb2.CreateConversationRequest, context: Context
     ) -> generation_pb2.Conversation:
         tenant = await self._auth.tenant(context.invocation_metadata())
-        return generation_pb2.Conversation(id=await self._conversations.create(tenant.id, context.time_remaining()))
+        return generation_pb2.Conversation(id=await self._conversations.create(tenant.id, _remaining(context)))
 
     async def Generate(
         self, request: generation_pb2.GenerateRequest, context: Context
@@ -169,9 +170,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             internal = to_inference(request, request_id)
             added = new_messages(request)
             if request.conversation_id:
-                history = await self._conversations.history(
-                    request.conversation_id, tenant.id, context.time_remaining()
-                )
+                history = await self._conversations.history(request.conversation_id, tenant.id, _remaining(context))
                 with_history(internal, history, added)
             waiting_since = time.perf_counter()
             ticket = await self._scheduler.enter(request_id, tenant.id, tenant.scheduling_weight, request.priority)
@@ -190,12 +189,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             with _tracer.start_as_current_span("queue.stream") as span:
                 # The generation is sent first and the budget reserved while the replica
                 # starts: the check costs no time to first token.
-                calls = _Calls(lambda: self._inference.Generate(internal, timeout=context.time_remaining()))
+                calls = _Calls(lambda: self._inference.Generate(internal, timeout=_remaining(context)))
                 reserving = asyncio.ensure_future(
                     self._budgets.reserve(
                         tenant,
                         reserve_tokens(texts, internal.sampling.max_tokens, self._engines.max_model_len),
-                        context.time_remaining(),
+                        _remaining(context),
                     )
                 )
                 relay = self._relay(span, calls, internal, request, timer, queue_s, reserving, progress, ticket)
@@ -214,7 +213,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                                 added,
                                 "".join(progress.reply),
                                 progress.completion_tokens,
-                                context.time_remaining(),
+                                _remaining(context),
                             )
                         # Billed before the caller hears it finished: a queue replica killed now loses
                         # nothing. One the data-access service cannot take in time is kept and written later.
@@ -407,3 +406,11 @@ def _usage_record(
         status=status or progress.outcome,
         finished_at=finished,
     )
+
+
+def _remaining(context: Context) -> float | None:
+    """The caller's time left, for the calls made for it; one further off than a week is no deadline:
+    gRPC's clock overflows on the longest the protocol allows (99999999 hours), and the call failed
+    DEADLINE_EXCEEDED at once."""
+    left: float | None = context.time_remaining()  # None without a deadline, whatever the stubs say
+    return None if left is None or left > _LONGEST_DEADLINE_S else left
