@@ -11,6 +11,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 
 from envoy_api.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from sluice.common.v1 import generation_pb2 as common_pb2
@@ -298,3 +299,23 @@ async def test_a_deadline_centuries_away_is_no_deadline(stack: LocalStack) -> No
         request = generation_pb2.GenerateRequest(prompt="hi", sampling=sampling(4))
         events = [e async for e in client.generate(request, timeout=3.6e10)]
     assert events[-1].HasField("finished")
+
+
+async def test_reflection_on_the_edge_describes_the_public_api_alone(stack: LocalStack) -> None:
+    # It described the data-access service's API (CreateTenant, IssueApiKey, ...) to anyone.
+    async with grpc.aio.insecure_channel(stack.edge) as edge:
+        info: grpc.aio.StreamStreamMultiCallable[
+            reflection_pb2.ServerReflectionRequest, reflection_pb2.ServerReflectionResponse
+        ] = edge.stream_stream(
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        asked = [
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
+            for symbol in ("sluice.generation.v1.Generation", "sluice.datastore.v1.DataStore",
+                           "sluice.inference.v1.Inference")
+        ]  # fmt: skip
+        answers = [answer async for answer in info(iter(asked))]
+    found = [answer.HasField("file_descriptor_response") for answer in answers]
+    assert found == [True, False, False]

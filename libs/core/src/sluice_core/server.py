@@ -11,6 +11,7 @@ service closes its own clients.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
@@ -19,6 +20,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import grpc
+from google.protobuf import descriptor, descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from prometheus_client import start_http_server
@@ -66,7 +68,7 @@ class GrpcServer:
 
     async def start(self) -> None:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        reflecting = reflection.aio.ReflectionServicer(self._service_names)
+        reflecting = reflection.aio.ReflectionServicer(self._service_names, pool=_pool_of(self._service_names))
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflecting, self._server)
         # And as grpc.reflection.v1, which current clients (grpcurl) ask for first: grpcio-reflection
         # implements only v1alpha, whose messages are the same on the wire.
@@ -152,3 +154,23 @@ class GrpcServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
+
+
+def _pool_of(service_names: Sequence[str]) -> descriptor_pool.DescriptorPool:
+    """The files of these services and what they import, alone: reflection on the default pool
+    described every API the process had imported (the edge answered for the data-access service's)."""
+    default, pool, added = descriptor_pool.Default(), descriptor_pool.DescriptorPool(), set[str]()
+
+    def add(file: descriptor.FileDescriptor) -> None:
+        if file.name not in added:
+            added.add(file.name)
+            for imported in file.dependencies:
+                add(imported)
+            proto = descriptor_pb2.FileDescriptorProto()
+            file.CopyToProto(proto)
+            pool.Add(proto)
+
+    for name in service_names:
+        with contextlib.suppress(KeyError):  # a name that is no service's (a health name alone)
+            add(default.FindServiceByName(name).file)
+    return pool
