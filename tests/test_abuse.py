@@ -272,25 +272,35 @@ async def test_huge_fields_get_a_bounded_answer_and_other_callers_streams_go_on(
     await bystanders.unaffected()
 
 
+async def raw_call(stack: LocalStack, *headers: str, message: bool = True) -> bytes:
+    """A Generate call as curl sends it, with headers no gRPC library would send; its response headers.
+    Without the ``message``, a reply Envoy gives before reading it does not race the upload."""
+    frame = generation_pb2.GenerateRequest(prompt="hi", sampling=sampling(1)).SerializeToString()
+    body = b"\x00" + len(frame).to_bytes(4, "big") + frame if message else b""
+    options = [option for header in headers for option in ("-H", header)]
+    curl = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "--http2-prior-knowledge", "-D", "-", "-o", "/dev/null", "--max-time", "10",
+        "-H", "content-type: application/grpc", "-H", "te: trailers", *options, "--data-binary", "@-",
+        f"http://{stack.edge}/sluice.generation.v1.Generation/Generate",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    answer, error = await curl.communicate(body)
+    assert answer, error.decode()
+    return answer
+
+
 async def test_a_malformed_grpc_timeout_is_refused_at_the_edge_and_harms_no_other_call(stack: LocalStack) -> None:
     # Sent on to a queue replica, a few of these made other callers' calls with deadlines fail INTERNAL.
-    frame = generation_pb2.GenerateRequest(prompt="hi", sampling=sampling(1)).SerializeToString()
-    body = b"\x00" + len(frame).to_bytes(4, "big") + frame
-    for timeout, status in (("abc", 3), ("1x", 3), ("123456789S", 3), ("-5S", 3), ("99999999H", 0)):
-        curl = await asyncio.create_subprocess_exec(
-            "curl", "-s", "--http2-prior-knowledge", "-D", "-", "-o", "/dev/null", "--max-time", "10",
-            "-H", "content-type: application/grpc", "-H", "te: trailers", "-H", f"grpc-timeout: {timeout}",
-            "-H", f"x-api-key: {stack.demo_api_key}", "--data-binary", "@-",
-            f"http://{stack.edge}/sluice.generation.v1.Generation/Generate",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        headers, _ = await curl.communicate(body)
-        assert f"grpc-status: {status}".encode() in headers, (timeout, headers)  # the longest is no deadline
+    key = f"x-api-key: {stack.demo_api_key}"
+    for timeout in ("abc", "1x", "123456789S", "-5S"):
+        headers = await raw_call(stack, f"grpc-timeout: {timeout}", key, message=False)
+        assert b"grpc-status: 3" in headers and b"malformed grpc-timeout" in headers, (timeout, headers)
+    # The longest the protocol allows is no deadline (it was DEADLINE_EXCEEDED at once).
+    assert b"grpc-status: 0" in await raw_call(stack, "grpc-timeout: 99999999H", key)
+    request = generation_pb2.GenerateRequest(prompt="hi", sampling=sampling(1))
     async with GenerationClient(stack.edge, api_key=stack.demo_api_key) as client:
         for _ in range(24):
-            assert [
-                e async for e in client.generate(generation_pb2.GenerateRequest(prompt="hi", sampling=sampling(1)), 10)
-            ]
+            assert [e async for e in client.generate(request, 10)]
 
 
 async def test_a_deadline_centuries_away_is_no_deadline(stack: LocalStack) -> None:
@@ -319,3 +329,17 @@ async def test_reflection_on_the_edge_describes_the_public_api_alone(stack: Loca
         answers = [answer async for answer in info(iter(asked))]
     found = [answer.HasField("file_descriptor_response") for answer in answers]
     assert found == [True, False, False]
+
+
+async def test_junk_calls_do_not_eject_a_healthy_queue_replica(stack: LocalStack) -> None:
+    # Calls with hopeless deadlines are DEADLINE_EXCEEDED (a 504 to Envoy): a few ejected a replica.
+    async def ejections() -> int:
+        stats = await stack.envoy_admin(
+            "/stats?filter=^cluster[.]queue[.]outlier_detection[.]ejections_enforced_total$"
+        )
+        return int(stats.split(":")[-1]) if stats else 0
+
+    before = await ejections()
+    for _ in range(20):
+        assert b"grpc-status: " in await raw_call(stack, "grpc-timeout: 1n", "x-api-key: junk")
+    assert await ejections() == before
