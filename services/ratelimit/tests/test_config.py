@@ -159,3 +159,14 @@ async def test_watching_goes_on_after_an_unexpected_failure(tmp_path: Path, monk
     watching = asyncio.create_task(store.watch(0.001))
     assert await asyncio.to_thread(went_on.wait, 5)
     watching.cancel()
+
+
+@pytest.mark.parametrize("key", ["anonymous", "sk-someone"])
+@pytest.mark.parametrize(
+    "method", ["/sluice.generation.v1.Generation/CreateConversation", "/grpc.health.v1.Health/Check"]
+)
+def test_the_shipped_edge_limits_cover_every_method(key: str, method: str) -> None:
+    # Only Generate was limited: 300 CreateConversation calls at once wrote 300 rows.
+    shipped = load([Path(__file__).parents[3] / "config" / "ratelimit"]).domains["sluice-edge"]
+    rule = shipped.match([("api_key", key), ("method", method)])
+    assert rule is not None and rule.limits
