@@ -69,3 +69,17 @@ def test_tls_needs_all_three_files(tls_dir: Path) -> None:
 async def test_a_containers_health_check_calls_its_own_service_as_itself(address: str, tls_dir: Path) -> None:
     assert await healthcheck.check(address, "", 5, certificates.files(tls_dir, "inference"))
     assert not await healthcheck.check(address, "", 5)  # without TLS it cannot connect
+
+
+@pytest.mark.parametrize(("identity", "code"), [("queue", "PERMISSION_DENIED"), ("admin", "UNIMPLEMENTED")])
+async def test_a_method_the_port_lacks_tells_a_stranger_nothing(
+    address: str, tls_dir: Path, identity: str, code: str
+) -> None:
+    # It answered UNIMPLEMENTED to anyone, and PERMISSION_DENIED only for methods it has: which exist showed.
+    async with channel(address, certificates.files(tls_dir, identity)) as connected:
+        call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = connected.unary_unary(
+            "/sluice.datastore.v1.DataStore/IssueApiKey"
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call(b"", timeout=5)
+    assert caught.value.code().name == code

@@ -126,6 +126,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, callers: frozenset[str] | None = None) -> None:
         """``callers``: the identities (``sluice_core.tls``) that may call, with TLS; None takes anyone."""
         self._callers = callers
+        self._unknown: grpc.RpcMethodHandler[bytes, None] = grpc.unary_unary_rpc_method_handler(
+            functools.partial(_unknown_method, callers)
+        )
         # Each method's wrapped handler, built at its first call: registered handlers never change.
         self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
@@ -139,7 +142,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if wrapped is None:
             handler = await continuation(handler_call_details)
             if handler is None:
-                return None  # an unknown method (not kept: any caller can make up names)
+                # An unknown method (not kept: any caller can make up names). A caller this port does
+                # not take learns nothing from it: which methods exist is theirs to know alone.
+                return None if self._callers is None else self._unknown
+
             wrapped = self._handlers[method] = _wrapped(handler, method, traced(handler_call_details), self._callers)
         return wrapped
 
@@ -198,6 +204,14 @@ def _lenient(deserializer: Callable[[bytes], Any] | None, method: str) -> Callab
             return _Undecodable(message)
 
     return deserialize
+
+
+async def _unknown_method(callers: frozenset[str] | None, request: bytes, context: Context) -> None:
+    try:
+        _admit(context, callers)
+    except errors.PermissionDenied as exc:
+        await context.abort(exc.code, exc.message)
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
 
 
 def _admit(context: Context, callers: frozenset[str] | None) -> None:
