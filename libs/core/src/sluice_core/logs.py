@@ -97,11 +97,17 @@ class RateLimitedLogger:
         self._left_out = 0
 
     def warning(self, message: str, *args: object) -> None:
+        self._log(logging.WARNING, message, args)
+
+    def error(self, message: str, *args: object) -> None:
+        self._log(logging.ERROR, message, args)
+
+    def _log(self, level: int, message: str, args: tuple[object, ...]) -> None:
         now = self._clock()
         if now - self._logged_at < self._interval_s:
             self._left_out += 1
             return
         if self._left_out:
             message += f" ({self._left_out} more like it since the last)"
-        self._logger.warning(message, *args)
+        self._logger.log(level, message, *args)
         self._logged_at, self._left_out = now, 0

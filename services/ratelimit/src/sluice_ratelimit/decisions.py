@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -24,6 +23,7 @@ from envoy_api.envoy.config.core.v3 import base_pb2
 from envoy_api.envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy_api.envoy.service.ratelimit.v3 import rls_pb2
 from sluice_core.errors import FieldViolation, InvalidArgument, Unavailable
+from sluice_core.logs import RateLimitedLogger
 from sluice_ratelimit.config import OVERRIDE_UNITS, UNIT_PROTO, Config, Limit, Rule
 from sluice_ratelimit.limiter import Check, Decision, Limiter, Mode
 from sluice_ratelimit.overlimit_cache import OverLimitCache
@@ -84,7 +84,8 @@ class Decider:
         self._limiter = limiter
         self._policy = policy
         self._cache = cache
-        self._last_error_log = 0.0
+        # At most one line per interval: a Redis outage must not flood the log.
+        self._redis_errors = RateLimitedLogger(logger, _ERROR_LOG_INTERVAL_S)
 
     async def decide(self, request: rls_pb2.RateLimitRequest, now_us: int | None = None) -> rls_pb2.RateLimitResponse:
         _validate(request)
@@ -176,12 +177,8 @@ class Decider:
         return decisions
 
     def _log_redis_error(self, exc: Exception) -> None:
-        # At most one line per interval: a Redis outage must not flood the log.
-        now = time.monotonic()
-        if now - self._last_error_log >= _ERROR_LOG_INTERVAL_S:
-            self._last_error_log = now
-            mode = "refusing (fail closed)" if self._policy.fail_closed else "allowing (fail open)"
-            logger.error("Redis failed (%s: %s); %s until it is back", type(exc).__name__, exc, mode)
+        mode = "refusing (fail closed)" if self._policy.fail_closed else "allowing (fail open)"
+        self._redis_errors.error("Redis failed (%s: %s); %s until it is back", type(exc).__name__, exc, mode)
 
     def _respond(
         self, domain: str, plans: list[_Plan], decisions: list[Decision] | None, from_redis: bool
