@@ -22,14 +22,12 @@ import grpc
 from opentelemetry import context, trace
 
 from sluice.generation.v1 import generation_pb2, generation_pb2_grpc
-from sluice_core.channels import insecure_channel
+from sluice_core.channels import LONGEST_DEADLINE_S, insecure_channel
 from sluice_core.errors import SluiceError, Unavailable, from_rpc_error
 from sluice_core.telemetry import TRACE_ID_KEY
 
 # gRPC's status for a stream the other end (Envoy) reset: RST_STREAM carries no status of its own.
 _RESET = "Stream removed"
-# A deadline further off than a week is none (Envoy's edge drops such a grpc-timeout too).
-_LONGEST_DEADLINE_S = 7 * 86400.0
 
 
 class StreamError(Exception):
@@ -114,8 +112,8 @@ class GenerationClient:
         self._metadata = (("x-api-key", api_key),) if api_key else ()
 
     def generate(self, request: generation_pb2.GenerateRequest, timeout: float | None = None) -> GenerationStream:
-        if timeout is not None and timeout > _LONGEST_DEADLINE_S:
-            timeout = None  # gRPC's clock overflows on one centuries away: the call failed at once
+        if timeout is not None and timeout > LONGEST_DEADLINE_S:
+            timeout = None
         with _new_trace() as (trace_id, traceparent):
             call = self._stub.Generate(request, timeout=timeout, metadata=self._metadata + traceparent)
         return GenerationStream(call, trace_id)

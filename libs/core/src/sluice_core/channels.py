@@ -51,6 +51,11 @@ _SERVICE_CONFIG = {
     "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
 }
 
+# A deadline further off than this is none: gRPC's clock overflows on the longest the protocol
+# allows (99999999 hours), and a call with one failed DEADLINE_EXCEEDED at once. Envoy's edge drops
+# such a grpc-timeout too (envoy/envoy.yaml.j2).
+LONGEST_DEADLINE_S = 7 * 86400.0
+
 CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),

@@ -29,6 +29,7 @@ from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.datastore.v1 import datastore_pb2
 from sluice.generation.v1 import generation_pb2, generation_pb2_grpc
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
+from sluice_core.channels import LONGEST_DEADLINE_S
 from sluice_core.errors import InvalidArgument, SluiceError, from_rpc_error
 from sluice_core.metrics import RequestMetrics, StreamTimer, ended_early
 from sluice_queue.auth import Authenticator
@@ -52,7 +53,6 @@ _OUTCOMES = {
 
 # Outcomes whose exchange is appended to its conversation.
 _STORED = ("stop", "length")
-_LONGEST_DEADLINE_S = 7 * 86400.0
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -409,8 +409,6 @@ def _usage_record(
 
 
 def _remaining(context: Context) -> float | None:
-    """The caller's time left, for the calls made for it; one further off than a week is no deadline:
-    gRPC's clock overflows on the longest the protocol allows (99999999 hours), and the call failed
-    DEADLINE_EXCEEDED at once."""
+    """The caller's time left, for the calls made for it (past ``LONGEST_DEADLINE_S``: none)."""
     left: float | None = context.time_remaining()  # None without a deadline, whatever the stubs say
-    return None if left is None or left > _LONGEST_DEADLINE_S else left
+    return None if left is None or left > LONGEST_DEADLINE_S else left
