@@ -4,9 +4,8 @@ documented status, and well-behaved streams on the same replicas are unaffected.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 
 import grpc
 import pytest
@@ -139,26 +138,25 @@ async def test_a_call_with_more_than_one_credential_is_refused(stack: LocalStack
     assert "one credential" in (caught.value.details() or "")
 
 
-def internal_calls(stack: LocalStack, connected: grpc.aio.Channel) -> dict[str, Awaitable[object]]:
-    """One call of each kind a stranger on the internal network would want to make."""
+def internal_calls(connected: grpc.aio.Channel) -> dict[str, Callable[[], Awaitable[object]]]:
+    """One call of each kind a stranger on the internal network would want to make, made when called."""
     datastore = datastore_pb2_grpc.DataStoreStub(connected)
     inference = inference_pb2_grpc.InferenceStub(connected)
     ratelimit = rls_pb2_grpc.RateLimitServiceStub(connected)
+    conversation = datastore_pb2.GetConversationRequest(conversation_id=str(uuid.uuid4()), tenant_id=str(uuid.uuid4()))
     return {
-        "issue an API key": datastore.IssueApiKey(datastore_pb2.IssueApiKeyRequest(tenant_id=str(uuid.uuid4()))),
-        "create a tenant": datastore.CreateTenant(
+        "issue an API key": lambda: datastore.IssueApiKey(
+            datastore_pb2.IssueApiKeyRequest(tenant_id=str(uuid.uuid4()))
+        ),
+        "create a tenant": lambda: datastore.CreateTenant(
             datastore_pb2.CreateTenantRequest(name="intruder", tier=datastore_pb2.TIER_PREMIUM)
         ),
-        "record usage": datastore.RecordUsage(iter([datastore_pb2.RecordUsageRequest()])),
-        "read a conversation": _first(
-            datastore.GetConversation(
-                datastore_pb2.GetConversationRequest(conversation_id=str(uuid.uuid4()), tenant_id=str(uuid.uuid4()))
-            )
-        ),
-        "generate at the engine": _first(
+        "record usage": lambda: datastore.RecordUsage(iter([datastore_pb2.RecordUsageRequest()])),
+        "read a conversation": lambda: _first(datastore.GetConversation(conversation)),
+        "generate at the engine": lambda: _first(
             inference.Generate(inference_pb2.GenerateRequest(prompt="hi", sampling=sampling()))
         ),
-        "spend a budget": ratelimit.ShouldRateLimit(rls_pb2.RateLimitRequest(domain="sluice-budget")),
+        "spend a budget": lambda: ratelimit.ShouldRateLimit(rls_pb2.RateLimitRequest(domain="sluice-budget")),
     }
 
 
@@ -182,8 +180,8 @@ async def test_the_internal_network_takes_no_call_from_a_stranger_or_another_ser
 ) -> None:
     tls = stack.identity(identity) if identity else None
     async with channel(stack.internal, tls) as connected:
-        for what, call in internal_calls(stack, connected).items():
-            code = await code_of(call)
+        for what, call in internal_calls(connected).items():
+            code = await code_of(call())
             # Without a certificate there is no connection at all; with another service's, no route.
             expected = grpc.StatusCode.UNAVAILABLE if identity is None else grpc.StatusCode.PERMISSION_DENIED
             assert code == expected, f"{what}: {code}"
@@ -191,14 +189,11 @@ async def test_the_internal_network_takes_no_call_from_a_stranger_or_another_ser
 
 async def test_the_queue_may_serve_requests_but_not_administer(stack: LocalStack) -> None:
     async with channel(stack.internal, stack.identity("queue")) as connected:
-        calls = internal_calls(stack, connected)
+        calls = internal_calls(connected)
         for what in ("issue an API key", "create a tenant"):
-            assert await code_of(calls[what]) == grpc.StatusCode.PERMISSION_DENIED, what
+            assert await code_of(calls[what]()) == grpc.StatusCode.PERMISSION_DENIED, what
         for what in ("read a conversation", "generate at the engine", "record usage"):
-            assert await code_of(calls[what]) != grpc.StatusCode.PERMISSION_DENIED, what
-        for call in calls.values():  # not awaited above
-            if inspect.iscoroutine(call):
-                call.close()
+            assert await code_of(calls[what]()) != grpc.StatusCode.PERMISSION_DENIED, what
 
 
 @pytest.mark.parametrize("port", ["inference", "datastore", "ratelimit", "queue"])
@@ -218,8 +213,8 @@ async def test_a_service_port_takes_only_envoy_and_the_operator(stack: LocalStac
 
 async def test_the_edge_routes_nothing_but_the_public_api(stack: LocalStack) -> None:
     async with grpc.aio.insecure_channel(stack.edge) as connected:
-        for what, call in internal_calls(stack, connected).items():
-            assert await code_of(call) == grpc.StatusCode.UNIMPLEMENTED, what
+        for what, call in internal_calls(connected).items():
+            assert await code_of(call()) == grpc.StatusCode.UNIMPLEMENTED, what
 
 
 @pytest.mark.parametrize(
