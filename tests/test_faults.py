@@ -173,7 +173,9 @@ async def usage_rows(postgres: PostgresServer, calls: list[Call]) -> dict[str, l
 
 async def test_the_first_burst_after_start_is_limited(supervised: Supervised) -> None:
     # First in this module, so right after the stack started: 60 calls at once were all admitted
-    # against a per-key limit, the rate-limit service failing open on its own client's timeouts.
+    # against a per-key limit, the rate-limit service failing open on its own client's timeouts;
+    # with that fixed, 341 of 600 still were, Envoy giving up on the service's decisions after 100 ms.
+    burst = 600
     async with grpc.aio.insecure_channel(supervised.stack.edge) as edge:
         stub = generation_pb2_grpc.GenerationStub(edge)
         request = generation_pb2.GenerateRequest(prompt="hi", sampling=common_pb2.SamplingParams(max_tokens=1))
@@ -186,9 +188,9 @@ async def test_the_first_burst_after_start_is_limited(supervised: Supervised) ->
                 return exc.code()
             return grpc.StatusCode.OK
 
-        codes = await asyncio.gather(*(call() for _ in range(60)))
+        codes = await asyncio.gather(*(call() for _ in range(burst)))
     # The key's limit lets LIMITED_PER_HOUR through the edge (the queue then refuses the unknown key).
-    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 60 - LIMITED_PER_HOUR
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == burst - LIMITED_PER_HOUR
     assert codes.count(grpc.StatusCode.UNAUTHENTICATED) == LIMITED_PER_HOUR
 
 
@@ -418,19 +420,28 @@ async def test_while_the_rate_limit_service_stalls_budgeted_calls_go_ahead_unche
     stack = supervised.stack
     _, key = await tenant_with_key(stack, "budgeted-in-a-stall", tokens_per_minute=1_000_000)
     ratelimit = stack.process("ratelimit")
+
+    async def ratelimit_unhealthy() -> bool:
+        return await stack.healthy_hosts("ratelimit") == 0
+
     async with GenerationClient(stack.edge, api_key=key) as client:
         assert await served(client)
         ratelimit.signal_group(signal.SIGSTOP)
         try:
             during = [Call() for _ in range(4)]
             await asyncio.gather(*(run(client, c, "The river", 16) for c in during))
+            await eventually(ratelimit_unhealthy, 10, "Envoy's health checks find the stalled service")
+            after = [Call() for _ in range(4)]
+            await asyncio.gather(*(run(client, c, "The river", 16) for c in after))
         finally:
             ratelimit.signal_group(signal.SIGCONT)
-    for call in during:
+    for call in during + after:
         assert call.finished is not None, call.error
-        # Envoy's edge limit and the budget each wait a bounded time for it (BUDGET_TIMEOUT_MS: 250 ms).
-        assert call.longest_silence < 1.5
-    await billed_as_received(supervised, during)
+    # Envoy's edge filter (1 s) and the budget (BUDGET_TIMEOUT_MS, 250 ms) each wait a bounded time, ...
+    assert max(call.longest_silence for call in during) < 2.0
+    # ... and once the service fails its health checks, calls no longer wait for it at all.
+    assert max(call.longest_silence for call in after) < 0.5
+    await billed_as_received(supervised, during + after)
 
 
 async def test_stopping_the_stack_under_load_finishes_every_stream_bills_each_once_and_leaves_nothing(

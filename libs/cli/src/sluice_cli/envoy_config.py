@@ -38,7 +38,7 @@ class EnvoyLayout:
     ratelimit_hosts: tuple[HostPort, ...] = ()
     datastore_hosts: tuple[HostPort, ...] = ()
     ratelimit_domain: str = "sluice-edge"
-    ratelimit_timeout: str = "0.1s"
+    ratelimit_timeout: str = "1s"
     edge_port: int = 8080
     internal_port: int = 8081
     admin_port: int = 9901
