@@ -19,6 +19,8 @@ class SlowDataStore:
 
     def __init__(self) -> None:
         self.lookups = 0
+        self.running = 0
+        self.most_at_once = 0
         self.revoked: set[str] = set()
         self.answer = asyncio.Event()
 
@@ -32,7 +34,12 @@ class SlowDataStore:
             raise grpc.aio.AioRpcError(
                 grpc.StatusCode.INVALID_ARGUMENT, grpc.aio.Metadata(), grpc.aio.Metadata(), "api_key: too long"
             )
-        await self.answer.wait()
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            await self.answer.wait()
+        finally:
+            self.running -= 1
         if request.api_key in self.revoked:
             raise grpc.aio.AioRpcError(
                 grpc.StatusCode.NOT_FOUND, grpc.aio.Metadata(), grpc.aio.Metadata(), "no such key"
@@ -168,3 +175,19 @@ async def test_while_the_tenant_store_is_away_known_keys_are_served_stale_and_ot
     clock.now += 300  # known too long ago to trust
     with pytest.raises(Unavailable):
         await authenticator.tenant(KEY)
+
+
+async def test_keys_no_one_issued_cannot_load_the_tenant_store_beyond_a_bound(clock: Clock) -> None:
+    # Random keys each pass the edge's per-key limit; every one used to become a lookup at once.
+    datastore = SlowDataStore()
+    authenticator = Authenticator(datastore, clock, timeout_s=0.2, max_lookups=8)  # type: ignore[arg-type]
+    datastore.answer.set()
+    await authenticator.tenant(KEY)
+    datastore.answer.clear()  # the store is slow from here on
+    clock.now += 60
+    calls = [asyncio.ensure_future(authenticator.tenant([("x-api-key", f"random-{i}")])) for i in range(100)]
+    # A known key waiting for a turn is served as last known; the random ones are refused with a retry hint.
+    assert (await authenticator.tenant(KEY)).id == "t1"
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(outcome, Unavailable) for outcome in outcomes)
+    assert datastore.most_at_once == 8

@@ -52,7 +52,12 @@ async def serve(settings: QueueSettings) -> None:
         inference,
         scheduler,
         engines,
-        Authenticator(datastore, timeout_s=settings.auth_timeout_ms / 1e3, stale_s=settings.auth_stale_s),
+        Authenticator(
+            datastore,
+            timeout_s=settings.auth_timeout_ms / 1e3,
+            stale_s=settings.auth_stale_s,
+            max_lookups=settings.auth_max_lookups,
+        ),
         budgets,
         conversations,
         usage,

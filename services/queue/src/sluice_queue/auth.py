@@ -12,6 +12,11 @@ as HTTP caches serve stale-if-error: no key can be revoked meanwhile either,
 since revoking writes to the same database. A key not known that recently is
 refused UNAVAILABLE with a retry hint, within ``timeout_s``, not the caller's
 whole deadline.
+
+At most ``max_lookups`` lookups run at once: keys no one issued (random keys
+pass the edge's per-key limit, each being a key of its own) cannot load the
+data-access service and PostgreSQL beyond that. A lookup waits for a turn
+within the same ``timeout_s``; past it the key is handled as in an outage.
 """
 
 from __future__ import annotations
@@ -75,12 +80,14 @@ class Authenticator:
         *,
         timeout_s: float = 1.0,
         stale_s: float = 300.0,
+        max_lookups: int = 64,
     ) -> None:
         self._datastore = datastore
         self._clock = clock
         # A lookup is shared by every call waiting for the key: no one call's deadline bounds it.
         self._timeout_s = timeout_s
         self._stale_s = stale_s
+        self._lookups = asyncio.Semaphore(max_lookups)
         self._known: dict[str, tuple[float, datastore_pb2.Tenant]] = {}  # each key's expiry and tenant
         self._inflight: dict[str, asyncio.Task[datastore_pb2.Tenant]] = {}
         self._log = RateLimitedLogger(logger, clock=clock)
@@ -111,9 +118,12 @@ class Authenticator:
 
     async def _lookup(self, api_key: str) -> datastore_pb2.Tenant:
         try:
-            tenant = await self._datastore.GetTenantByApiKey(
-                datastore_pb2.GetTenantByApiKeyRequest(api_key=api_key), timeout=self._timeout_s
-            )
+            async with asyncio.timeout(self._timeout_s), self._lookups:
+                tenant = await self._datastore.GetTenantByApiKey(
+                    datastore_pb2.GetTenantByApiKeyRequest(api_key=api_key), timeout=self._timeout_s
+                )
+        except TimeoutError:
+            return self._stale(api_key, "no turn to look keys up (too many at once)")
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 self._known.pop(api_key, None)
@@ -121,17 +131,17 @@ class Authenticator:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 # The data-access service's field is not the caller's: the key is what is wrong.
                 raise Unauthenticated("malformed API key") from None
-            return self._stale(api_key, exc)
+            return self._stale(api_key, f"data-access service: {exc.code().name} {exc.details()}")
         now = self._clock()
         if len(self._known) >= _PRUNE_AT:
             self._known = {k: v for k, v in self._known.items() if v[0] + self._stale_s > now}
         self._known[api_key] = (now + _TTL_S, tenant)
         return tenant
 
-    def _stale(self, api_key: str, exc: grpc.aio.AioRpcError) -> datastore_pb2.Tenant:
+    def _stale(self, api_key: str, why: str) -> datastore_pb2.Tenant:
         """The key's tenant as last known, if recently enough; else UNAVAILABLE."""
         now = self._clock()
-        self._log.warning("API keys not looked up (data-access service: %s %s)", exc.code().name, exc.details())
+        self._log.warning("API keys not looked up (%s)", why)
         known = self._known.get(api_key)
         if known is not None and known[0] + self._stale_s > now:
             STALE.inc()

@@ -47,6 +47,12 @@ class QueueSettings(ServiceSettings):
         description="While the data-access service cannot answer, keys known this recently are served as they "
         "were; others are refused UNAVAILABLE.",
     )
+    auth_max_lookups: int = Field(
+        64,
+        gt=0,
+        description="API key lookups at once; more wait for a turn within AUTH_TIMEOUT_MS (random keys cannot "
+        "load PostgreSQL beyond this).",
+    )
     usage_batch_size: int = Field(200, gt=0, description="Usage records per write.")
     usage_commit_timeout_ms: float = Field(
         1000.0,

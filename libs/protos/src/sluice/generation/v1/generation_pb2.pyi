@@ -94,7 +94,10 @@ class GenerateRequest(_message.Message):
     """
     priority: Global___Priority.ValueType
     client_request_id: _builtins.str
-    """The caller's own id, echoed back and recorded with usage."""
+    """The caller's own id (at most 128 characters): echoed back in Finished and
+    set on the call's trace span (sluice.client_request_id). Usage records
+    carry sluice's request_id, which Started and Finished also return.
+    """
     @_builtins.property
     def messages(self) -> _generation_pb2.ChatMessages: ...
     @_builtins.property
