@@ -12,11 +12,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
-from envoy_api.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
 from sluice.generation.v1 import generation_pb2, generation_pb2_grpc
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
+from sluice.ratelimit.v1 import budgets_pb2, budgets_pb2_grpc
 from sluice_cli.stack import LOOPBACK, LocalStack
 from sluice_client import GenerationClient, StreamError
 from sluice_core.channels import channel
@@ -142,7 +142,7 @@ def internal_calls(connected: grpc.aio.Channel) -> dict[str, Callable[[], Awaita
     """One call of each kind a stranger on the internal network would want to make, made when called."""
     datastore = datastore_pb2_grpc.DataStoreStub(connected)
     inference = inference_pb2_grpc.InferenceStub(connected)
-    ratelimit = rls_pb2_grpc.RateLimitServiceStub(connected)
+    budgets = budgets_pb2_grpc.BudgetsStub(connected)
     conversation = datastore_pb2.GetConversationRequest(conversation_id=str(uuid.uuid4()), tenant_id=str(uuid.uuid4()))
     return {
         "issue an API key": lambda: datastore.IssueApiKey(
@@ -156,7 +156,11 @@ def internal_calls(connected: grpc.aio.Channel) -> dict[str, Callable[[], Awaita
         "generate at the engine": lambda: _first(
             inference.Generate(inference_pb2.GenerateRequest(prompt="hi", sampling=sampling()))
         ),
-        "spend a budget": lambda: ratelimit.ShouldRateLimit(rls_pb2.RateLimitRequest(domain="sluice-budget")),
+        "spend a budget": lambda: budgets.Reserve(
+            budgets_pb2.ReserveRequest(
+                budgets=[budgets_pb2.Budget(name="tenant_tokens", owner=str(uuid.uuid4()), limit=1, period_s=60)]
+            )
+        ),
     }
 
 
@@ -192,7 +196,7 @@ async def test_the_queue_may_serve_requests_but_not_administer(stack: LocalStack
         calls = internal_calls(connected)
         for what in ("issue an API key", "create a tenant"):
             assert await code_of(calls[what]()) == grpc.StatusCode.PERMISSION_DENIED, what
-        for what in ("read a conversation", "generate at the engine", "record usage"):
+        for what in ("read a conversation", "generate at the engine", "record usage", "spend a budget"):
             assert await code_of(calls[what]()) != grpc.StatusCode.PERMISSION_DENIED, what
 
 

@@ -8,14 +8,11 @@ import time
 import asyncpg
 import grpc
 import pytest
-from google.protobuf import wrappers_pb2
 
-from envoy_api.envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
-from envoy_api.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
-from envoy_api.envoy.type.v3 import ratelimit_unit_pb2
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
 from sluice.generation.v1 import generation_pb2
+from sluice.ratelimit.v1 import budgets_pb2, budgets_pb2_grpc
 from sluice_cli.postgres_server import PostgresServer
 from sluice_cli.stack import LocalStack
 from sluice_client import GenerationClient, StreamError
@@ -46,18 +43,10 @@ async def refused(stack: LocalStack, key: str | None, req: generation_pb2.Genera
 
 async def tokens_left(stack: LocalStack, tenant_id: str, per_minute: int) -> int:
     """The tenant's token budget now, asked of the rate-limit service without spending any."""
-    descriptor = ratelimit_pb2.RateLimitDescriptor(
-        entries=[ratelimit_pb2.RateLimitDescriptor.Entry(key="tenant_tokens", value=tenant_id)],
-        limit=ratelimit_pb2.RateLimitDescriptor.RateLimitOverride(
-            requests_per_unit=per_minute, unit=ratelimit_unit_pb2.MINUTE
-        ),
-        hits_addend=wrappers_pb2.UInt64Value(value=0),
-    )
+    probe = budgets_pb2.Budget(name="tenant_tokens", owner=tenant_id, limit=per_minute, period_s=60, hits=0)
     async with stack.channel(stack.internal) as channel:
-        answer = await rls_pb2_grpc.RateLimitServiceStub(channel).ShouldRateLimit(
-            rls_pb2.RateLimitRequest(domain="sluice-budget", descriptors=[descriptor])
-        )
-    return int(answer.statuses[0].limit_remaining)
+        answer = await budgets_pb2_grpc.BudgetsStub(channel).Reserve(budgets_pb2.ReserveRequest(budgets=[probe]))
+    return int(answer.standings[0].remaining)
 
 
 async def spent_once_refunded(stack: LocalStack, tenant_id: str, per_minute: int, most: int) -> int:

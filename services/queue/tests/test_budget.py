@@ -9,16 +9,15 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 
-from envoy_api.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from sluice.datastore.v1 import datastore_pb2
+from sluice.ratelimit.v1 import budgets_pb2, budgets_pb2_grpc
 from sluice_core.channels import insecure_channel
 from sluice_core.errors import ResourceExhausted, Unavailable
 from sluice_core.server import GrpcServer
 from sluice_core.settings import ServiceSettings
 from sluice_queue.budget import Budgets, reserve_tokens
-
-OK, OVER = rls_pb2.RateLimitResponse.OK, rls_pb2.RateLimitResponse.OVER_LIMIT
 
 
 class Clock:
@@ -30,27 +29,38 @@ class Clock:
 
 
 class RateLimit:
-    """Stands in for the rate-limit stub: a budget per (key, tenant) of ``left`` hits; records every call."""
+    """Stands in for the Budgets stub: a budget per (name, tenant) of ``left`` hits; records every call
+    as (name, tenant, hits, whether it was a refund)."""
 
     def __init__(self, left: dict[tuple[str, str], int]) -> None:
         self.left = left
         self.calls: list[list[tuple[str, str, int, bool]]] = []
 
-    async def ShouldRateLimit(
+    async def Reserve(
         self,
-        request: rls_pb2.RateLimitRequest,
+        request: budgets_pb2.ReserveRequest,
         timeout: float,  # noqa: ASYNC109 - the stub's
-    ) -> rls_pb2.RateLimitResponse:
-        asked = [
-            (d.entries[0].key, d.entries[0].value, d.hits_addend.value, d.is_negative_hits) for d in request.descriptors
-        ]
-        self.calls.append(asked)
-        fits = [negative or self.left[(key, tenant)] >= hits for key, tenant, hits, negative in asked]
+    ) -> budgets_pb2.ReserveResponse:
+        self.calls.append([(b.name, b.owner, b.hits, False) for b in request.budgets])
+        fits = [self.left[(b.name, b.owner)] >= b.hits for b in request.budgets]
         if all(fits):
-            for key, tenant, hits, negative in asked:
-                self.left[(key, tenant)] += hits if negative else -hits
-        statuses = [rls_pb2.RateLimitResponse.DescriptorStatus(code=OK if fit else OVER) for fit in fits]
-        return rls_pb2.RateLimitResponse(overall_code=OK if all(fits) else OVER, statuses=statuses)
+            for b in request.budgets:
+                self.left[(b.name, b.owner)] -= b.hits
+        standings = [
+            budgets_pb2.Standing(fits=fit, retry_after=None if fit else duration_pb2.Duration(seconds=7))
+            for fit in fits
+        ]
+        return budgets_pb2.ReserveResponse(reserved=all(fits), standings=standings)
+
+    async def Refund(
+        self,
+        request: budgets_pb2.RefundRequest,
+        timeout: float,  # noqa: ASYNC109 - the stub's
+    ) -> budgets_pb2.RefundResponse:
+        self.calls.append([(b.name, b.owner, b.hits, True) for b in request.budgets])
+        for b in request.budgets:
+            self.left[(b.name, b.owner)] += b.hits
+        return budgets_pb2.RefundResponse()
 
 
 def tenant(tenant_id: str, tokens_per_minute: int, requests_per_minute: int = 0) -> datastore_pb2.Tenant:
@@ -60,7 +70,7 @@ def tenant(tenant_id: str, tokens_per_minute: int, requests_per_minute: int = 0)
 
 
 def budgets(ratelimit: RateLimit, clock: Clock, **settings: float) -> Budgets:
-    return Budgets(ratelimit, "sluice-budget", clock=clock, **settings)  # type: ignore[arg-type]
+    return Budgets(ratelimit, clock=clock, **settings)  # type: ignore[arg-type]
 
 
 async def test_one_call_reserves_ahead_for_the_next_requests() -> None:
@@ -97,8 +107,9 @@ async def test_near_its_limit_a_tenant_gets_an_exact_reservation_then_a_refusal_
     budget = budgets(ratelimit, clock)
     assert await budget.reserve(tenant("a", 6000), 100, timeout_s=1) is not None  # 100 + a 300 lease does not fit
     assert ratelimit.calls == [[("tenant_tokens", "a", 400, False)], [("tenant_tokens", "a", 100, False)]]
-    with pytest.raises(ResourceExhausted, match="tokens per minute"):
+    with pytest.raises(ResourceExhausted, match="tokens per minute; retry in 7 s") as refused:
         await budget.reserve(tenant("a", 6000), 100, timeout_s=1)
+    assert refused.value.retry_after_s == 7
     assert ratelimit.left[("tenant_tokens", "a")] == 50, "a refusal consumes nothing"
 
 
@@ -130,15 +141,15 @@ class Unreachable(RateLimit):
 
     code: grpc.StatusCode | None = None
 
-    async def ShouldRateLimit(
+    async def Refund(
         self,
-        request: rls_pb2.RateLimitRequest,
+        request: budgets_pb2.RefundRequest,
         timeout: float,  # noqa: ASYNC109 - the stub's
-    ) -> rls_pb2.RateLimitResponse:
-        if self.code is not None and request.descriptors[0].is_negative_hits:
+    ) -> budgets_pb2.RefundResponse:
+        if self.code is not None:
             self.calls.append([])
             raise grpc.aio.AioRpcError(self.code, grpc.aio.Metadata(), grpc.aio.Metadata(), "no healthy upstream")
-        return await super().ShouldRateLimit(request, timeout)
+        return await super().Refund(request, timeout)
 
 
 async def until(check: Callable[[], bool]) -> None:
@@ -185,30 +196,35 @@ def test_a_reservation_is_at_most_the_models_context() -> None:
     assert reserve_tokens(["x" * 100_000], 64, context=0) == 100_000 + 16 + 64  # not known yet
 
 
-class Stalled(rls_pb2_grpc.RateLimitServiceServicer):
+class Stalled(budgets_pb2_grpc.BudgetsServicer):
     """A rate-limit service that takes its time: as one stalled on a full CPU or a lost Redis."""
 
-    async def ShouldRateLimit(
-        self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> rls_pb2.RateLimitResponse:
+    async def Reserve(
+        self, request: budgets_pb2.ReserveRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> budgets_pb2.ReserveResponse:
         await asyncio.sleep(30)
-        return rls_pb2.RateLimitResponse(overall_code=OK)
+        return budgets_pb2.ReserveResponse(reserved=True)
+
+    async def Refund(
+        self, request: budgets_pb2.RefundRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> budgets_pb2.RefundResponse:
+        return budgets_pb2.RefundResponse()
 
 
 @pytest.fixture(scope="module")
-async def stalled() -> AsyncIterator[rls_pb2_grpc.RateLimitServiceAsyncStub]:
-    server = GrpcServer(ServiceSettings(drain_delay_s=0, shutdown_grace_s=0.1), ["rls"], handle_signals=False)
-    server.add(rls_pb2_grpc.add_RateLimitServiceServicer_to_server, Stalled(), "rls")
+async def stalled() -> AsyncIterator[budgets_pb2_grpc.BudgetsAsyncStub]:
+    server = GrpcServer(ServiceSettings(drain_delay_s=0, shutdown_grace_s=0.1), ["budgets"], handle_signals=False)
+    server.add(budgets_pb2_grpc.add_BudgetsServicer_to_server, Stalled(), "budgets")
     async with server, insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield rls_pb2_grpc.RateLimitServiceStub(channel)
+        yield budgets_pb2_grpc.BudgetsStub(channel)
 
 
 @pytest.mark.parametrize("fail_closed", [False, True])
 async def test_a_stalled_rate_limit_service_holds_a_request_no_longer_than_the_budget_timeout(
-    stalled: rls_pb2_grpc.RateLimitServiceAsyncStub, fail_closed: bool
+    stalled: budgets_pb2_grpc.BudgetsAsyncStub, fail_closed: bool
 ) -> None:
     # It held every budgeted request for the whole stall (23.7 s of a 25 s one).
-    budget = Budgets(stalled, "sluice-budget", timeout_s=0.2, fail_closed=fail_closed)
+    budget = Budgets(stalled, timeout_s=0.2, fail_closed=fail_closed)
     start = time.monotonic()
     if fail_closed:
         with pytest.raises(Unavailable) as caught:

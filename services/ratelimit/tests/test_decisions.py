@@ -1,4 +1,4 @@
-"""ShouldRateLimit answers: rules, hits, overrides, replaces, shadow mode, headers, the local cache."""
+"""ShouldRateLimit answers: rules, hits, charges, overrides, replaces, shadow mode, headers, the local cache."""
 
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ descriptors:
     rate_limit: {unit: minute, requests_per_unit: 1}
   - key: vip
     rate_limit: {unit: minute, requests_per_unit: 100, replaces: [{name: per-minute}]}
+  - key: service
+    rate_limit: {unit: minute, requests_per_unit: 2}
 """
 
 
@@ -42,11 +44,10 @@ def decider(redis: Redis, cache: OverLimitCache | None = None) -> Decider:
     return Decider(lambda: config, Limiter(redis, timeout_s=1.0), Policy(), cache)
 
 
-def descriptor(
-    *entries: tuple[str, str], hits: int | None = None, refund: bool = False
-) -> ratelimit_pb2.RateLimitDescriptor:
+def descriptor(*entries: tuple[str, str], hits: int | None = None) -> ratelimit_pb2.RateLimitDescriptor:
+    """A descriptor; ``hits`` is its own hits_addend (0 checks, more is a charge)."""
     d = ratelimit_pb2.RateLimitDescriptor(
-        entries=[ratelimit_pb2.RateLimitDescriptor.Entry(key=k, value=v) for k, v in entries], is_negative_hits=refund
+        entries=[ratelimit_pb2.RateLimitDescriptor.Entry(key=k, value=v) for k, v in entries]
     )
     if hits is not None:
         d.hits_addend.CopyFrom(wrappers_pb2.UInt64Value(value=hits))
@@ -95,22 +96,50 @@ async def test_over_limit_answers_carry_rate_limit_headers(redis: Redis) -> None
 
 
 async def test_more_hits_than_the_limit_holds_get_no_hint_to_wait(redis: Redis) -> None:
-    answer = await decider(redis).decide(request(descriptor(("api_key", "h"), hits=10)), T0)
+    answer = await decider(redis).decide(request(descriptor(("api_key", "h")), hits=10), T0)
     assert answer.overall_code == OVER_LIMIT
     headers = {h.key: h.value for h in answer.response_headers_to_add}
     assert "Retry-After" not in headers and headers["RateLimit-Limit"] == "5"
     assert answer.raw_body.decode() == "asks for 10 at once, more than the rate limit of 5 per minute"
 
 
-async def test_token_hits_and_refunds(redis: Redis) -> None:
+async def test_a_charge_past_the_limit_is_recorded_as_debt_that_later_checks_see(redis: Redis) -> None:
+    # Envoy charges a finished stream's cost this way; a charge that did not fit was dropped whole,
+    # so the key never went past full and a later 0-hit check always passed.
     limits = decider(redis)
-    tenant = ("tenant", "t1")
+    tenant = ("tenant", "t1")  # 1000 an hour: one hit every 3.6 s
     assert (await limits.decide(request(descriptor(tenant), hits=900), T0)).overall_code == OK
-    assert (await limits.decide(request(descriptor(tenant, hits=200)), T0)).overall_code == OVER_LIMIT
-    refund = await limits.decide(request(descriptor(tenant, hits=300, refund=True)), T0)
-    assert refund.overall_code == OK and refund.statuses[0].limit_remaining == 400
-    probe = await limits.decide(request(descriptor(tenant, hits=0)), T0)
-    assert probe.overall_code == OK and probe.statuses[0].limit_remaining == 400
+    charged = await limits.decide(request(descriptor(tenant, hits=200)), T0)
+    assert charged.overall_code == OVER_LIMIT and charged.statuses[0].limit_remaining == 0
+    assert (await limits.decide(request(descriptor(tenant, hits=0)), T0)).overall_code == OVER_LIMIT
+    # 100 hits past full: checks pass again once 100 hits' worth (360 s) has refilled, and not before.
+    assert (await limits.decide(request(descriptor(tenant, hits=0)), T0 + 359_000_000)).overall_code == OVER_LIMIT
+    assert (await limits.decide(request(descriptor(tenant, hits=0)), T0 + 360_000_000)).overall_code == OK
+
+
+async def test_charging_when_a_stream_is_done_limits_as_upstreams_token_quota_does(redis: Redis) -> None:
+    # envoyproxy/ratelimit's integration-test/scripts/token-quota.sh: a 0-hit check on the request,
+    # a charge of 1 when the stream is done, 2 a minute: the first three pass, the fourth is refused.
+    limits = decider(redis)
+    service = ("service", "service_2")
+    passed = []
+    for _ in range(4):
+        check = await limits.decide(request(descriptor(service, hits=0)), T0)
+        passed.append(check.overall_code == OK)
+        if passed[-1]:
+            await limits.decide(request(descriptor(service, hits=1)), T0)
+    assert passed == [True, True, True, False]
+    # GCRA refills one hit every 30 s (upstream's window starts afresh after the minute).
+    assert (await limits.decide(request(descriptor(service, hits=0)), T0 + 30_000_000)).overall_code == OK
+
+
+async def test_a_charge_owes_at_most_one_period_past_full(redis: Redis) -> None:
+    # As a fixed window forgets at its end: one huge charge must not lock a key out for hours.
+    limits = decider(redis)
+    key = ("service", "huge")  # 2 a minute: one hit every 30 s
+    assert (await limits.decide(request(descriptor(key, hits=1000)), T0)).overall_code == OVER_LIMIT
+    assert (await limits.decide(request(descriptor(key)), T0 + 60_000_000)).overall_code == OVER_LIMIT
+    assert (await limits.decide(request(descriptor(key)), T0 + 90_000_000)).overall_code == OK
 
 
 async def test_a_descriptor_limit_overrides_the_configured_one(redis: Redis) -> None:
@@ -122,6 +151,15 @@ async def test_a_descriptor_limit_overrides_the_configured_one(redis: Redis) -> 
     answers = [await limits.decide(request(d), T0) for _ in range(3)]
     assert [a.overall_code for a in answers] == [OK, OK, OVER_LIMIT]
     assert answers[0].statuses[0].current_limit.requests_per_unit == 2
+    # Enforced on a shadow-mode rule too, and, as the reference does, only in a configured domain.
+    shadowed = descriptor(("trial", "t2"))
+    shadowed.limit.CopyFrom(d.limit)
+    answers = [await limits.decide(request(shadowed), T0) for _ in range(3)]
+    assert [a.overall_code for a in answers] == [OK, OK, OVER_LIMIT]
+    elsewhere = rls_pb2.RateLimitRequest(domain="unconfigured", descriptors=[d])
+    answers = [await limits.decide(elsewhere, T0) for _ in range(3)]
+    assert [a.overall_code for a in answers] == [OK, OK, OK]
+    assert not answers[0].statuses[0].HasField("current_limit")
 
 
 async def test_a_limit_of_zero_refuses_everything_and_charges_nothing(redis: Redis) -> None:
@@ -156,15 +194,19 @@ async def test_shadow_mode_never_refuses(redis: Redis) -> None:
     assert all(a.overall_code == OK for a in answers)
 
 
-async def test_all_or_nothing_across_descriptors(redis: Redis) -> None:
+async def test_all_or_nothing_across_descriptors_except_charges(redis: Redis) -> None:
     limits = decider(redis)
     for _ in range(5):
         await limits.decide(request(descriptor(("api_key", "e"))), T0)
-    answer = await limits.decide(request(descriptor(("tenant", "t3"), hits=10), descriptor(("api_key", "e"))), T0)
+    answer = await limits.decide(request(descriptor(("tenant", "t3")), descriptor(("api_key", "e"))), T0)
     assert answer.overall_code == OVER_LIMIT
     assert [s.code for s in answer.statuses] == [OK, OVER_LIMIT]
     probe = await limits.decide(request(descriptor(("tenant", "t3"), hits=0)), T0)
-    assert probe.statuses[0].limit_remaining == 1000  # the tenant was not charged
+    assert probe.statuses[0].limit_remaining == 1000  # the tenant was not counted
+    # A charge is for work done: it counts whatever else the request met.
+    await limits.decide(request(descriptor(("tenant", "t3"), hits=10), descriptor(("api_key", "e"))), T0)
+    probe = await limits.decide(request(descriptor(("tenant", "t3"), hits=0)), T0)
+    assert probe.statuses[0].limit_remaining == 990
 
 
 async def test_keys_known_over_are_answered_without_redis(redis: Redis) -> None:
@@ -178,13 +220,13 @@ async def test_keys_known_over_are_answered_without_redis(redis: Redis) -> None:
     assert "cmdstat_evalsha" not in stats
 
 
-async def test_a_refund_clears_what_the_cache_knew(redis: Redis) -> None:
+async def test_a_charge_to_a_key_known_over_is_still_recorded(redis: Redis) -> None:
     limits = decider(redis, OverLimitCache())
     for _ in range(6):
-        await limits.decide(request(descriptor(("api_key", "g"))))
-    assert (await limits.decide(request(descriptor(("api_key", "g"))))).overall_code == OVER_LIMIT  # cached
-    await limits.decide(request(descriptor(("api_key", "g"), hits=1, refund=True)))
-    assert (await limits.decide(request(descriptor(("api_key", "g"))))).overall_code == OK
+        await limits.decide(request(descriptor(("api_key", "k"))), T0)
+    await redis.config_resetstat()
+    await limits.decide(request(descriptor(("api_key", "k"), hits=1)), T0)
+    assert "cmdstat_evalsha" in await redis.info("commandstats")
 
 
 @pytest.mark.parametrize(
@@ -206,8 +248,8 @@ async def test_a_refusal_from_the_cache_reports_where_the_other_limits_stand(red
     limits = decider(redis, OverLimitCache())
     for _ in range(6):
         await limits.decide(request(descriptor(("api_key", "g"))))
-    await limits.decide(request(descriptor(("tenant", "g"), hits=10)))
-    answer = await limits.decide(request(descriptor(("api_key", "g")), descriptor(("tenant", "g"), hits=1)))
+    await limits.decide(request(descriptor(("tenant", "g")), hits=10))
+    answer = await limits.decide(request(descriptor(("api_key", "g")), descriptor(("tenant", "g"))))
     assert answer.overall_code == OVER_LIMIT
     key, tenant = answer.statuses
     assert key.code == OVER_LIMIT and key.limit_remaining == 0 and key.duration_until_reset.ToNanoseconds() > 0

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from envoy_api.envoy.service.ratelimit.v3 import rls_pb2_grpc
 from sluice.datastore.v1 import datastore_pb2_grpc
 from sluice.generation.v1 import generation_pb2_grpc
 from sluice.inference.v1 import inference_pb2_grpc
+from sluice.ratelimit.v1 import budgets_pb2_grpc
 from sluice_core.channels import channel
 from sluice_core.server import GrpcServer
 from sluice_core.service import cancel, run
@@ -33,7 +33,7 @@ async def serve(settings: QueueSettings) -> None:
     }
     inference = inference_pb2_grpc.InferenceStub(channels[settings.inference_target])
     datastore = datastore_pb2_grpc.DataStoreStub(channels[settings.datastore_target])
-    ratelimit = rls_pb2_grpc.RateLimitServiceStub(channels[settings.ratelimit_target])
+    ratelimit = budgets_pb2_grpc.BudgetsStub(channels[settings.ratelimit_target])
     redis = connect(settings.redis_url, settings.redis_timeout_ms / 1e3)
     scheduler = Scheduler(redis, settings.scheduler())
     engines = Engines(inference, scheduler.report_engines, settings.engine_interval_s, settings.engine_probes)
@@ -41,7 +41,6 @@ async def serve(settings: QueueSettings) -> None:
     usage = UsageRecorder(datastore, settings.usage_batch_size, settings.usage_flush_interval_s, ledger=ledger)
     budgets = Budgets(
         ratelimit,
-        settings.budget_domain,
         settings.budget_lease_s,
         settings.budget_idle_s,
         timeout_s=settings.budget_timeout_ms / 1e3,

@@ -1,4 +1,4 @@
-"""Per-tenant budgets through the rate-limit service: reserve before generating, settle after.
+"""Per-tenant budgets through the rate-limit service's Budgets API: reserve before generating, settle after.
 
 A request reserves, for its tenant, one request and prompt + max_tokens
 tokens per minute (its limits from the data-access service; 0 is no limit).
@@ -45,13 +45,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
-from google.protobuf import wrappers_pb2
 from prometheus_client import Counter
 
-from envoy_api.envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
-from envoy_api.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
-from envoy_api.envoy.type.v3 import ratelimit_unit_pb2
 from sluice.datastore.v1 import datastore_pb2
+from sluice.ratelimit.v1 import budgets_pb2, budgets_pb2_grpc
 from sluice_core.errors import ResourceExhausted, Unavailable
 from sluice_core.logs import RateLimitedLogger
 from sluice_core.messages import TEMPLATE_CHARS_PER_MESSAGE
@@ -65,16 +62,14 @@ UNCHECKED = Counter(
 )
 
 _REQUESTS, _TOKENS = "tenant_requests", "tenant_tokens"
-# Budgets are per minute: a give-back older than that would go to a later minute's.
-_REFUND_WITHIN_S = 60.0
-
-Descriptor = ratelimit_pb2.RateLimitDescriptor
-OVER_LIMIT = rls_pb2.RateLimitResponse.OVER_LIMIT
+_PERIOD_S = 60  # budgets are per minute
+# A give-back older than the period would go to a later minute's budget.
+_REFUND_WITHIN_S = float(_PERIOD_S)
 
 
 @dataclass(frozen=True)
 class Limits:
-    """A tenant's budgets; the rate-limit service keys a budget by the tenant and its limit."""
+    """A tenant's budgets; the rate-limit service keys a budget by its name, the tenant and its limit."""
 
     tenant_id: str
     requests_per_minute: int
@@ -119,8 +114,7 @@ def reserve_tokens(texts: list[str], max_tokens: int, context: int) -> int:
 class Budgets:
     def __init__(
         self,
-        ratelimit: rls_pb2_grpc.RateLimitServiceAsyncStub,
-        domain: str,
+        ratelimit: budgets_pb2_grpc.BudgetsAsyncStub,
         lease_s: float = 3.0,
         idle_s: float = 1.0,
         refund_interval_s: float = 0.1,
@@ -133,7 +127,6 @@ class Budgets:
         self._timeout_s = timeout_s
         self._fail_closed = fail_closed
         self._log = RateLimitedLogger(logger, clock=clock)
-        self._domain = domain
         self._lease_s = lease_s
         self._idle_s = idle_s
         self._refund_interval_s = refund_interval_s
@@ -168,14 +161,14 @@ class Budgets:
             response = await self._call(limits, need + lease, timeout_s)
             if response is None:
                 return None
-            if response.overall_code != OVER_LIMIT:
+            if response.reserved:
                 self._hold(limits, lease)
                 return reservation
         # Too little left for a lease (or too small a budget for one): this request alone.
         response = await self._call(limits, need, timeout_s)
         if response is None:
             return None
-        if response.overall_code == OVER_LIMIT:
+        if not response.reserved:
             raise _refusal(limits, response)
         return reservation
 
@@ -210,12 +203,12 @@ class Budgets:
             refund.requests += hits.requests
             refund.tokens += hits.tokens
 
-    async def _call(self, limits: Limits, hits: Hits, timeout_s: float | None) -> rls_pb2.RateLimitResponse | None:
-        """The rate-limit service's answer to reserving ``hits``; None (logged) if it cannot be reached."""
-        request = rls_pb2.RateLimitRequest(domain=self._domain, descriptors=_descriptors(limits, hits))
+    async def _call(self, limits: Limits, hits: Hits, timeout_s: float | None) -> budgets_pb2.ReserveResponse | None:
+        """The rate-limit service's answer to reserving ``hits``; None (logged) if it cannot answer."""
+        request = budgets_pb2.ReserveRequest(budgets=_budgets(limits, hits))
         timeout = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
         try:
-            response: rls_pb2.RateLimitResponse = await self._ratelimit.ShouldRateLimit(request, timeout=timeout)
+            response: budgets_pb2.ReserveResponse = await self._ratelimit.Reserve(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             UNCHECKED.labels("refused" if self._fail_closed else "let through").inc()
             self._warn(exc)
@@ -263,15 +256,13 @@ class Budgets:
         since, self._owed_since = self._owed_since, math.inf
         if not refunds:
             return
-        descriptors = [d for limits, hits in refunds.items() for d in _descriptors(limits, hits, negative=True)]
+        budgets = [b for limits, hits in refunds.items() for b in _budgets(limits, hits, refund=True)]
         try:
-            await self._ratelimit.ShouldRateLimit(
-                rls_pb2.RateLimitRequest(domain=self._domain, descriptors=descriptors), timeout=5.0
-            )
+            await self._ratelimit.Refund(budgets_pb2.RefundRequest(budgets=budgets), timeout=5.0)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNAVAILABLE and self._clock() - since < _REFUND_WITHIN_S:
-                # No rate-limit service took it (Envoy found none, or it was not listening): sent again with
-                # the next give-backs, while the minute it was charged in may still run.
+                # Not taken (no rate-limit service, or its Redis failed): sent again with the next
+                # give-backs, while the minute it was charged in may still run.
                 for limits, hits in refunds.items():
                     self._give_back(limits, hits)
                 self._owed_since = min(self._owed_since, since)
@@ -287,14 +278,11 @@ class Budgets:
             )
 
 
-def _refusal(limits: Limits, response: rls_pb2.RateLimitResponse) -> ResourceExhausted:
-    retry = max((s.duration_until_reset.ToNanoseconds() / 1e9 for s in response.statuses if s.code == 2), default=1.0)
-    headers = {h.key: h.value for h in response.response_headers_to_add}
-    if "Retry-After" in headers:
-        retry = float(headers["Retry-After"])
+def _refusal(limits: Limits, response: budgets_pb2.ReserveResponse) -> ResourceExhausted:
     keys = [key for key, per_minute in _keyed(limits) if per_minute]
-    over = [key for key, status in zip(keys, response.statuses, strict=True) if status.code == 2]
-    what = " and ".join("requests" if key == _REQUESTS else "tokens" for key in over)
+    over = [(key, s) for key, s in zip(keys, response.standings, strict=True) if not s.fits]
+    retry = max((s.retry_after.ToNanoseconds() / 1e9 for _, s in over), default=1.0)
+    what = " and ".join("requests" if key == _REQUESTS else "tokens" for key, _ in over)
     return ResourceExhausted(f"over the tenant's {what} per minute; retry in {retry:.0f} s", retry_after_s=retry)
 
 
@@ -302,16 +290,10 @@ def _keyed(limits: Limits) -> tuple[tuple[str, int], tuple[str, int]]:
     return (_REQUESTS, limits.requests_per_minute), (_TOKENS, limits.tokens_per_minute)
 
 
-def _descriptors(limits: Limits, hits: Hits, negative: bool = False) -> list[Descriptor]:
-    out = []
-    for (key, per_minute), n in zip(_keyed(limits), (hits.requests, hits.tokens), strict=True):
-        # A refund names only what it gives back; a reservation checks every limit.
-        if per_minute and (n or not negative):
-            descriptor = Descriptor(
-                entries=[Descriptor.Entry(key=key, value=limits.tenant_id)],
-                limit=Descriptor.RateLimitOverride(requests_per_unit=per_minute, unit=ratelimit_unit_pb2.MINUTE),
-                hits_addend=wrappers_pb2.UInt64Value(value=n),
-            )
-            descriptor.is_negative_hits = negative
-            out.append(descriptor)
-    return out
+def _budgets(limits: Limits, hits: Hits, refund: bool = False) -> list[budgets_pb2.Budget]:
+    # A refund names only what it gives back; a reservation checks every limit.
+    return [
+        budgets_pb2.Budget(name=key, owner=limits.tenant_id, limit=per_minute, period_s=_PERIOD_S, hits=n)
+        for (key, per_minute), n in zip(_keyed(limits), (hits.requests, hits.tokens), strict=True)
+        if per_minute and (n or not refund)
+    ]

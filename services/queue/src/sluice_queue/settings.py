@@ -17,7 +17,6 @@ class QueueSettings(ServiceSettings):
     )
     datastore_target: str = Field("127.0.0.1:8081", description="The data-access service (through Envoy).")
     ratelimit_target: str = Field("127.0.0.1:8081", description="The rate-limit service, for budgets (through Envoy).")
-    budget_domain: str = Field("sluice-budget", description="The rate-limit domain of per-tenant budgets.")
     budget_lease_s: float = Field(
         3.0,
         ge=0,

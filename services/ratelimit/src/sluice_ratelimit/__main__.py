@@ -1,14 +1,15 @@
-"""``sluice-ratelimit``: serve Envoy's Rate Limit Service API."""
+"""``sluice-ratelimit``: serve Envoy's Rate Limit Service API, and sluice's budgets on the same state."""
 
 from __future__ import annotations
 
 import asyncio
 
 from envoy_api.envoy.service.ratelimit.v3 import rls_pb2_grpc
+from sluice.ratelimit.v1 import budgets_pb2_grpc
 from sluice_core.redis_pool import pooled_redis
 from sluice_core.server import GrpcServer
 from sluice_core.service import cancel, run
-from sluice_ratelimit import SERVICE_NAME
+from sluice_ratelimit import SERVICE_NAME, budgets
 from sluice_ratelimit.decisions import Decider, Policy
 from sluice_ratelimit.limiter import Limiter
 from sluice_ratelimit.overlimit_cache import OverLimitCache
@@ -31,6 +32,11 @@ async def serve(settings: RateLimitSettings) -> None:
     decider = Decider(lambda: store.current, limiter, policy, OverLimitCache() if settings.local_cache else None)
     server = GrpcServer(settings, health_names=[SERVICE_NAME])
     server.add(rls_pb2_grpc.add_RateLimitServiceServicer_to_server, RateLimitServicer(decider), SERVICE_NAME)
+    server.add(
+        budgets_pb2_grpc.add_BudgetsServicer_to_server,
+        budgets.BudgetsServicer(limiter, settings.key_prefix),
+        budgets.SERVICE_NAME,
+    )
     watcher = asyncio.create_task(store.watch(settings.reload_interval_s))
     try:
         async with server:

@@ -1,12 +1,21 @@
 """From a ``ShouldRateLimit`` request to its answer: match, check, decide all or nothing.
 
 Each descriptor is matched against its domain's rules; its hits come from the
-descriptor's ``hits_addend`` (0 only checks) or else the request's (0 counts
-as 1), and ``is_negative_hits`` makes them a refund. A descriptor's ``limit``
-replaces the configured one. A named limit listed in another matched limit's
-``replaces`` is dropped. Then every remaining limit is checked in one Redis
-script call: if any would be exceeded, the answer is OVER_LIMIT and nothing is
-consumed anywhere.
+request's ``hits_addend`` (0 counts as 1) or from the descriptor's own (0 only
+checks). A descriptor's ``limit`` replaces the configured one, enforced even
+where the rule is in shadow mode, and only in a configured domain (as the
+reference service does: no domain, no limits). A named limit
+listed in another matched limit's ``replaces`` is dropped. Then every
+remaining limit is checked in one Redis script call: if any would be
+exceeded, the answer is OVER_LIMIT and nothing is consumed anywhere.
+
+A descriptor's own ``hits_addend`` is a *charge*, recorded whatever is
+decided, into debt past the limit if need be (``Mode.CHARGE``). Envoy sets it
+from a rate-limit action's ``hits_addend``, how its users charge a cost: when
+a stream is done (``apply_on_stream_done``, after a 0-hit check on the
+request), a charge that went unrecorded because the key was full would make
+such limits never apply. Plain request counting keeps all or nothing, so a
+caller over its rate still gets its limit's worth through.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from envoy_api.envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy_api.envoy.service.ratelimit.v3 import rls_pb2
 from sluice_core.errors import FieldViolation, InvalidArgument, Unavailable
 from sluice_core.logs import RateLimitedLogger
-from sluice_ratelimit.config import OVERRIDE_UNITS, UNIT_PROTO, Config, Limit, Rule
+from sluice_ratelimit.config import OVERRIDE_UNITS, UNIT_PROTO, Config, Domain, Limit, Rule
 from sluice_ratelimit.limiter import Check, Decision, Limiter, Mode
 from sluice_ratelimit.overlimit_cache import OverLimitCache
 
@@ -90,32 +99,28 @@ class Decider:
     async def decide(self, request: rls_pb2.RateLimitRequest, now_us: int | None = None) -> rls_pb2.RateLimitResponse:
         _validate(request)
         domain = self._config().domains.get(request.domain)
-        plans = [self._plan(request, d, domain.match(_entries(d)) if domain else None) for d in request.descriptors]
+        plans = [self._plan(request, d, domain) for d in request.descriptors]
         _apply_replaces(plans)
         checks = [c for p in plans for c in p.checks]
         decisions = await self._cached_refusal(request.domain, plans, checks, now_us)
         from_redis = decisions is None
         if decisions is None and checks:
             decisions = await self._ask_redis(request.domain, plans, checks, now_us)
-            if decisions is not None and self._cache is not None:
-                # What was given back may admit hits again before the remembered time.
-                for check in checks:
-                    if check.mode == Mode.REFUND:
-                        self._cache.forget(check.key)
         return self._respond(request.domain, plans, decisions, from_redis)
 
     def _plan(
-        self, request: rls_pb2.RateLimitRequest, descriptor: ratelimit_pb2.RateLimitDescriptor, rule: Rule | None
+        self, request: rls_pb2.RateLimitRequest, descriptor: ratelimit_pb2.RateLimitDescriptor, domain: Domain | None
     ) -> _Plan:
+        rule = domain.match(_entries(descriptor)) if domain is not None else None
         if descriptor.HasField("hits_addend"):
             hits = descriptor.hits_addend.value
+            mode = Mode.CHECK if hits == 0 else Mode.CHARGE
         else:
-            hits = max(1, request.hits_addend)
-        mode = Mode.CHECK if hits == 0 else Mode.REFUND if descriptor.is_negative_hits else Mode.CONSUME
+            hits, mode = max(1, request.hits_addend), Mode.CONSUME
         limits = list(rule.limits) if rule is not None and not rule.unlimited else []
-        if descriptor.HasField("limit"):
-            limits = [_override(descriptor.limit)]
         shadow = rule.shadow_mode if rule is not None else False
+        if descriptor.HasField("limit") and domain is not None:
+            limits, shadow = [_override(descriptor.limit)], False
         base = self._policy.key_prefix + request.domain + "|" + "|".join(f"{k}={v}" for k, v in _entries(descriptor))
         checks = [
             Check(
@@ -137,8 +142,8 @@ class Decider:
         """Refuse without consuming anything when a key is known to be over its limit (nothing would be consumed
         anyway). Where the other keys stand is still asked of Redis, without charging them (one call, only
         for requests with other keys); while Redis fails they are reported with nothing left."""
-        if self._cache is None:
-            return None
+        if self._cache is None or any(c.mode == Mode.CHARGE for c in checks):
+            return None  # a charge is recorded whatever is decided
         waits = [self._cache.over_for(c.key) if c.mode == Mode.CONSUME and not c.shadow else 0.0 for c in checks]
         if not any(waits):
             return None

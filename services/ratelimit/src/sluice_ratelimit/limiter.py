@@ -9,8 +9,11 @@ window of one period, never two bursts back to back (docs/ratelimit.md).
 Refunds subtract.
 
 One Lua script takes every check of a request (``KEYS``) and decides them all
-or none: when any check fails, nothing is consumed anywhere. The debt is kept
-relative to when it was written so the numbers stay small and exact.
+or none: when any check fails, nothing is consumed anywhere. A *charge* is
+the exception: it is recorded whatever is decided, going past the limit into
+debt (at most one period past full), because it is for work already done
+(Envoy charging a stream when it is over). The debt is kept relative to when
+it was written so the numbers stay small and exact.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ _MOST_PER_PIPELINE = 500
 
 # ARGV[1]: now in microseconds, or -1 to take Redis' clock (shared by every
 # replica of this service). Then per key, five values: period (us), limit,
-# hits, mode (0 consume, 1 check only, 2 refund), shadow (1: never blocks).
+# hits, mode (0 consume, 1 check only, 2 refund, 3 charge), shadow (1: never blocks).
 # Returns per key: {admitted 0/1, remaining, debt after (us), wait until
 # these hits fit (us), wait until one hit fits (us), within the limit 0/1}
 # (a shadow-mode check is admitted even when it is not within its limit).
@@ -54,21 +57,24 @@ for i = 1, n do
     debt = math.max(0, tonumber(stored[1]) - (now - tonumber(stored[2])))
   end
   local after = debt
-  if mode == 0 then after = debt + hits * step
+  if mode == 0 or mode == 3 then after = debt + hits * step
   elseif mode == 2 then after = math.max(0, debt - hits * step) end
   local within = after <= period + slack or mode == 2
   -- A limit of 0 (a block list) refuses every hit and every check, and charges nothing.
   if limit == 0 then within, after = mode == 2, debt end
+  -- A charge owes at most one period past full: refused for at most a period after it, as a
+  -- fixed window (the reference service's) forgets at its end.
+  if mode == 3 then after = math.min(after, 2 * period) end
   local ok = within or shadow == 1
   if not ok then over = true end
-  debts[i], admitted[i] = {debt, after, period, step, hits, within}, ok
+  debts[i], admitted[i] = {debt, after, period, step, hits, within, mode}, ok
 end
 local out = {}
 for i = 1, n do
-  local debt, after, period, step, hits, within = unpack(debts[i])
+  local debt, after, period, step, hits, within, mode = unpack(debts[i])
   -- A shadow-mode check over its limit is admitted but not recorded, as enforcement would not
   -- have: switching it to enforcing then decides exactly as if it had been enforcing all along.
-  local recorded = not over and within
+  local recorded = (not over and within) or mode == 3
   if recorded and after ~= debt then
     redis.call('HSET', KEYS[i], 'd', after, 't', now)
     redis.call('PEXPIRE', KEYS[i], math.ceil(after / 1000) + 1)
@@ -78,8 +84,11 @@ for i = 1, n do
   local remaining = math.max(0, math.floor((period - now_debt) / step + 1e-6))
   local wait, wait_one = 0, 0
   if not within then
-    wait = math.ceil(debt + hits * step - period)
-    wait_one = math.max(0, math.ceil(debt + step - period))
+    -- A charge is already recorded: the wait is for the same hits again.
+    local owed = debt
+    if mode == 3 then owed = now_debt end
+    wait = math.ceil(owed + hits * step - period)
+    wait_one = math.max(0, math.ceil(owed + step - period))
   end
   out[i] = {admitted[i] and 1 or 0, remaining, math.ceil(now_debt), wait, wait_one, within and 1 or 0}
 end
@@ -88,9 +97,10 @@ return out
 
 
 class Mode(enum.IntEnum):
-    CONSUME = 0
-    CHECK = 1
-    REFUND = 2
+    CONSUME = 0  # taken if every check of the request fits, else nothing is
+    CHECK = 1  # whether the key is within its limit; nothing taken
+    REFUND = 2  # given back
+    CHARGE = 3  # taken whatever is decided, into debt if need be
 
 
 @dataclass(frozen=True)

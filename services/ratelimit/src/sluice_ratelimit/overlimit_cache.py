@@ -22,9 +22,6 @@ class OverLimitCache:
             self._until = {k: t for k, t in self._until.items() if t > now}
         self._until[key] = now + seconds
 
-    def forget(self, key: str) -> None:
-        self._until.pop(key, None)
-
     def over_for(self, key: str) -> float:
         """Seconds ``key`` is still known to be over its limit (0 if not known to be)."""
         until = self._until.get(key)

@@ -69,9 +69,6 @@ class RateLimitDescriptor(_message.Message):
     ENTRIES_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     HITS_ADDEND_FIELD_NUMBER: _builtins.int
-    IS_NEGATIVE_HITS_FIELD_NUMBER: _builtins.int
-    is_negative_hits: _builtins.bool
-    """The addend gives back what was charged before (a refund)."""
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___RateLimitDescriptor.Entry]:
         """Ordered and hierarchical; at least one."""
@@ -88,11 +85,10 @@ class RateLimitDescriptor(_message.Message):
         entries: _abc.Iterable[Global___RateLimitDescriptor.Entry] | None = ...,
         limit: Global___RateLimitDescriptor.RateLimitOverride | None = ...,
         hits_addend: _wrappers_pb2.UInt64Value | None = ...,
-        is_negative_hits: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hits_addend", b"hits_addend", "limit", b"limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "hits_addend", b"hits_addend", "is_negative_hits", b"is_negative_hits", "limit", b"limit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "hits_addend", b"hits_addend", "limit", b"limit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
