@@ -85,7 +85,7 @@ async def test_a_thousand_concurrent_hits_admit_exactly_the_limit(
 ) -> None:
     config_file = tmp_path / "svc.yaml"
     config_file.write_text(CONFIG)
-    # With the default timeout (REDIS_TIMEOUT_MS, 40 ms): a burst the service can queue is not an outage.
+    # With the default timeout (REDIS_TIMEOUT_MS): a burst the service can queue is not an outage.
     # It admitted 102 to 191 in about 4 of 100 such bursts, failing open on its own client's timeouts.
     async for service in serve(redis_server.url, config_file, timeout_s=RateLimitSettings().redis_timeout_ms / 1e3):
         codes = await asyncio.gather(*(service.code(request(("api_key", "burst"))) for _ in range(1000)))

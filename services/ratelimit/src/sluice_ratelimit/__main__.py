@@ -20,9 +20,7 @@ from sluice_ratelimit.settings import RateLimitSettings
 
 async def serve(settings: RateLimitSettings) -> None:
     store = ConfigStore(settings.config_paths)
-    # The client's own timeouts stop a dead connection from holding a request
-    # past the decision's deadline; asyncio.timeout bounds the whole call.
-    # A burst past the pool's size waits (within the decision's timeout) for a free connection.
+    # The Limiter bounds Redis's answer to each pipeline, the client's own timeouts each read and connect.
     timeout_s = settings.redis_timeout_ms / 1e3
     redis = pooled_redis(settings.redis_url, 256, timeout_s, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
     policy = Policy(

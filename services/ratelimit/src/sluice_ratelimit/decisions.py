@@ -127,7 +127,7 @@ class Decider:
                 f"{base}|{limit.requests_per_unit}/{limit.unit}",
                 limit.period_s,
                 limit.requests_per_unit,
-                max(hits, 1),
+                hits,  # 0 for a check: its wait is until the key is within its limit again
                 mode,
                 shadow,
             )

@@ -67,11 +67,11 @@ for i = 1, n do
   if mode == 3 then after = math.min(after, 2 * period) end
   local ok = within or shadow == 1
   if not ok then over = true end
-  debts[i], admitted[i] = {debt, after, period, step, hits, within, mode}, ok
+  debts[i], admitted[i] = {debt, after, period, step, hits, within, mode, limit}, ok
 end
 local out = {}
 for i = 1, n do
-  local debt, after, period, step, hits, within, mode = unpack(debts[i])
+  local debt, after, period, step, hits, within, mode, limit = unpack(debts[i])
   -- A shadow-mode check over its limit is admitted but not recorded, as enforcement would not
   -- have: switching it to enforcing then decides exactly as if it had been enforcing all along.
   local recorded = (not over and within) or mode == 3
@@ -81,7 +81,8 @@ for i = 1, n do
   end
   local now_debt = after
   if not recorded then now_debt = debt end
-  local remaining = math.max(0, math.floor((period - now_debt) / step + 1e-6))
+  local remaining = 0
+  if limit > 0 then remaining = math.max(0, math.floor((period - now_debt) / step + 1e-6)) end
   local wait, wait_one = 0, 0
   if not within then
     -- A charge is already recorded: the wait is for the same hits again.

@@ -19,7 +19,7 @@ class RateLimitSettings(ServiceSettings):
     )
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_timeout_ms: float = Field(
-        40.0,
+        250.0,
         gt=0,
         description="Longest wait for Redis to answer a pipeline once sent (plus 0.2 ms per call in it); keep it "
         "below Envoy's rate-limit filter timeout.",
