@@ -4,10 +4,10 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PACKAGES := libs/protos libs/core libs/client libs/cli services/inference services/queue services/ratelimit services/datastore
+PACKAGES := libs/protos libs/core libs/client libs/cli libs/devstack services/inference services/queue services/ratelimit services/datastore
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install up test pytest check lint typecheck gen check-gen lock bench bench-ratelimit bench-datastore bench-scheduler bench-scale clean
+.PHONY: install up test test-fast pytest check lint typecheck gen check-gen lock bench bench-ratelimit bench-datastore bench-scheduler bench-scale clean
 
 install: $(INSTALLED)
 
@@ -29,11 +29,18 @@ test: check pytest
 pytest: install
 	$(PY) -m pytest
 
+# The edit-test loop: no model servers, no whole stack (those are `slow` and `e2e`; `make test` runs all).
+test-fast: install
+	$(PY) -m pytest -m "not slow and not e2e" -q
+
 check: lint typecheck check-gen
 
+# Ruff, and the layers (pyproject.toml's import contracts: no library imports a service,
+# no service another).
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 typecheck: install
 	$(VENV)/bin/mypy
@@ -41,11 +48,11 @@ typecheck: install
 # Regenerate the protobuf stubs and the compose copy of Envoy's config.
 gen: install
 	$(PY) scripts/gen_protos.py
-	$(PY) -m sluice_cli.envoy_config
+	$(PY) -m sluice_devstack.envoy_config
 
 check-gen: install
 	$(PY) scripts/gen_protos.py --check
-	$(PY) -m sluice_cli.envoy_config --check
+	$(PY) -m sluice_devstack.envoy_config --check
 
 lock:
 	scripts/lock.sh

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import sys
 from collections.abc import AsyncIterator
 
-import asyncpg
 import pytest
 
-from sluice_cli.postgres_server import PostgresServer
-from sluice_cli.redis_server import RedisServer
-from sluice_cli.stack import free_ports
 from sluice_core.telemetry import setup_tracing
-from sluice_datastore.migrate import migrate
+from sluice_devstack.postgres_server import PostgresServer
+from sluice_devstack.redis_server import RedisServer
+from sluice_devstack.stack import free_ports
 
 # A tracer provider, as every service's main installs, so that in-process
 # servers in the tests record spans (and return trace ids) as in production.
@@ -33,9 +34,10 @@ async def postgres(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Po
     """A PostgreSQL of the tests' own, migrated; it logs every statement, so tests can count queries."""
     server = PostgresServer(free_ports(1)[0], tmp_path_factory.mktemp("postgres"), durable=False, log_statements=True)
     await server.start()
-    connection = await asyncpg.connect(server.url)
-    await migrate(connection)
-    await connection.close()
+    # As operators migrate: this file is shared by every package's tests, which import no service.
+    env = {**os.environ, "SLUICE_DATASTORE_DATABASE_URL": server.url}
+    migrating = await asyncio.create_subprocess_exec(sys.executable, "-m", "sluice_datastore", "migrate", env=env)
+    assert await migrating.wait() == 0, "python -m sluice_datastore migrate failed"
     yield server
     await server.stop()
     server.remove_data()

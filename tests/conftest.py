@@ -8,19 +8,18 @@ traces), not the model, and it starts in seconds and keeps a steady pace.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Literal
 
 import pytest
 
 from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
-from sluice_cli.postgres_server import PostgresServer
-from sluice_cli.redis_server import RedisServer
-from sluice_cli.stack import LOOPBACK, LocalStack, StackOptions, StackPorts
+from sluice_devstack.postgres_server import PostgresServer
+from sluice_devstack.redis_server import RedisServer
+from sluice_devstack.stack import LOOPBACK, LocalStack, StackOptions, StackPorts
 
 SLOTS_PER_REPLICA = 4
 WAITING_PER_TENANT = 128
@@ -80,17 +79,6 @@ def requests_served(stack: LocalStack, index: int) -> float:
     with urllib.request.urlopen(url, timeout=5) as response:
         text = response.read().decode()
     return sum(float(v) for v in re.findall(r"^sluice_inference_requests_total\{[^}]*\} (\S+)$", text, re.M))
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within_s: float, what: str) -> float:
-    """Seconds until ``check`` holds; fails after ``within_s``."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    while not await check():
-        if loop.time() - start > within_s:
-            raise AssertionError(f"not within {within_s}s: {what}")
-        await asyncio.sleep(0.02)
-    return loop.time() - start
 
 
 async def tenant_with_key(stack: LocalStack, name: str, tokens_per_minute: int = 0, weight: int = 1) -> tuple[str, str]:

@@ -17,9 +17,9 @@ from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
 from sluice.generation.v1 import generation_pb2, generation_pb2_grpc
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
 from sluice.ratelimit.v1 import budgets_pb2, budgets_pb2_grpc
-from sluice_cli.stack import LOOPBACK, LocalStack
 from sluice_client import GenerationClient, StreamError
 from sluice_core.channels import channel
+from sluice_devstack.stack import LOOPBACK, LocalStack
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 

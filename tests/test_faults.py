@@ -23,13 +23,14 @@ import pytest
 
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.generation.v1 import generation_pb2, generation_pb2_grpc
-from sluice_cli.postgres_server import PostgresServer
-from sluice_cli.processes import Process
-from sluice_cli.redis_server import RedisServer
-from sluice_cli.stack import LocalStack, free_ports
 from sluice_client import GenerationClient, StreamError
+from sluice_devstack.postgres_server import PostgresServer
+from sluice_devstack.processes import Process
+from sluice_devstack.redis_server import RedisServer
+from sluice_devstack.stack import LocalStack, free_ports
+from sluice_devstack.waiting import eventually
 
-from .conftest import LIMITED_KEY, LIMITED_PER_HOUR, eventually, stack_options, tenant_with_key
+from .conftest import LIMITED_KEY, LIMITED_PER_HOUR, stack_options, tenant_with_key
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -175,7 +176,8 @@ async def test_the_first_burst_after_start_is_limited(supervised: Supervised) ->
     # First in this module, so right after the stack started: 60 calls at once were all admitted
     # against a per-key limit, the rate-limit service failing open on its own client's timeouts;
     # with that fixed, 341 of 600 still were, Envoy giving up on the service's decisions after 100 ms.
-    burst = 600
+    # 300 at once still went through in part at 100 ms; within 1 s they leave room for a loaded machine.
+    burst = 300
     async with grpc.aio.insecure_channel(supervised.stack.edge) as edge:
         stub = generation_pb2_grpc.GenerationStub(edge)
         request = generation_pb2.GenerateRequest(prompt="hi", sampling=common_pb2.SamplingParams(max_tokens=1))

@@ -13,10 +13,10 @@ from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
 from sluice.generation.v1 import generation_pb2
 from sluice.ratelimit.v1 import budgets_pb2, budgets_pb2_grpc
-from sluice_cli.postgres_server import PostgresServer
-from sluice_cli.stack import LocalStack
 from sluice_client import GenerationClient, StreamError
 from sluice_core.errors import ResourceExhausted
+from sluice_devstack.postgres_server import PostgresServer
+from sluice_devstack.stack import LocalStack
 
 from .conftest import tenant_with_key
 

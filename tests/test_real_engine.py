@@ -20,12 +20,13 @@ from grpc_health.v1 import health_pb2
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.generation.v1 import generation_pb2
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
-from sluice_cli.postgres_server import PostgresServer
-from sluice_cli.redis_server import RedisServer
-from sluice_cli.stack import LocalStack
 from sluice_client import GenerationClient
+from sluice_devstack.postgres_server import PostgresServer
+from sluice_devstack.redis_server import RedisServer
+from sluice_devstack.stack import LocalStack
+from sluice_devstack.waiting import eventually
 
-from .conftest import eventually, requests_served, stack_options
+from .conftest import requests_served, stack_options
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 

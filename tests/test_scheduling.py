@@ -18,11 +18,12 @@ from redis.asyncio import Redis
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.generation.v1 import generation_pb2
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
-from sluice_cli.stack import LocalStack
 from sluice_client import GenerationClient, GenerationStream, StreamError
 from sluice_core.errors import ResourceExhausted
+from sluice_devstack.stack import LocalStack
+from sluice_devstack.waiting import eventually
 
-from .conftest import SLOTS_PER_REPLICA, WAITING_PER_TENANT, eventually, tenant_with_key
+from .conftest import SLOTS_PER_REPLICA, WAITING_PER_TENANT, tenant_with_key
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import subprocess
 import sys
+import urllib.request
 
 import grpc
 import pytest
@@ -18,14 +20,14 @@ from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
 from sluice.generation.v1 import generation_pb2, generation_pb2_grpc
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
-from sluice_cli import floor
-from sluice_cli.bench import transport_floor
-from sluice_cli.stack import LOOPBACK, LocalStack
-from sluice_cli.trace_sink import Span
+from sluice_cli.spans import Span
 from sluice_client import GenerationClient, StreamError
 from sluice_core.errors import InvalidArgument
+from sluice_devstack import floor
+from sluice_devstack.stack import LOOPBACK, LocalStack
+from sluice_devstack.waiting import eventually
 
-from .conftest import LIMITED_KEY, LIMITED_PER_HOUR, RATE_LIMITS, eventually, requests_served
+from .conftest import LIMITED_KEY, LIMITED_PER_HOUR, RATE_LIMITS, requests_served
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -179,6 +181,15 @@ def test_the_cli_streams_and_summarizes(stack: LocalStack) -> None:
     assert "INVALID_ARGUMENT" in bad.stderr and "max_tokens" in bad.stderr
 
 
+def config_loads(stack: LocalStack) -> float:
+    """Configurations the rate-limit service loaded, from its Prometheus endpoint."""
+    url = f"http://{LOOPBACK}:{stack.ports.ratelimit_metrics}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    found = re.search(r'^sluice_ratelimit_config_loads_total\{result="ok"\} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
 async def test_envoy_refuses_calls_over_the_rate_limit(stack: LocalStack) -> None:
     # A real tenant's key, limited by a rate-limit file rewritten while the stack runs (hot reload).
     async with stack.channel(stack.internal) as channel:
@@ -188,8 +199,9 @@ async def test_envoy_refuses_calls_over_the_rate_limit(stack: LocalStack) -> Non
         )
         key = (await stub.IssueApiKey(datastore_pb2.IssueApiKeyRequest(tenant_id=tenant.id))).api_key
     (config,) = stack.options.ratelimit_config
+    loads = config_loads(stack)
     config.write_text(RATE_LIMITS.replace(LIMITED_KEY, key))
-    await asyncio.sleep(2.5)  # the service checks its files every second
+    await eventually(lambda: config_loads(stack) > loads, 5, "the rate-limit service loads the new file")
     outcomes = []
     message = ""
     async with GenerationClient(stack.edge, api_key=key) as client:
@@ -266,7 +278,7 @@ async def test_the_demo_key_is_kept_across_restarts_until_it_stops_working(stack
 
 async def test_the_transport_floor_crosses_the_hops_it_names(stack: LocalStack) -> None:
     # `sluice bench` sets the stack's added time to first token against these round trips.
-    trips = await transport_floor(stack)
+    trips = await floor.transport(stack)
     assert set(trips) == {"edge", "inference", "redis", "total"}
     assert all(trip > 0 for trip in trips.values())
     # Envoy, its rate-limit call and a Python server cannot answer as fast as Redis alone.

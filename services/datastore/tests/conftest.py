@@ -13,8 +13,6 @@ import pytest
 from redis.asyncio import Redis
 
 from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
-from sluice_cli.postgres_server import PostgresServer
-from sluice_cli.redis_server import RedisServer
 from sluice_core.server import GrpcServer
 from sluice_datastore import SERVICE_NAME
 from sluice_datastore.cache import Cache
@@ -23,6 +21,8 @@ from sluice_datastore.invalidation import LocalTenants
 from sluice_datastore.servicer import DataStoreServicer
 from sluice_datastore.settings import DataStoreSettings
 from sluice_datastore.store import Store
+from sluice_devstack.postgres_server import PostgresServer
+from sluice_devstack.redis_server import RedisServer
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import uuid
 
 from redis.asyncio import Redis
 
-from sluice_cli.redis_server import RedisServer
 from sluice_datastore.cache import Cache, Codec
+from sluice_devstack.redis_server import RedisServer
 
 
 def _encode(value: str | None) -> str:

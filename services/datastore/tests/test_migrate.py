@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import sys
 from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
-from sluice_cli.postgres_server import PostgresServer
 from sluice_datastore import migrate as migrator
 from sluice_datastore.database import Database
+from sluice_devstack.postgres_server import PostgresServer
 
 
 @pytest.fixture
@@ -33,6 +36,18 @@ async def test_applies_everything_once(empty_database: asyncpg.Connection) -> No
         for r in await empty_database.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
     }
     assert {"tenants", "api_keys", "conversations", "messages", "usage", "schema_migrations"} <= tables
+
+
+async def test_the_migrate_command_applies_the_migrations(
+    empty_database: asyncpg.Connection, postgres: PostgresServer
+) -> None:
+    url = postgres.url.rsplit("/", 1)[0] + "/migrate_test"
+    command = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sluice_datastore", "migrate", env={**os.environ, "SLUICE_DATASTORE_DATABASE_URL": url}
+    )
+    assert await asyncio.wait_for(command.wait(), 60) == 0
+    applied = await empty_database.fetchval("SELECT count(*) FROM schema_migrations")
+    assert applied == len(migrator.migrations())
 
 
 async def test_an_edited_migration_is_refused(

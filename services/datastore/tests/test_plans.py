@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from sluice_cli.postgres_server import PostgresServer
 from sluice_datastore.migrate import migrate
 from sluice_datastore.plans import HOT_QUERIES, HotQuery, nodes, plan, seed
+from sluice_devstack.postgres_server import PostgresServer
 
 BIG_TABLES = {"messages", "usage", "api_keys"}
 

@@ -14,8 +14,8 @@ from google.protobuf import timestamp_pb2
 
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.datastore.v1 import datastore_pb2
-from sluice_cli.postgres_server import PostgresServer
-from sluice_cli.redis_server import RedisServer
+from sluice_devstack.postgres_server import PostgresServer
+from sluice_devstack.redis_server import RedisServer
 
 from .conftest import Service, log_size, new_tenant, statements
 

@@ -1,4 +1,4 @@
-"""The model host's lifecycle, with a stand-in for the engine at the engine module's boundary."""
+"""The model host: its load accounting, and its lifecycle with a stand-in for the engine module."""
 
 from __future__ import annotations
 
@@ -40,6 +40,32 @@ async def test_a_stop_while_loading_still_shuts_down_the_engine_being_built(
     finish_building.set()
     await host.close()
     assert shut_down.is_set(), "the engine built after the stop was left running"
+
+
+def test_a_request_counts_as_waiting_until_its_first_token_then_running_until_it_ends(tmp_path: Path) -> None:
+    host = ModelHost(InferenceSettings(model=str(tmp_path)))
+    load = host.load
+    with host.admitted() as first, host.admitted() as second:
+        assert (load.waiting, load.running) == (2, 0)
+        first.start()
+        first.start()  # every token after the first changes nothing
+        assert (load.waiting, load.running) == (1, 1)
+        first.end()  # finished: counted out before its last message goes
+        assert (load.waiting, load.running) == (1, 0)
+        second.start()
+        assert (load.waiting, load.running) == (0, 1)
+    assert (load.waiting, load.running) == (0, 0), "a request ended early was counted out twice, or never"
+
+
+def test_a_request_that_fails_or_is_cancelled_is_counted_out(tmp_path: Path) -> None:
+    host = ModelHost(InferenceSettings(model=str(tmp_path)))
+    for error in (ValueError, asyncio.CancelledError):
+        with pytest.raises(error), host.admitted():
+            raise error  # before its first token
+        with pytest.raises(error), host.admitted() as admission:
+            admission.start()
+            raise error
+        assert (host.load.waiting, host.load.running) == (0, 0)
 
 
 @pytest.mark.slow

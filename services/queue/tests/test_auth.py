@@ -67,7 +67,7 @@ async def settle() -> None:
 
 async def test_a_key_in_use_is_looked_up_again_before_it_expires(clock: Clock) -> None:
     datastore = SlowDataStore()
-    authenticator = Authenticator(datastore, clock)  # type: ignore[arg-type]
+    authenticator = Authenticator(datastore, clock)
     datastore.answer.set()
     assert (await authenticator.tenant(KEY)).id == "t1"
     datastore.answer.clear()  # from now on, a call that waits for a lookup hangs
@@ -83,7 +83,7 @@ async def test_a_key_in_use_is_looked_up_again_before_it_expires(clock: Clock) -
 
 async def test_a_revoked_key_stops_working_within_a_second(clock: Clock) -> None:
     datastore = SlowDataStore()
-    authenticator = Authenticator(datastore, clock)  # type: ignore[arg-type]
+    authenticator = Authenticator(datastore, clock)
     datastore.answer.set()
     await authenticator.tenant(KEY)
     datastore.revoked.add("k1")
@@ -96,7 +96,7 @@ async def test_a_revoked_key_stops_working_within_a_second(clock: Clock) -> None
 
 async def test_a_caller_leaving_does_not_fail_the_others_waiting_for_the_same_lookup(clock: Clock) -> None:
     datastore = SlowDataStore()
-    authenticator = Authenticator(datastore, clock)  # type: ignore[arg-type]
+    authenticator = Authenticator(datastore, clock)
     first = asyncio.create_task(authenticator.tenant(KEY))
     second = asyncio.create_task(authenticator.tenant(KEY))
     await settle()
@@ -109,7 +109,7 @@ async def test_a_caller_leaving_does_not_fail_the_others_waiting_for_the_same_lo
 
 async def test_a_malformed_key_is_unauthenticated_without_a_lookup_or_an_internal_field(clock: Clock) -> None:
     datastore = SlowDataStore()
-    authenticator = Authenticator(datastore, clock)  # type: ignore[arg-type]
+    authenticator = Authenticator(datastore, clock)
     with pytest.raises(Unauthenticated, match="malformed API key") as caught:
         await authenticator.tenant([("x-api-key", "k" * 7000)])
     assert "api_key" not in caught.value.message and "must be given" not in caught.value.message
@@ -163,10 +163,10 @@ async def test_while_the_tenant_store_is_away_known_keys_are_served_stale_and_ot
     clock: Clock,
 ) -> None:
     datastore = SlowDataStore()
-    authenticator = Authenticator(datastore, clock, stale_s=300)  # type: ignore[arg-type]
+    authenticator = Authenticator(datastore, clock, stale_s=300)
     datastore.answer.set()
     await authenticator.tenant(KEY)
-    authenticator._datastore = AwayDataStore()  # type: ignore[assignment]  # PostgreSQL stalls from here on
+    authenticator._datastore = AwayDataStore()  # PostgreSQL stalls from here on
     clock.now += 60  # the tenant's entry expired during the stall
     assert (await authenticator.tenant(KEY)).id == "t1"
     with pytest.raises(Unavailable) as unknown:  # not DEADLINE_EXCEEDED after the caller's whole deadline
@@ -180,7 +180,7 @@ async def test_while_the_tenant_store_is_away_known_keys_are_served_stale_and_ot
 async def test_keys_no_one_issued_cannot_load_the_tenant_store_beyond_a_bound(clock: Clock) -> None:
     # Random keys each pass the edge's per-key limit; every one used to become a lookup at once.
     datastore = SlowDataStore()
-    authenticator = Authenticator(datastore, clock, timeout_s=0.2, max_lookups=8)  # type: ignore[arg-type]
+    authenticator = Authenticator(datastore, clock, timeout_s=0.2, max_lookups=8)
     datastore.answer.set()
     await authenticator.tenant(KEY)
     datastore.answer.clear()  # the store is slow from here on

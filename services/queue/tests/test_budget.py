@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import grpc
 import pytest
@@ -69,8 +69,14 @@ def tenant(tenant_id: str, tokens_per_minute: int, requests_per_minute: int = 0)
     )
 
 
-def budgets(ratelimit: RateLimit, clock: Clock, **settings: float) -> Budgets:
-    return Budgets(ratelimit, clock=clock, **settings)  # type: ignore[arg-type]
+class Settings(TypedDict, total=False):
+    lease_s: float
+    idle_s: float
+    refund_interval_s: float
+
+
+def budgets(ratelimit: RateLimit, clock: Clock, **settings: Unpack[Settings]) -> Budgets:
+    return Budgets(ratelimit, clock=clock, **settings)
 
 
 async def test_one_call_reserves_ahead_for_the_next_requests() -> None:

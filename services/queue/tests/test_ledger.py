@@ -11,7 +11,7 @@ import pytest
 from redis.asyncio import Redis
 
 from sluice.datastore.v1 import datastore_pb2
-from sluice_cli.redis_server import RedisServer
+from sluice_devstack.redis_server import RedisServer
 from sluice_queue.ledger import Ledger
 
 LEASE_S = 0.3

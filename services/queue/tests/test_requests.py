@@ -48,7 +48,7 @@ def chat(*turns: tuple[common_pb2.Role.ValueType, str]) -> common_pb2.ChatMessag
         (public(client_request_id="x" * 129), ["client_request_id"]),
         (public(priority=7), ["priority"]),
         (public(prompt=None, messages=common_pb2.ChatMessages()), ["messages"]),
-        (public(prompt=None, messages=chat((9, "hi"))), ["messages.messages[0].role"]),  # type: ignore[arg-type]
+        (public(prompt=None, messages=chat((common_pb2.Role.ValueType(9), "hi"))), ["messages.messages[0].role"]),
         (public(prompt=None, messages=chat((common_pb2.ROLE_USER, " "))), ["messages"]),
         (public(sampling=common_pb2.SamplingParams(max_tokens=1, stop=["x" * 257])), ["sampling.stop"]),
         # 400,000 empty messages held a replica's other streams for 4 s.

@@ -17,9 +17,9 @@ import pytest
 from redis.asyncio import Redis
 
 from sluice.generation.v1 import generation_pb2
-from sluice_cli.redis_server import RedisServer
-from sluice_cli.stack import free_ports
 from sluice_core.errors import ResourceExhausted, Unavailable
+from sluice_devstack.redis_server import RedisServer
+from sluice_devstack.stack import free_ports
 from sluice_queue.scheduler import Scheduler, SchedulerConfig, Ticket, connect
 
 INTERACTIVE, BATCH = generation_pb2.PRIORITY_INTERACTIVE, generation_pb2.PRIORITY_BATCH
@@ -50,8 +50,10 @@ def config() -> SchedulerConfig:
     )
 
 
-async def enter(scheduler: Scheduler, tenant: str, priority: int = BATCH, weight: int = 1) -> Ticket:
-    return await scheduler.enter(f"{tenant}-{next(_ids)}", tenant, weight, priority)  # type: ignore[arg-type]
+async def enter(
+    scheduler: Scheduler, tenant: str, priority: generation_pb2.Priority.ValueType = BATCH, weight: int = 1
+) -> Ticket:
+    return await scheduler.enter(f"{tenant}-{next(_ids)}", tenant, weight, priority)
 
 
 async def admitted(ticket: Ticket, within_s: float = 2.0) -> None:

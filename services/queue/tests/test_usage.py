@@ -54,7 +54,7 @@ def datastore() -> FlakyDataStore:
 
 
 async def test_records_wait_while_the_datastore_is_away_then_all_go(datastore: FlakyDataStore) -> None:
-    usage = UsageRecorder(datastore, batch_size=2)  # type: ignore[arg-type]
+    usage = UsageRecorder(datastore, batch_size=2)
     datastore.away = True
     for i in range(5):
         usage.record(record(f"r{i}"))
@@ -67,7 +67,7 @@ async def test_records_wait_while_the_datastore_is_away_then_all_go(datastore: F
 
 
 async def test_a_refused_record_does_not_hold_back_the_others(datastore: FlakyDataStore) -> None:
-    usage = UsageRecorder(datastore, batch_size=10)  # type: ignore[arg-type]
+    usage = UsageRecorder(datastore, batch_size=10)
     datastore.refused = {"bad"}
     for request_id in ("a", "bad", "b"):
         usage.record(record(request_id))
@@ -87,7 +87,7 @@ async def running(usage: UsageRecorder) -> AsyncIterator[UsageRecorder]:
 
 
 async def test_records_committed_together_go_in_one_write(datastore: FlakyDataStore) -> None:
-    async with running(UsageRecorder(datastore, interval_s=60)) as usage:  # type: ignore[arg-type]
+    async with running(UsageRecorder(datastore, interval_s=60)) as usage:
         done = await asyncio.gather(*(usage.commit(record(f"r{i}"), timeout_s=5) for i in range(20)))
     assert done == [True] * 20
     assert sorted(datastore.written) == sorted(f"r{i}" for i in range(20))
@@ -95,7 +95,7 @@ async def test_records_committed_together_go_in_one_write(datastore: FlakyDataSt
 
 
 async def test_a_commit_the_datastore_cannot_take_is_kept_and_written_later(datastore: FlakyDataStore) -> None:
-    async with running(UsageRecorder(datastore, interval_s=60)) as usage:  # type: ignore[arg-type]
+    async with running(UsageRecorder(datastore, interval_s=60)) as usage:
         datastore.away = True
         assert not await usage.commit(record("away"), timeout_s=5)
         datastore.away, datastore.answer = False, asyncio.Event()  # back, but slow

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-from sluice_cli.redis_server import RedisServer
+from sluice_devstack.redis_server import RedisServer
 
 
 @pytest.fixture

@@ -28,11 +28,11 @@ from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from envoy_api.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
-from sluice_cli.processes import Process
-from sluice_cli.redis_server import RedisServer
-from sluice_cli.stack import LOOPBACK, free_ports
 from sluice_core.server import GrpcServer
 from sluice_core.settings import ServiceSettings
+from sluice_devstack.processes import Process
+from sluice_devstack.redis_server import RedisServer
+from sluice_devstack.stack import LOOPBACK, free_ports
 from sluice_ratelimit import SERVICE_NAME
 from sluice_ratelimit.decisions import Decider, Policy
 from sluice_ratelimit.limiter import Limiter

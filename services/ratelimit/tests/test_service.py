@@ -16,9 +16,9 @@ from redis.asyncio import Redis
 
 from envoy_api.envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy_api.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
-from sluice_cli.redis_server import RedisServer
 from sluice_core.server import GrpcServer
 from sluice_core.settings import ServiceSettings
+from sluice_devstack.redis_server import RedisServer
 from sluice_ratelimit import SERVICE_NAME
 from sluice_ratelimit.decisions import OK, OVER_LIMIT, Decider, Policy
 from sluice_ratelimit.limiter import Limiter

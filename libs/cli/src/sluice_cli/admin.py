@@ -9,11 +9,10 @@ from pathlib import Path
 import grpc
 
 from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
-from sluice_cli.arguments import whole_number
+from sluice_cli.arguments import UINT32_MAX, whole_number
 from sluice_core import certificates
 from sluice_core.channels import channel
 from sluice_core.errors import from_rpc_error
-from sluice_datastore.servicer import TENANT_MAXIMA
 
 TIERS = {
     "free": datastore_pb2.TIER_FREE,
@@ -35,19 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     create = actions.add_parser("create-tenant", help="create a tenant")
     create.add_argument("name")
     create.add_argument("--tier", choices=sorted(TIERS), default="standard")
-    most = TENANT_MAXIMA
+    # Only what the wire can carry is checked here; the data-access service names any value out of its bounds.
     create.add_argument(
-        "--weight",
-        type=whole_number(1, most["scheduling_weight"]),
-        default=1,
-        help="share of model slots under contention",
+        "--weight", type=whole_number(1, UINT32_MAX), default=1, help="share of model slots under contention"
     )
-    create.add_argument(
-        "--requests-per-minute", type=whole_number(0, most["requests_per_minute"]), default=0, help="0: no limit"
-    )
-    create.add_argument(
-        "--tokens-per-minute", type=whole_number(0, most["tokens_per_minute"]), default=0, help="0: no limit"
-    )
+    create.add_argument("--requests-per-minute", type=whole_number(0, UINT32_MAX), default=0, help="0: no limit")
+    create.add_argument("--tokens-per-minute", type=whole_number(0, UINT32_MAX), default=0, help="0: no limit")
     issue = actions.add_parser("issue-key", help="issue an API key (printed once)")
     issue.add_argument("tenant", help="the tenant's name or id")
     revoke = actions.add_parser("revoke-key", help="revoke an API key (by the key or its id)")

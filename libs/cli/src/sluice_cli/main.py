@@ -1,4 +1,10 @@
-"""The ``sluice`` command."""
+"""The ``sluice`` command: the user's own commands, and those other installed sluice packages add.
+
+``generate``, ``admin`` and ``trace`` need only the public API. Another
+package adds a command by naming a module under the ``sluice.commands``
+entry-point group (the local-stack library adds ``up`` and ``bench``), so this
+package imports none of them and installs without the services.
+"""
 
 from __future__ import annotations
 
@@ -6,57 +12,43 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Awaitable, Callable
+from importlib.metadata import entry_points
+from typing import Protocol, cast
 
-from sluice_cli import (
-    admin,
-    bench,
-    bench_datastore,
-    bench_ratelimit,
-    bench_scale,
-    bench_scheduler,
-    generate,
-    trace_view,
-    up,
-)
+from sluice_cli import admin, generate, trace_view
+
+COMMANDS = "sluice.commands"
+
+
+class Command(Protocol):
+    """What a module registered under ``sluice.commands`` provides."""
+
+    HELP: str
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def run(self, args: argparse.Namespace) -> Awaitable[int]: ...
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="sluice", description="Sluice: LLM serving over gRPC.")
     commands = parser.add_subparsers(dest="command", required=True)
+    runs: dict[str, Callable[[argparse.Namespace], int]] = {}
     generate.add_arguments(commands.add_parser("generate", help="stream a completion from the public API"))
-    up.add_arguments(commands.add_parser("up", help="run the local stack until Ctrl-C"))
-    benches = commands.add_parser("bench", help="benchmarks (the stack vs the bare engine, or one part)")
-    bench_kinds = benches.add_subparsers(dest="bench", required=False)
-    bench.add_arguments(benches)
-    bench_ratelimit.add_arguments(bench_kinds.add_parser("ratelimit", help="ShouldRateLimit against a bare EVALSHA"))
-    bench_datastore.add_arguments(bench_kinds.add_parser("datastore", help="cached, cold and unindexed data access"))
-    bench_scheduler.add_arguments(
-        bench_kinds.add_parser("scheduler", help="priorities under overload, and the queue's cost at low load")
-    )
-    bench_scale.add_arguments(
-        bench_kinds.add_parser("scale", help="concurrent streams the stack carries at GPU speed (simulated engines)")
-    )
+    runs["generate"] = lambda args: asyncio.run(generate.run(args))
     trace_view.add_arguments(commands.add_parser("trace", help="show a request's trace from the local stack"))
+    runs["trace"] = trace_view.run
     admin.add_arguments(commands.add_parser("admin", help="tenants and API keys"))
+    runs["admin"] = lambda args: asyncio.run(admin.run(args))
+    for entry in sorted(entry_points(group=COMMANDS), key=lambda e: e.name):
+        command = cast(Command, entry.load())
+        command.add_arguments(commands.add_parser(entry.name, help=command.HELP))
+        runs[entry.name] = lambda args, command=command: asyncio.run(_awaited(command.run(args)))  # type: ignore[misc]
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    match args.command:
-        case "generate":
-            code = asyncio.run(generate.run(args))
-        case "admin":
-            code = asyncio.run(admin.run(args))
-        case "up":
-            code = asyncio.run(up.run(args))
-        case "bench" if args.bench == "datastore":
-            code = asyncio.run(bench_datastore.run(args))
-        case "bench" if args.bench == "scheduler":
-            code = asyncio.run(bench_scheduler.run(args))
-        case "bench" if args.bench == "scale":
-            code = asyncio.run(bench_scale.run(args))
-        case "bench" if args.bench == "ratelimit":
-            code = asyncio.run(bench_ratelimit.run(args))
-        case "bench":
-            code = asyncio.run(bench.run(args))
-        case _:
-            code = trace_view.run(args)
-    sys.exit(code)
+    sys.exit(runs[args.command](args))
+
+
+async def _awaited(result: Awaitable[int]) -> int:
+    return await result

@@ -12,7 +12,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from sluice_cli.trace_sink import Span, read_spans
+from sluice_cli.spans import Span, read_spans
 
 SHOWN_ATTRIBUTES = (
     "sluice.request_id",

@@ -186,15 +186,15 @@ def _pack(message: object) -> any_pb2.Any:
 def to_status(error: SluiceError) -> grpc.Status:
     """The status (code, message and details in trailing metadata) for an error."""
     status = status_pb2.Status(code=error.code.value[0], message=error.message, details=list(error.details()))
-    converted: grpc.Status = rpc_status.to_status(status)
-    return converted
+    return rpc_status.to_status(status)
 
 
 def from_rpc_error(error: grpc.aio.AioRpcError) -> SluiceError:
     """Turn a failed call back into the error class the server raised, details included."""
     code = error.code()
     message = error.details() or code.name
-    status = rpc_status.from_call(error)
+    # An AioRpcError has what from_call reads (code, details, trailing metadata), though it is no grpc.Call.
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
     details = list(status.details) if status is not None else []
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         violations = [

@@ -34,7 +34,7 @@ async def status(target: str, service: str, timeout_s: float, tls: TlsFiles | No
 
 
 async def check(target: str, service: str, timeout_s: float, tls: TlsFiles | None = None) -> bool:
-    return bool(await status(target, service, timeout_s, tls) == health_pb2.HealthCheckResponse.SERVING)
+    return await status(target, service, timeout_s, tls) == health_pb2.HealthCheckResponse.SERVING
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -22,7 +21,7 @@ from typing import Any, Self, TypeVar
 import grpc
 from google.protobuf import descriptor, descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import start_http_server
 
 from sluice_core.interceptors import ServerInterceptor
@@ -69,16 +68,18 @@ class GrpcServer:
     async def start(self) -> None:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflecting = reflection.aio.ReflectionServicer(self._service_names, pool=_pool_of(self._service_names))
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflecting, self._server)
-        # And as grpc.reflection.v1, which current clients (grpcurl) ask for first: grpcio-reflection
-        # implements only v1alpha, whose messages are the same on the wire.
-        v1 = grpc.stream_stream_rpc_method_handler(
+        info = grpc.stream_stream_rpc_method_handler(
             reflecting.ServerReflectionInfo,
             request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
             response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
         )
+        # Served as grpc.reflection.v1 too, which current clients (grpcurl) ask for first: grpcio-reflection
+        # implements only v1alpha, whose messages are the same on the wire.
         self._server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": v1}),)
+            tuple(
+                grpc.method_handlers_generic_handler(name, {"ServerReflectionInfo": info})
+                for name in (reflection.SERVICE_NAME, REFLECTION_V1)
+            )
         )
         for name in self._health_names:
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -103,12 +104,6 @@ class GrpcServer:
 
     async def set_serving(self, serving: bool) -> None:
         """Report this service ready (SERVING) or not (NOT_SERVING) to health checkers."""
-        if serving:
-            # Everything allocated while starting (imports, a loaded model)
-            # lives as long as the process: keep the garbage collector from
-            # rescanning it, which takes long pauses in the middle of streams.
-            gc.collect()
-            gc.freeze()
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in self._health_names:
             await self._health.set(name, status)

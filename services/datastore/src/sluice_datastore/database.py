@@ -1,7 +1,7 @@
 """PostgreSQL access: a primary pool for writes, replica pools for reads, and the queries.
 
 Every query here is one the request path runs; each has the index it needs
-(``migrations/0001_initial.sql``), and ``explain.py`` prints their plans.
+(``migrations/0001_initial.sql``), and ``plans.py`` prints their plans.
 Database failures become UNAVAILABLE (the caller may retry: writes are
 idempotent by request id); rows the constraints refuse become
 INVALID_ARGUMENT, a missing parent NOT_FOUND, a duplicate name ALREADY_EXISTS.
@@ -155,7 +155,7 @@ class Database:
                     except asyncpg.PostgresError as exc:  # the schema is not migrated yet, say
                         logger.warning("could not prepare %s: %s", statement.split("*/")[0], exc)
 
-            created: asyncpg.Pool = await asyncpg.create_pool(
+            return await asyncpg.create_pool(
                 url,
                 min_size=1,
                 max_size=size,
@@ -166,7 +166,6 @@ class Database:
                 command_timeout=statement_timeout_ms / 1e3 + 0.5,
                 init=prepare if warm else None,
             )
-            return created
 
         async with _errors():
             return cls(
@@ -242,6 +241,7 @@ class Database:
                 rpm,
                 tpm,
             )
+        assert row is not None  # INSERT ... RETURNING returns its row or raises
         return _tenant(row)
 
     async def issue_key(self, tenant_id: str, key_hash: bytes) -> str:
@@ -260,6 +260,7 @@ class Database:
                 uuid.uuid4(),
                 tenant_id,
             )
+        assert row is not None  # INSERT ... RETURNING returns its row or raises
         return ConversationRecord(*row)
 
     async def conversation_view(self, conversation_id: str, limit: int, fresh: bool) -> ConversationView | None:

@@ -12,13 +12,19 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from importlib import resources
+from typing import TypeAlias
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 logger = logging.getLogger(__name__)
 
 # Any constant unique to sluice: pg_advisory_xact_lock takes a bigint.
 _LOCK_ID = 0x51_1C_E0_01
+
+# A connection of its own or one a pool lends: asyncpg makes the second an instance of the
+# first (its metaclass's isinstance), which its type stubs cannot say.
+Connection: TypeAlias = asyncpg.Connection | PoolConnectionProxy
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,7 @@ def migrations() -> list[Migration]:
     return sorted(found, key=lambda m: m.version)
 
 
-async def migrate(connection: asyncpg.Connection) -> list[Migration]:
+async def migrate(connection: Connection) -> list[Migration]:
     """Apply what is pending; returns what was applied now."""
     await connection.execute(
         """CREATE TABLE IF NOT EXISTS schema_migrations (

@@ -95,8 +95,16 @@ async def seed(connection: asyncpg.Connection, conversations: int = 1000, per_co
     await connection.execute("ANALYZE")
 
 
-async def plan(connection: asyncpg.Connection, query: HotQuery, analyze: bool = False) -> dict[str, Any]:
+async def sample_arguments(connection: asyncpg.Connection, query: HotQuery) -> asyncpg.Record:
+    """Realistic arguments for ``query``, picked from the data."""
     arguments = await connection.fetchrow(query.arguments)
+    if arguments is None:
+        raise LookupError(f"no data to pick arguments for {query.name!r} from; seed the database first (--seed)")
+    return arguments
+
+
+async def plan(connection: asyncpg.Connection, query: HotQuery, analyze: bool = False) -> dict[str, Any]:
+    arguments = await sample_arguments(connection, query)
     options = "ANALYZE, BUFFERS, FORMAT JSON" if analyze else "FORMAT JSON"
     raw = await connection.fetchval(f"EXPLAIN ({options}) {query.sql}", *arguments)
     result: dict[str, Any] = json.loads(raw)[0]
@@ -115,7 +123,7 @@ async def main_async(seed_first: bool) -> None:
         if seed_first:
             await seed(connection)
         for query in HOT_QUERIES:
-            arguments = await connection.fetchrow(query.arguments)
+            arguments = await sample_arguments(connection, query)
             rows = await connection.fetch(f"EXPLAIN (ANALYZE, BUFFERS) {query.sql}", *arguments)
             lines = "\n".join(row[0] for row in rows)
             print(f"-- {query.name}\n{query.sql}\n\n{lines}\n")  # noqa: T201 - it is a command

@@ -1,4 +1,4 @@
-"""The model host: owns the engine for the life of the process.
+"""The model host: owns the engine for the life of the process, and counts the requests it holds.
 
 The engine is built in a worker thread (loading weights and profiling take
 seconds to minutes) so that the gRPC server keeps answering health checks,
@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 
 from sluice_core.errors import Unavailable
 from sluice_inference import tiny_model
 from sluice_inference.engines import Engine, EngineOutput, engine_module
-from sluice_inference.load import Load
+from sluice_inference.load import Admission, Load
 from sluice_inference.requests import ValidRequest
 from sluice_inference.settings import InferenceSettings
 
@@ -61,6 +61,16 @@ class ModelHost:
     def generate(self, request: ValidRequest) -> AsyncGenerator[EngineOutput]:
         """Stream the engine's outputs for a validated request."""
         return self.require_ready().generate(request)
+
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[Admission]:
+        """Count a request in ``load`` for the block: waiting until ``start()``, running until ``end()`` or the
+        block's end."""
+        admission = Admission(self.load)
+        try:
+            yield admission
+        finally:
+            admission.end()
 
     def unfinished_requests(self) -> int:
         """Requests the engine itself still holds (0 once aborted ones are freed)."""

@@ -21,7 +21,6 @@ from sluice_core.metrics import RequestMetrics, StreamTimer, ended_early
 from sluice_inference.chunking import hold_s, next_send
 from sluice_inference.engines import EngineOutput
 from sluice_inference.host import ModelHost
-from sluice_inference.load import Load
 from sluice_inference.requests import ValidRequest, validate
 
 METRICS = RequestMetrics("inference")
@@ -70,13 +69,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         except asyncio.CancelledError:
             timer.finish(ended_early(context.time_remaining()))
             raise
-        load = self._host.load
-        load.waiting += 1
-        running = False
-        settled = False
         outcome = "error"
         last: EngineOutput | None = None
-        with _tracer.start_as_current_span("inference.generate") as span:
+        with self._host.admitted() as admission, _tracer.start_as_current_span("inference.generate") as span:
             span.set_attribute("sluice.request_id", valid.request_id)
             span.set_attribute("gen_ai.request.max_tokens", valid.sampling.max_tokens)
             try:
@@ -99,10 +94,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     while output is not None:
                         last = output
                         if output.token_ids:
-                            if not running:
-                                running = True
-                                load.waiting -= 1
-                                load.running += 1
+                            if not admission.running:
+                                admission.start()
                                 span.add_event("first_token")
                             timer.chunk(len(output.token_ids))
                             yield inference_pb2.GenerateResponse(
@@ -112,12 +105,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                             outcome = output.finish_reason or "stop"
                             # Counted out before the last message goes: the engine has already
                             # freed the sequence, and the queue may hand its slot on at once.
-                            _count_out(load, running)
-                            settled = True
+                            admission.end()
                             yield inference_pb2.GenerateResponse(finished=self._finished(output, timer))
                         elif timer.last is not None:
                             # Tokens made meanwhile are merged by the engine into the next output.
-                            hold = hold_s(load.running, self._messages_per_s, self._max_chunk_interval_s)
+                            hold = hold_s(self._host.load.running, self._messages_per_s, self._max_chunk_interval_s)
                             left = valid.sampling.max_tokens - timer.tokens
                             send = next_send(timer.last, hold, left, timer.tpot_s)
                             await asyncio.sleep(send - time.perf_counter())
@@ -126,8 +118,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 outcome = ended_early(context.time_remaining())
                 raise
             finally:
-                if not settled:
-                    _count_out(load, running)
                 queue_s = last.queue_s if last is not None else None
                 timer.finish(outcome, queue_s)
                 _annotate(span, last, timer, queue_s, outcome)
@@ -196,11 +186,3 @@ def _annotate(
     if timer.first is not None:  # no token, no time to first token (not 0)
         span.set_attribute("gen_ai.latency.time_to_first_token", timer.ttft_s)
     span.set_attribute("gen_ai.latency.e2e", timer.total_s)
-
-
-def _count_out(load: Load, running: bool) -> None:
-    """The request no longer occupies the engine."""
-    if running:
-        load.running -= 1
-    else:
-        load.waiting -= 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from sluice.datastore.v1 import datastore_pb2_grpc
@@ -11,7 +12,7 @@ from sluice.inference.v1 import inference_pb2_grpc
 from sluice.ratelimit.v1 import budgets_pb2_grpc
 from sluice_core.channels import channel
 from sluice_core.server import GrpcServer
-from sluice_core.service import cancel, run
+from sluice_core.service import cancel, freeze_heap, run
 from sluice_queue import SERVICE_NAME
 from sluice_queue.auth import Authenticator
 from sluice_queue.budget import Budgets
@@ -64,25 +65,33 @@ async def serve(settings: QueueSettings) -> None:
     )
     server = GrpcServer(settings, health_names=[SERVICE_NAME])
     server.add(generation_pb2_grpc.add_GenerationServicer_to_server, servicer, SERVICE_NAME)
-    tasks = [asyncio.create_task(job.run()) for job in (engines, scheduler, usage, budgets, conversations)]
-    try:
-        async with server:
-            await server.set_serving(True)
-            await server.wait_for_stop()
-    finally:
-        await cancel(*tasks)
-        # Nothing in flight is dropped: refunds finish, usage and kept exchanges are written.
-        await servicer.drain()
-        await scheduler.drain()
-        await budgets.close()
+
+    async def write_usage() -> None:
         if not await usage.flush():
             logger.error("%d usage records not written before shutdown; another replica will", usage.pending)
         await usage.mirror()
+
+    async def store_exchanges() -> None:
         if not await conversations.flush():
             logger.error("%d exchanges could not be stored before shutdown", conversations.pending)
+
+    # Closed in the reverse order, each whatever the others do: nothing in flight is dropped
+    # (refunds finish, usage and kept exchanges are written) before the connections go.
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(redis.aclose)
         for connected in channels.values():
-            await connected.close()
-        await redis.aclose()
+            stack.push_async_callback(connected.close)
+        stack.push_async_callback(store_exchanges)
+        stack.push_async_callback(write_usage)
+        stack.push_async_callback(budgets.close)
+        stack.push_async_callback(scheduler.drain)
+        stack.push_async_callback(servicer.drain)
+        tasks = [asyncio.create_task(job.run()) for job in (engines, scheduler, usage, budgets, conversations)]
+        stack.push_async_callback(cancel, *tasks)
+        await stack.enter_async_context(server)
+        freeze_heap()
+        await server.set_serving(True)
+        await server.wait_for_stop()
 
 
 def main() -> None:

@@ -24,12 +24,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Protocol
 
 import grpc
 from prometheus_client import Counter
 
-from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
+from sluice.datastore.v1 import datastore_pb2
 from sluice_core.errors import Unauthenticated, Unavailable
 from sluice_core.logs import RateLimitedLogger
 
@@ -45,6 +46,14 @@ _PRUNE_AT = 10_000
 STALE = Counter("sluice_queue_auth_stale", "Calls let in on a tenant known before the data-access service failed.")
 
 Metadata = Iterable[tuple[str, str | bytes]]
+
+
+class TenantStore(Protocol):
+    """The data-access service's key lookup."""
+
+    def GetTenantByApiKey(
+        self, request: datastore_pb2.GetTenantByApiKeyRequest, /, *, timeout: float
+    ) -> Awaitable[datastore_pb2.Tenant]: ...
 
 
 def api_key_from(metadata: Metadata | None) -> str | None:
@@ -75,7 +84,7 @@ def api_key_from(metadata: Metadata | None) -> str | None:
 class Authenticator:
     def __init__(
         self,
-        datastore: datastore_pb2_grpc.DataStoreAsyncStub,
+        datastore: TenantStore,
         clock: Callable[[], float] = time.monotonic,
         *,
         timeout_s: float = 1.0,

@@ -41,14 +41,15 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 from prometheus_client import Counter
 
 from sluice.datastore.v1 import datastore_pb2
-from sluice.ratelimit.v1 import budgets_pb2, budgets_pb2_grpc
+from sluice.ratelimit.v1 import budgets_pb2
 from sluice_core.errors import ResourceExhausted, Unavailable
 from sluice_core.logs import RateLimitedLogger
 from sluice_core.messages import TEMPLATE_CHARS_PER_MESSAGE
@@ -65,6 +66,18 @@ _REQUESTS, _TOKENS = "tenant_requests", "tenant_tokens"
 _PERIOD_S = 60  # budgets are per minute
 # A give-back older than the period would go to a later minute's budget.
 _REFUND_WITHIN_S = float(_PERIOD_S)
+
+
+class BudgetsApi(Protocol):
+    """The rate-limit service's Budgets calls."""
+
+    def Reserve(
+        self, request: budgets_pb2.ReserveRequest, /, *, timeout: float
+    ) -> Awaitable[budgets_pb2.ReserveResponse]: ...
+
+    def Refund(
+        self, request: budgets_pb2.RefundRequest, /, *, timeout: float
+    ) -> Awaitable[budgets_pb2.RefundResponse]: ...
 
 
 @dataclass(frozen=True)
@@ -114,7 +127,7 @@ def reserve_tokens(texts: list[str], max_tokens: int, context: int) -> int:
 class Budgets:
     def __init__(
         self,
-        ratelimit: budgets_pb2_grpc.BudgetsAsyncStub,
+        ratelimit: BudgetsApi,
         lease_s: float = 3.0,
         idle_s: float = 1.0,
         refund_interval_s: float = 0.1,

@@ -16,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import AsyncIterable, Awaitable
+from typing import Protocol
 
 import grpc
 from prometheus_client import Counter, Gauge
 
 from sluice.common.v1 import generation_pb2 as common_pb2
-from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
+from sluice.datastore.v1 import datastore_pb2
 from sluice_core.errors import NotFound
 from sluice_core.ids import canonical_id
 from sluice_queue.flushing import flush_forever
@@ -40,10 +42,26 @@ _RETRY_MAX_S = 5.0
 _REFUSED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
 
 
+class ConversationStore(Protocol):
+    """The data-access service's conversation calls."""
+
+    def CreateConversation(
+        self, request: datastore_pb2.CreateConversationRequest, /, *, timeout: float | None
+    ) -> Awaitable[datastore_pb2.Conversation]: ...
+
+    def GetConversation(
+        self, request: datastore_pb2.GetConversationRequest, /, *, timeout: float | None
+    ) -> AsyncIterable[datastore_pb2.Message]: ...
+
+    def AppendMessages(
+        self, request: datastore_pb2.AppendMessagesRequest, /, *, timeout: float
+    ) -> Awaitable[datastore_pb2.AppendMessagesResponse]: ...
+
+
 class Conversations:
     def __init__(
         self,
-        datastore: datastore_pb2_grpc.DataStoreAsyncStub,
+        datastore: ConversationStore,
         store_timeout_s: float = 2.0,
         retry_interval_s: float = 0.5,
         max_kept: int = 10_000,

@@ -12,20 +12,27 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import grpc
 
-from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
+from sluice.inference.v1 import inference_pb2
 
 logger = logging.getLogger(__name__)
 
 Report = Callable[[dict[str, int]], Awaitable[int]]
 
 
+class ModelInfoSource(Protocol):
+    """The inference replicas' probe."""
+
+    def GetModelInfo(
+        self, request: inference_pb2.GetModelInfoRequest, /, *, timeout: float
+    ) -> Awaitable[inference_pb2.ModelInfo]: ...
+
+
 class Engines:
-    def __init__(
-        self, inference: inference_pb2_grpc.InferenceAsyncStub, report: Report, interval_s: float, probes: int
-    ) -> None:
+    def __init__(self, inference: ModelInfoSource, report: Report, interval_s: float, probes: int) -> None:
         self._inference = inference
         self._report = report
         self._interval_s = interval_s

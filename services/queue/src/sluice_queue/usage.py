@@ -17,11 +17,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Awaitable, Iterator
+from typing import Protocol
 
 import grpc
 from prometheus_client import Counter, Gauge
 
-from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
+from sluice.datastore.v1 import datastore_pb2
 from sluice_queue.flushing import flush_forever
 from sluice_queue.ledger import Draft, Ledger
 
@@ -37,10 +39,18 @@ _COMMIT_TIMEOUT_S = 10.0
 _REFUSED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
 
 
+class UsageStore(Protocol):
+    """The data-access service's usage writes."""
+
+    def RecordUsage(
+        self, requests: Iterator[datastore_pb2.RecordUsageRequest], /, *, timeout: float
+    ) -> Awaitable[datastore_pb2.RecordUsageResponse]: ...
+
+
 class UsageRecorder:
     def __init__(
         self,
-        datastore: datastore_pb2_grpc.DataStoreAsyncStub,
+        datastore: UsageStore,
         batch_size: int = 200,
         interval_s: float = 0.5,
         max_buffered: int = 100_000,

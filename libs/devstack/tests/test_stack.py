@@ -12,9 +12,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sluice_cli.redis_server import RedisServer
-from sluice_cli.stack import LocalStack, StackError, StackOptions, StackPorts, free_ports
 from sluice_core.settings import ServiceSettings
+from sluice_devstack.redis_server import RedisServer
+from sluice_devstack.stack import LocalStack, StackError, StackOptions, StackPorts, free_ports
 
 
 async def test_a_redis_the_stack_started_is_watched_like_its_services(tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ from typing import Any
 
 import yaml
 
-from sluice_cli.envoy_config import compose_layout, repo_root
 from sluice_datastore.settings import DataStoreSettings
+from sluice_devstack.envoy_config import compose_layout, repo_root
 from sluice_inference.settings import InferenceSettings
 from sluice_queue.settings import QueueSettings
 from sluice_ratelimit.settings import RateLimitSettings

@@ -34,20 +34,18 @@ from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
 from sluice.generation.v1 import generation_pb2
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
 from sluice_cli.admin import ensure_tenant_key
-from sluice_cli.envoy_config import EnvoyLayout, HostPort, render, repo_root
-from sluice_cli.postgres_server import PostgresServer, ensure_database
-from sluice_cli.postgres_server import accepts as postgres_accepts
-from sluice_cli.processes import Process
-from sluice_cli.redis_server import RedisServer
-from sluice_cli.redis_server import answers as redis_answers
-from sluice_cli.trace_sink import Span, read_spans
+from sluice_cli.spans import Span, read_spans
 from sluice_client import GenerationClient, StreamError
 from sluice_core import certificates, healthcheck
 from sluice_core.channels import channel
 from sluice_core.settings import ServiceSettings
 from sluice_core.tls import TlsFiles
-from sluice_inference import tiny_model
-from sluice_inference.settings import DEFAULT_TINY_MODEL_DIR
+from sluice_devstack.envoy_config import EnvoyLayout, HostPort, render, repo_root
+from sluice_devstack.postgres_server import PostgresServer, ensure_database
+from sluice_devstack.postgres_server import accepts as postgres_accepts
+from sluice_devstack.processes import Process
+from sluice_devstack.redis_server import RedisServer
+from sluice_devstack.redis_server import answers as redis_answers
 
 logger = logging.getLogger(__name__)
 
@@ -244,8 +242,7 @@ class LocalStack:
         self.redis_url = await self._find_or_start_redis()
         self.database_url = await self._find_or_start_postgres()
         if not self._inference_setting("MODEL"):
-            # Built once here, so that replicas starting together do not race to build it.
-            await asyncio.to_thread(tiny_model.ensure, self._tiny_model_dir())
+            await self._build_tiny_model()
         self._start_envoy()
         self._start_ratelimit()
         self._start_datastore()
@@ -285,8 +282,12 @@ class LocalStack:
         key = f"SLUICE_INFERENCE_{name}"
         return self.options.inference_env.get(key) or os.environ.get(key, "")
 
-    def _tiny_model_dir(self) -> Path:
-        return Path(self._inference_setting("TINY_MODEL_DIR") or DEFAULT_TINY_MODEL_DIR)
+    async def _build_tiny_model(self) -> None:
+        """Built once here, as the replicas would (same settings), so that replicas starting together do not race."""
+        env = {**os.environ, **self.options.inference_env}
+        build = await asyncio.create_subprocess_exec(sys.executable, "-m", "sluice_inference.tiny_model", env=env)
+        if await build.wait() != 0:
+            raise StackError("the tiny model could not be built: python -m sluice_inference.tiny_model")
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str], cpus: frozenset[int] | None = None) -> Process:
         previous = self._processes.get(name)
@@ -304,7 +305,8 @@ class LocalStack:
         return process
 
     def _start_trace_sink(self) -> None:
-        argv = [sys.executable, "-m", "sluice_cli.trace_sink", f"{LOOPBACK}:{self.ports.otlp}", str(self.traces_path)]
+        sink = [sys.executable, "-m", "sluice_devstack.trace_sink"]
+        argv = [*sink, f"{LOOPBACK}:{self.ports.otlp}", str(self.traces_path)]
         # A baseline's sink may predate the setting; 0 is what it did then.
         rotation = ["--max-mb", str(self.options.traces_max_mb)] if self.options.traces_max_mb else []
         self._spawn("trace-sink", [*argv, *rotation], {})
@@ -369,7 +371,6 @@ class LocalStack:
         prefix = "SLUICE_INFERENCE_"
         name = f"inference-{index + 1}"
         env = self._common_env(prefix, self.ports.inference[index], self.ports.inference_metrics[index], name)
-        env[f"{prefix}TINY_MODEL_DIR"] = str(self._tiny_model_dir())
         env[f"{prefix}ENGINE"] = self.engine
         cpus = None
         if self.engine == "vllm":

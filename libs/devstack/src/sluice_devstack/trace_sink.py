@@ -12,38 +12,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-
-@dataclass(frozen=True)
-class Span:
-    trace_id: str
-    span_id: str
-    parent_id: str
-    name: str
-    service: str
-    start_ns: int
-    end_ns: int
-    attributes: dict[str, Any]
-
-    @property
-    def duration_ms(self) -> float:
-        return (self.end_ns - self.start_ns) / 1e6
-
-    def to_json(self) -> str:
-        return json.dumps(self.__dict__)
-
-    @classmethod
-    def from_json(cls, line: str) -> Span:
-        return cls(**json.loads(line))
+from sluice_cli.spans import Span, rotated
 
 
 def _value(any_value: Any) -> Any:
@@ -89,21 +66,6 @@ class TraceSink(trace_service_pb2_grpc.TraceServiceServicer):
             full = self._max_bytes and out.tell() >= self._max_bytes
         if full:
             self._path.replace(rotated(self._path))
-
-
-def rotated(path: Path) -> Path:
-    """Where the sink moves a full file."""
-    return path.with_suffix(".1" + path.suffix)
-
-
-def read_spans(path: Path, trace_id: str) -> list[Span]:
-    """The spans of one trace, from the file and the one moved aside before it."""
-    found = []
-    for part in (rotated(path), path):
-        if part.is_file():
-            with part.open() as lines:
-                found += [span for line in lines if (span := Span.from_json(line)).trace_id == trace_id]
-    return found
 
 
 async def serve(address: str, path: Path, max_bytes: int) -> None:

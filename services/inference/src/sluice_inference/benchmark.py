@@ -12,7 +12,7 @@ Each phase runs the same prompts at each concurrency. Metrics follow
 ``vllm bench serve``: time to first token (request sent -> first token
 received), time per output token ((latency - TTFT) / (tokens - 1), per
 request) and output tokens/s over the phase's wall time. Before the stack
-stops, do-nothing calls over the same hops (``sluice_cli.floor``) measure
+stops, do-nothing calls over the same hops (``sluice_devstack.floor``) measure
 the least the stack can add to time to first token. The last line is one
 JSON object with every figure and the ratios the targets are about.
 """
@@ -32,17 +32,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import redis.asyncio as redis
-
 from sluice.common.v1 import generation_pb2 as common_pb2
 from sluice.generation.v1 import generation_pb2
-from sluice_cli import floor
-from sluice_cli.stack import LocalStack, StackOptions, StackPorts, cpu_engine_env, replica_cpus
 from sluice_client import GenerationClient
-from sluice_core.channels import insecure_channel
 from sluice_core.sampling import Sampling
+from sluice_devstack import floor
+from sluice_devstack.benchmarks import percentile, prompt, unlimited_edge
+from sluice_devstack.stack import LocalStack, StackOptions, StackPorts, cpu_engine_env, replica_cpus
 from sluice_inference import tiny_model
 from sluice_inference.settings import DEFAULT_TINY_MODEL_DIR, InferenceSettings
+
+HELP = "the whole stack against the bare engine"
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -51,29 +51,6 @@ if TYPE_CHECKING:
 # A request yields (seconds to first token, seconds to last token, output tokens).
 Timing = tuple[float, float, int]
 RunOne = Callable[[int], Awaitable[Timing]]
-
-_PROMPT_WORDS = (
-    "the keeper walks the length of the channel every evening listening to the water and writing the level "
-    "of the river in a small book while the wheel turns at an even pace and the banks hold"
-).split()
-
-
-_UNLIMITED_EDGE = """
-domain: sluice-edge
-descriptors:
-  - key: api_key
-    descriptors:
-      - key: method
-        rate_limit: {unlimited: true}
-"""
-
-
-def unlimited_edge(state_dir: Path) -> tuple[Path, ...]:
-    """Rate-limit config for a benchmark's stack: the edge's per-key limits would refuse its own load."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    path = state_dir / "ratelimit.yaml"
-    path.write_text(_UNLIMITED_EDGE)
-    return (path,)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,12 +66,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", type=Path, help="where the stack keeps logs (default: a temporary folder)")
 
 
-def prompt(i: int, words: int) -> str:
-    """Distinct prompts of the same length, so that the prefix cache does not favour either side."""
-    body = [_PROMPT_WORDS[(i + k) % len(_PROMPT_WORDS)] for k in range(words - 1)]
-    return " ".join([f"request{i}", *body])
-
-
 @dataclass(frozen=True)
 class Figures:
     streams: int
@@ -103,11 +74,6 @@ class Figures:
     ttft_p99_ms: float
     tpot_p50_ms: float
     output_tokens_per_s: float
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 async def measure(run_one: RunOne, streams: int, requests: int) -> Figures:
@@ -127,9 +93,9 @@ async def measure(run_one: RunOne, streams: int, requests: int) -> Figures:
     return Figures(
         streams=streams,
         requests=len(timings),
-        ttft_p50_ms=round(percentile(ttfts, 50), 2),
-        ttft_p99_ms=round(percentile(ttfts, 99), 2),
-        tpot_p50_ms=round(percentile(tpots, 50), 3),
+        ttft_p50_ms=round(percentile(ttfts, 0.5), 2),
+        ttft_p99_ms=round(percentile(ttfts, 0.99), 2),
+        tpot_p50_ms=round(percentile(tpots, 0.5), 3),
         output_tokens_per_s=round(sum(t[2] for t in timings) / wall, 1),
     )
 
@@ -205,31 +171,10 @@ async def bench_stack(args: argparse.Namespace, concurrencies: list[int], state_
             # Straight after the stack reports ready: is the first request as fast as later ones?
             first_ten = [(await run_one(10_000 + i))[0] * 1e3 for i in range(10)]
             figures = {n: await measure(run_one, n, args.requests) for n in concurrencies}
-            transport = await transport_floor(stack)
+            transport = await floor.transport(stack)
         return {"first_ten_ttft_ms": [round(t, 2) for t in first_ten], "figures": figures, "floor": transport}
     finally:
         await stack.stop()
-
-
-async def transport_floor(stack: LocalStack) -> dict[str, float]:
-    """What the hops the first token crosses beyond the bare engine cost with next to no work at their ends.
-
-    The edge (Envoy, its rate-limit check, a queue replica), the scheduler's
-    one Redis call and the internal hop (Envoy, an inference replica); see
-    ``sluice_cli.floor``.
-    """
-    async with (
-        redis.Redis.from_url(stack.redis_url) as client,
-        insecure_channel(stack.edge) as edge,
-        stack.channel(stack.internal) as internal,
-    ):
-        return await floor.round_trips_ms(
-            {
-                "edge": floor.health_check(edge, stack.demo_api_key),
-                "inference": floor.load_report(internal),
-                "redis": floor.redis_ping(client),
-            }
-        )
 
 
 async def run(args: argparse.Namespace) -> int:

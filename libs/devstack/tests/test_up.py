@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sluice_cli.up import shown
+from sluice_devstack.up import shown
 
 
 def test_a_stores_password_is_not_printed() -> None:

@@ -9,7 +9,9 @@ import signal
 import urllib.parse
 from pathlib import Path
 
-from sluice_cli.stack import LocalStack, StackError, StackOptions
+from sluice_devstack.stack import LocalStack, StackError, StackOptions
+
+HELP = "run the local stack until Ctrl-C"
 
 logger = logging.getLogger(__name__)
 

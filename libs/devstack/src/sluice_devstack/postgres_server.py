@@ -21,7 +21,7 @@ from pathlib import Path
 
 import asyncpg
 
-from sluice_cli.processes import Process
+from sluice_devstack.processes import Process
 
 NOBODY = 65534
 

@@ -20,6 +20,8 @@ import redis.asyncio as redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
+from sluice_core.channels import insecure_channel
+from sluice_devstack.stack import LocalStack
 
 Call = Callable[[], Awaitable[object]]
 
@@ -74,3 +76,24 @@ def load_report(channel: grpc.aio.Channel) -> Call:
 def redis_ping(client: redis.Redis) -> Call:
     """One Redis round trip, as the scheduler makes to admit a request."""
     return client.ping
+
+
+async def transport(stack: LocalStack) -> dict[str, float]:
+    """What the hops the first token crosses beyond the bare engine cost with next to no work at their ends.
+
+    The edge (Envoy, its rate-limit check, a queue replica), the scheduler's
+    one Redis call and the internal hop (Envoy, an inference replica); see
+    the functions above.
+    """
+    async with (
+        redis.Redis.from_url(stack.redis_url) as client,
+        insecure_channel(stack.edge) as edge,
+        stack.channel(stack.internal) as internal,
+    ):
+        return await round_trips_ms(
+            {
+                "edge": health_check(edge, stack.demo_api_key),
+                "inference": load_report(internal),
+                "redis": redis_ping(client),
+            }
+        )

@@ -3,7 +3,7 @@
 The whole stack (Envoy, queue replicas, rate limit, data access, trace sink)
 runs with its inference replicas on the simulated GPU engine, which makes
 tokens at an H100's pace for next to no CPU. A load generator in its own
-process (``sluice_cli.loadgen``) keeps N streams busy, N rising step by step,
+process (``sluice_devstack.loadgen``) keeps N streams busy, N rising step by step,
 until the stack stops delivering what the engines make. For each step, over
 one measuring window:
 
@@ -44,15 +44,17 @@ from typing import Any
 
 import psutil
 
-from sluice_cli.bench import unlimited_edge
-from sluice_cli.chart import Series, line_chart
-from sluice_cli.envoy_config import repo_root
-from sluice_cli.processes import Process
-from sluice_cli.stack import LOOPBACK, LocalStack, StackOptions, StackPorts, free_ports, process_kind
-from sluice_cli.trace_sink import Span
+from sluice_cli.spans import Span
+from sluice_devstack.benchmarks import percentile, unlimited_edge
+from sluice_devstack.chart import Series, line_chart
+from sluice_devstack.envoy_config import repo_root
+from sluice_devstack.processes import Process
+from sluice_devstack.stack import LOOPBACK, LocalStack, StackOptions, StackPorts, free_ports, process_kind
 from sluice_inference import tiny_model
 from sluice_inference.settings import DEFAULT_TINY_MODEL_DIR, InferenceSettings
 from sluice_inference.simulated.timing import preset
+
+HELP = "concurrent streams the stack carries at GPU speed (simulated engines)"
 
 KNEE_DELIVERED_RATIO = 0.98
 _SIMULATED_ENGINE_CPU = "sluice_inference_simulated_engine_cpu_seconds_total"
@@ -135,7 +137,7 @@ class Anchor:
 
 
 class LoadGenerator:
-    """One run of ``sluice_cli.loadgen`` in its own process."""
+    """One run of ``sluice_devstack.loadgen`` in its own process."""
 
     def __init__(self, argv: list[str]) -> None:
         self._argv = argv
@@ -147,7 +149,7 @@ class LoadGenerator:
             # Its result is one line with every request's time to first token: megabytes at high rates.
             sys.executable,
             "-m",
-            "sluice_cli.loadgen",
+            "sluice_devstack.loadgen",
             *self._argv,
             stdout=asyncio.subprocess.PIPE,
             limit=1 << 28,
@@ -256,11 +258,6 @@ class SpanIndex:
                     self.engine_ttft_s[span.trace_id] = float(ttft)
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else None
-
-
 def ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1e3, 2)
 
@@ -296,8 +293,8 @@ async def measure(stack: LocalStack, spans: SpanIndex, streams: int, args: argpa
         produced_tokens_per_s=round(produced / seconds, 1),
         delivered_tokens_per_s=round(delivered / seconds, 1),
         delivered_ratio=round(delivered / produced, 4) if produced else 0.0,
-        ttft_added_p50_ms=ms(percentile(added, 0.5)),
-        ttft_added_p99_ms=ms(percentile(added, 0.99)),
+        ttft_added_p50_ms=ms(percentile(added, 0.5) if added else None),
+        ttft_added_p99_ms=ms(percentile(added, 0.99) if added else None),
         gap_p50_ms=ms(gaps["p50"]),
         gap_p99_ms=ms(gaps["p99"]),
         gap_max_ms=ms(gaps["max"]),
@@ -309,7 +306,7 @@ async def measure(stack: LocalStack, spans: SpanIndex, streams: int, args: argpa
         else 0.0,
         busy_cores=round((sum(cpu.values()) - cpu[_SLUICE] + after.engine_cpu - before.engine_cpu) / seconds, 2),
         machine_cores=len(os.sched_getaffinity(0)),
-        wake_lateness_p99_ms=ms(percentile(lateness, 0.99)),
+        wake_lateness_p99_ms=ms(percentile(lateness, 0.99) if lateness else None),
         messages_per_s={
             **{hop: round((after.messages[hop] - before.messages[hop]) / seconds) for hop in after.messages},
             "client received": round(received["messages"] / seconds),

@@ -29,12 +29,15 @@ from redis.asyncio import Redis
 
 from envoy_api.envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy_api.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
-from sluice_cli.processes import Process
-from sluice_cli.redis_server import RedisServer
-from sluice_cli.stack import LOOPBACK, free_ports
 from sluice_core.healthcheck import check
+from sluice_devstack.benchmarks import percentile
+from sluice_devstack.processes import Process
+from sluice_devstack.redis_server import RedisServer
+from sluice_devstack.stack import LOOPBACK, free_ports
 from sluice_ratelimit import SERVICE_NAME
 from sluice_ratelimit.limiter import Check, Limiter
+
+HELP = "ShouldRateLimit against a bare EVALSHA"
 
 CONFIG = """
 domain: bench
@@ -80,8 +83,8 @@ async def measure(call: Callable[[int], Awaitable[object]], callers: int, second
     return Figures(
         calls=len(latencies),
         per_s=round(len(latencies) / wall, 1),
-        p50_ms=round(latencies[len(latencies) // 2] * 1e3, 3),
-        p99_ms=round(latencies[int(len(latencies) * 0.99)] * 1e3, 3),
+        p50_ms=round(percentile(latencies, 0.5) * 1e3, 3),
+        p99_ms=round(percentile(latencies, 0.99) * 1e3, 3),
     )
 
 
@@ -117,7 +120,7 @@ async def run(args: argparse.Namespace) -> int:
         service = Process("ratelimit", [sys.executable, "-m", "sluice_ratelimit"], env, state / "ratelimit.log")
         noop_port = free_ports(1)[0]
         noop = Process(
-            "noop", [sys.executable, "-m", "sluice_cli.bench_ratelimit", str(noop_port)], {}, state / "noop.log"
+            "noop", [sys.executable, "-m", "sluice_ratelimit.benchmark", str(noop_port)], {}, state / "noop.log"
         )
         redis = Redis.from_url(redis_server.url, max_connections=args.callers)
         try:

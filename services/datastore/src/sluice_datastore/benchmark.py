@@ -32,10 +32,6 @@ import asyncpg
 import grpc
 
 from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
-from sluice_cli.postgres_server import PostgresServer
-from sluice_cli.processes import Process
-from sluice_cli.redis_server import RedisServer
-from sluice_cli.stack import LOOPBACK, free_ports
 from sluice_core.healthcheck import check
 from sluice_datastore import SERVICE_NAME
 from sluice_datastore.database import NEWEST_MESSAGES, TENANT_BY_KEY
@@ -44,6 +40,13 @@ from sluice_datastore.migrate import migrate
 from sluice_datastore.plans import seed
 from sluice_datastore.records import TenantRecord
 from sluice_datastore.store import hash_key
+from sluice_devstack.benchmarks import percentile
+from sluice_devstack.postgres_server import PostgresServer
+from sluice_devstack.processes import Process
+from sluice_devstack.redis_server import RedisServer
+from sluice_devstack.stack import LOOPBACK, free_ports
+
+HELP = "cached, cold and unindexed data access"
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ async def measure(call: Callable[[int], Awaitable[object]], calls: int) -> Figur
         await call(i)
         latencies.append(time.perf_counter() - start)
     latencies.sort()
-    return Figures(calls, round(latencies[calls // 2] * 1e3, 4), round(latencies[int(calls * 0.99)] * 1e3, 4))
+    return Figures(calls, round(percentile(latencies, 0.5) * 1e3, 4), round(percentile(latencies, 0.99) * 1e3, 4))
 
 
 async def run(args: argparse.Namespace) -> int:

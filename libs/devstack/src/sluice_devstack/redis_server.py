@@ -14,7 +14,7 @@ import socket
 import time
 from pathlib import Path
 
-from sluice_cli.processes import Process
+from sluice_devstack.processes import Process
 
 
 def redis_server_binary() -> str:
