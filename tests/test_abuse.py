@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
-from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.common.v1 import common_pb2
 from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
 from sluice.generation.v1 import generation_pb2, generation_pb2_grpc
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc

@@ -21,7 +21,7 @@ import asyncpg
 import grpc
 import pytest
 
-from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.common.v1 import common_pb2
 from sluice.generation.v1 import generation_pb2, generation_pb2_grpc
 from sluice_client import GenerationClient, StreamError
 from sluice_devstack.postgres_server import PostgresServer

@@ -9,7 +9,7 @@ import asyncpg
 import grpc
 import pytest
 
-from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.common.v1 import common_pb2
 from sluice.datastore.v1 import datastore_pb2, datastore_pb2_grpc
 from sluice.generation.v1 import generation_pb2
 from sluice.ratelimit.v1 import budgets_pb2, budgets_pb2_grpc

@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 from grpc_health.v1 import health_pb2
 
-from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.common.v1 import common_pb2
 from sluice.generation.v1 import generation_pb2
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
 from sluice_client import GenerationClient

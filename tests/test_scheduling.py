@@ -15,7 +15,7 @@ import grpc
 import pytest
 from redis.asyncio import Redis
 
-from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.common.v1 import common_pb2
 from sluice.generation.v1 import generation_pb2
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
 from sluice_client import GenerationClient, GenerationStream, StreamError

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.common.v1 import common_pb2
 from sluice.generation.v1 import generation_pb2
 from sluice_cli import generate
 

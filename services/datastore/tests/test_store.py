@@ -12,7 +12,7 @@ import psutil
 import pytest
 from google.protobuf import timestamp_pb2
 
-from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.common.v1 import common_pb2
 from sluice.datastore.v1 import datastore_pb2
 from sluice_devstack.postgres_server import PostgresServer
 from sluice_devstack.redis_server import RedisServer

@@ -11,7 +11,7 @@ import pytest
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 
-from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.common.v1 import common_pb2
 from sluice.datastore.v1 import datastore_pb2
 from sluice_core.errors import InvalidArgument
 from sluice_core.ids import MALFORMED

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.common.v1 import common_pb2
 from sluice_inference import tiny_model
 from sluice_inference.prompts import ChatTemplateError, FastPromptTokenizer, HfPromptTokenizer
 from sluice_inference.settings import DEFAULT_TINY_MODEL_DIR

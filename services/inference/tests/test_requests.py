@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import jinja2
 import pytest
 
-from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.common.v1 import common_pb2
 from sluice.inference.v1 import inference_pb2
 from sluice_core.errors import InvalidArgument
 from sluice_inference import tiny_model

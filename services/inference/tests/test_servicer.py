@@ -12,7 +12,7 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2
 
-from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.common.v1 import common_pb2
 from sluice.inference.v1 import inference_pb2
 from sluice_core import errors
 from sluice_inference.chunking import hold_s

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.common.v1 import common_pb2
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
 from sluice_core.server import GrpcServer
 from sluice_inference import SERVICE_NAME

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.common.v1 import common_pb2
 from sluice.generation.v1 import generation_pb2
 from sluice_core.errors import FieldViolation, InvalidArgument
 from sluice_queue.requests import in_public_terms, new_messages, to_inference, with_history

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.common.v1 import common_pb2
 from sluice.generation.v1 import generation_pb2
 from sluice_cli.arguments import UINT32_MAX, UINT64_MAX, whole_number
 from sluice_client import GenerationClient, StreamError

@@ -7,37 +7,40 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor_pb2 import MethodOptions
 
+from sluice.datastore.v1 import datastore_pb2
+from sluice.generation.v1 import generation_pb2
+from sluice.inference.v1 import inference_pb2
+from sluice.ratelimit.v1 import budgets_pb2
 from sluice_core.interceptors import client_interceptors
 from sluice_core.tls import TlsFiles
 
 # Calls that never reached a server are retried by gRPC whatever the policy.
-# UNAVAILABLE from a handler (a store that is away) is retried only where
-# running the handler twice is safe: reads, and writes made idempotent by a
-# request id. Not the rate-limit decisions nor the Create*/IssueApiKey writes:
-# a handler that failed after its work was done would do it twice. Nor the
-# token streams: Envoy retries those (before their response headers), and
-# the queue sends a generation whose replica was lost to another; a third
-# layer here made one call up to nine attempts at the queue in an outage.
-_IDEMPOTENT = [
-    *(
-        {"service": "sluice.datastore.v1.DataStore", "method": method}
-        for method in (
-            "GetTenantByApiKey",
-            "GetTenant",
-            "GetConversation",
-            "AppendMessages",
-            "RecordUsage",
-            "RevokeApiKey",
-            "ListTenants",
-            "ListApiKeys",
-        )
-    ),
-]
+# UNAVAILABLE from a handler (a store that is away) is retried only for the
+# methods whose proto declares them safe to run twice (idempotency_level:
+# reads, and writes made idempotent by a request id). Not the token streams:
+# Envoy retries those (before their response headers), and the queue sends a
+# generation whose replica was lost to another; a third layer here made one
+# call up to nine attempts at the queue in an outage.
+_SERVICES = (datastore_pb2, inference_pb2, generation_pb2, budgets_pb2)
+_SAFE_TWICE = (MethodOptions.NO_SIDE_EFFECTS, MethodOptions.IDEMPOTENT)
+
+
+def _idempotent() -> list[dict[str, str]]:
+    return [
+        {"service": service.full_name, "method": method.name}
+        for module in _SERVICES
+        for service in module.DESCRIPTOR.services_by_name.values()
+        for method in service.methods
+        if method.GetOptions().idempotency_level in _SAFE_TWICE
+    ]
+
+
 _SERVICE_CONFIG = {
     "methodConfig": [
         {
-            "name": _IDEMPOTENT,
+            "name": _idempotent(),
             "retryPolicy": {
                 "maxAttempts": 3,
                 "initialBackoff": "0.05s",

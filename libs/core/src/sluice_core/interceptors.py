@@ -13,9 +13,8 @@ a client span whose context goes to the server in ``traceparent``; it ends
 when the call does, a cancelled stream included.
 
 Tracing is done here rather than by OpenTelemetry's gRPC instrumentation:
-that adds a second wrapper around every handler and every streamed message,
-and the queue's time to first token at low load was 0.45 ms shorter without
-it (``docs/scheduling.md``). On the server, the span's context is made
+that adds a second wrapper around every handler and every streamed message
+on the token path (its cost: docs/benchmarks.md). On the server, the span's context is made
 current for the call's own task and never reset: gRPC runs each call in a
 task of its own, whose context ends with it, so there is nothing to reset it
 to, even when a caller cancels a stream while its handler waits at a

@@ -44,7 +44,7 @@ from typing import Any
 
 import redis.asyncio as redis
 
-from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.common.v1 import common_pb2
 from sluice.datastore.v1 import datastore_pb2_grpc
 from sluice.generation.v1 import generation_pb2
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.common.v1 import common_pb2
 from sluice.generation.v1 import generation_pb2
 from sluice_client import GenerationClient, GenerationStream, StreamError
 

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.common.v1 import common_pb2
 from sluice.generation.v1 import generation_pb2
 from sluice_client import GenerationClient
 from sluice_core.sampling import Sampling

@@ -20,7 +20,7 @@ import jinja2
 import jinja2.sandbox
 from tokenizers import Tokenizer
 
-from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.common.v1 import common_pb2
 from sluice_core.messages import ROLE_NAMES
 
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.common.v1 import common_pb2
 from sluice.inference.v1 import inference_pb2
 from sluice_core.errors import FieldViolation, InvalidArgument
 from sluice_core.messages import MAX_MESSAGES, TEMPLATE_CHARS_PER_MESSAGE, validate_messages

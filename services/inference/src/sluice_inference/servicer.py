@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 from opentelemetry import trace
 
-from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.common.v1 import common_pb2
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
 from sluice_core.errors import SluiceError
 from sluice_core.messages import TEMPLATE_CHARS_PER_MESSAGE

@@ -22,7 +22,7 @@ from typing import Protocol
 import grpc
 from prometheus_client import Counter, Gauge
 
-from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.common.v1 import common_pb2
 from sluice.datastore.v1 import datastore_pb2
 from sluice_core.errors import NotFound
 from sluice_core.ids import canonical_id

@@ -24,7 +24,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 from opentelemetry import trace
 
-from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.common.v1 import common_pb2
 from sluice.datastore.v1 import datastore_pb2
 from sluice.generation.v1 import generation_pb2
 from sluice.inference.v1 import inference_pb2
@@ -115,7 +115,7 @@ class Generation:
             )
             if not ticket.admitted:
                 # Only a request that waits has a wait span: an empty one for every request
-                # admitted at once took 2.5% of a queue replica's CPU at low load.
+                # admitted at once costs CPU on the path of every request (docs/benchmarks.md).
                 with _tracer.start_as_current_span("queue.wait") as wait:
                     async for position in ticket.positions():
                         wait.add_event("position", {"position": position})

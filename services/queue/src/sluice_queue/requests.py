@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from sluice.common.v1 import generation_pb2 as common_pb2
+from sluice.common.v1 import common_pb2
 from sluice.generation.v1 import generation_pb2
 from sluice.inference.v1 import inference_pb2
 from sluice_core.errors import FieldViolation, InvalidArgument

@@ -11,7 +11,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
-from sluice.common.v1 import generation_pb2 as _generation_pb2
+from sluice.common.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -183,7 +183,7 @@ class Message(_message.Message):
     TOKEN_COUNT_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
-    role: _generation_pb2.Role.ValueType
+    role: _common_pb2.Role.ValueType
     content: _builtins.str
     token_count: _builtins.int
     @_builtins.property
@@ -192,7 +192,7 @@ class Message(_message.Message):
         self,
         *,
         sequence: _builtins.int = ...,
-        role: _generation_pb2.Role.ValueType = ...,
+        role: _common_pb2.Role.ValueType = ...,
         content: _builtins.str = ...,
         token_count: _builtins.int = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
@@ -212,13 +212,13 @@ class NewMessage(_message.Message):
     ROLE_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
     TOKEN_COUNT_FIELD_NUMBER: _builtins.int
-    role: _generation_pb2.Role.ValueType
+    role: _common_pb2.Role.ValueType
     content: _builtins.str
     token_count: _builtins.int
     def __init__(
         self,
         *,
-        role: _generation_pb2.Role.ValueType = ...,
+        role: _common_pb2.Role.ValueType = ...,
         content: _builtins.str = ...,
         token_count: _builtins.int = ...,
     ) -> None: ...

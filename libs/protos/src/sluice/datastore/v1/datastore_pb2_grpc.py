@@ -26,7 +26,11 @@ if _version_not_supported:
 
 
 class DataStoreStub:
-    """Missing associated documentation comment in .proto file."""
+    """Methods safe to run twice declare an idempotency_level (reads: no side
+    effects; writes made idempotent by a request id): clients retry those, and
+    only those, on UNAVAILABLE (sluice_core.channels). Create* and IssueApiKey
+    do not: a handler that failed after its work was done would do it twice.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -92,7 +96,11 @@ class DataStoreStub:
 
 
 class DataStoreServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Methods safe to run twice declare an idempotency_level (reads: no side
+    effects; writes made idempotent by a request id): clients retry those, and
+    only those, on UNAVAILABLE (sluice_core.channels). Create* and IssueApiKey
+    do not: a handler that failed after its work was done would do it twice.
+    """
 
     def GetTenantByApiKey(self, request, context):
         """The tenant an API key belongs to. NOT_FOUND for an unknown or revoked key.
@@ -238,7 +246,11 @@ def add_DataStoreServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class DataStore:
-    """Missing associated documentation comment in .proto file."""
+    """Methods safe to run twice declare an idempotency_level (reads: no side
+    effects; writes made idempotent by a request id): clients retry those, and
+    only those, on UNAVAILABLE (sluice_core.channels). Create* and IssueApiKey
+    do not: a handler that failed after its work was done would do it twice.
+    """
 
     @staticmethod
     def GetTenantByApiKey(request,

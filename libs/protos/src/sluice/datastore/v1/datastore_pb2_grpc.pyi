@@ -29,6 +29,12 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class DataStoreStub:
+    """Methods safe to run twice declare an idempotency_level (reads: no side
+    effects; writes made idempotent by a request id): clients retry those, and
+    only those, on UNAVAILABLE (sluice_core.channels). Create* and IssueApiKey
+    do not: a handler that failed after its work was done would do it twice.
+    """
+
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
@@ -60,6 +66,12 @@ class DataStoreStub:
 
 @_typing.type_check_only
 class DataStoreAsyncStub(DataStoreStub):
+    """Methods safe to run twice declare an idempotency_level (reads: no side
+    effects; writes made idempotent by a request id): clients retry those, and
+    only those, on UNAVAILABLE (sluice_core.channels). Create* and IssueApiKey
+    do not: a handler that failed after its work was done would do it twice.
+    """
+
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetTenantByApiKey: _aio.UnaryUnaryMultiCallable[_datastore_pb2.GetTenantByApiKeyRequest, _datastore_pb2.Tenant]  # type: ignore[assignment]
     """The tenant an API key belongs to. NOT_FOUND for an unknown or revoked key."""
@@ -87,6 +99,12 @@ class DataStoreAsyncStub(DataStoreStub):
     """A tenant's API keys, newest first: their ids and dates, never the keys."""
 
 class DataStoreServicer(metaclass=_abc_1.ABCMeta):
+    """Methods safe to run twice declare an idempotency_level (reads: no side
+    effects; writes made idempotent by a request id): clients retry those, and
+    only those, on UNAVAILABLE (sluice_core.channels). Create* and IssueApiKey
+    do not: a handler that failed after its work was done would do it twice.
+    """
+
     @_abc_1.abstractmethod
     def GetTenantByApiKey(
         self,

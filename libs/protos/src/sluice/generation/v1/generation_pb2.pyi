@@ -8,7 +8,7 @@ through Envoy's edge listener.
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
-from sluice.common.v1 import generation_pb2 as _generation_pb2
+from sluice.common.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -99,17 +99,17 @@ class GenerateRequest(_message.Message):
     carry sluice's request_id, which Started and Finished also return.
     """
     @_builtins.property
-    def messages(self) -> _generation_pb2.ChatMessages: ...
+    def messages(self) -> _common_pb2.ChatMessages: ...
     @_builtins.property
-    def sampling(self) -> _generation_pb2.SamplingParams: ...
+    def sampling(self) -> _common_pb2.SamplingParams: ...
     def __init__(
         self,
         *,
         prompt: _builtins.str = ...,
-        messages: _generation_pb2.ChatMessages | None = ...,
+        messages: _common_pb2.ChatMessages | None = ...,
         conversation_id: _builtins.str = ...,
         priority: Global___Priority.ValueType = ...,
-        sampling: _generation_pb2.SamplingParams | None = ...,
+        sampling: _common_pb2.SamplingParams | None = ...,
         client_request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "messages", b"messages", "prompt", b"prompt", "sampling", b"sampling"]  # noqa: Y015
@@ -135,7 +135,7 @@ class GenerateEvent(_message.Message):
     @_builtins.property
     def started(self) -> Global___Started: ...
     @_builtins.property
-    def delta(self) -> _generation_pb2.TokenDelta: ...
+    def delta(self) -> _common_pb2.TokenDelta: ...
     @_builtins.property
     def finished(self) -> Global___Finished: ...
     def __init__(
@@ -143,7 +143,7 @@ class GenerateEvent(_message.Message):
         *,
         queued: Global___Queued | None = ...,
         started: Global___Started | None = ...,
-        delta: _generation_pb2.TokenDelta | None = ...,
+        delta: _common_pb2.TokenDelta | None = ...,
         finished: Global___Finished | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "event", b"event", "finished", b"finished", "queued", b"queued", "started", b"started"]  # noqa: Y015
@@ -222,19 +222,19 @@ class Finished(_message.Message):
     TIMINGS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     CLIENT_REQUEST_ID_FIELD_NUMBER: _builtins.int
-    reason: _generation_pb2.FinishReason.ValueType
+    reason: _common_pb2.FinishReason.ValueType
     request_id: _builtins.str
     client_request_id: _builtins.str
     @_builtins.property
-    def usage(self) -> _generation_pb2.Usage: ...
+    def usage(self) -> _common_pb2.Usage: ...
     @_builtins.property
-    def timings(self) -> _generation_pb2.Timings: ...
+    def timings(self) -> _common_pb2.Timings: ...
     def __init__(
         self,
         *,
-        reason: _generation_pb2.FinishReason.ValueType = ...,
-        usage: _generation_pb2.Usage | None = ...,
-        timings: _generation_pb2.Timings | None = ...,
+        reason: _common_pb2.FinishReason.ValueType = ...,
+        usage: _common_pb2.Usage | None = ...,
+        timings: _common_pb2.Timings | None = ...,
         request_id: _builtins.str = ...,
         client_request_id: _builtins.str = ...,
     ) -> None: ...

@@ -22,34 +22,34 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from sluice.common.v1 import generation_pb2 as sluice_dot_common_dot_v1_dot_generation__pb2
+from sluice.common.v1 import common_pb2 as sluice_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#sluice/inference/v1/inference.proto\x12\x13sluice.inference.v1\x1a!sluice/common/v1/generation.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x8f\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x32\n\x08messages\x18\x03 \x01(\x0b\x32\x1e.sluice.common.v1.ChatMessagesH\x00\x12\x39\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x1d.sluice.inference.v1.TokenIdsH\x00\x12\x32\n\x08sampling\x18\x05 \x01(\x0b\x32 .sluice.common.v1.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x18\n\x10history_messages\x18\x07 \x01(\rB\x07\n\x05input\"\xb0\x01\n\x10GenerateResponse\x12-\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x1c.sluice.common.v1.TokenDeltaH\x00\x12\x31\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x1d.sluice.inference.v1.FinishedH\x00\x12\x31\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x0b\x32\x1d.sluice.inference.v1.AcceptedH\x00\x42\x07\n\x05\x65vent\"C\n\x08\x41\x63\x63\x65pted\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12 \n\x18history_messages_dropped\x18\x02 \x01(\r\"\xb7\x01\n\x08\x46inished\x12.\n\x06reason\x18\x01 \x01(\x0e\x32\x1e.sluice.common.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x02 \x01(\t\x12&\n\x05usage\x18\x03 \x01(\x0b\x32\x17.sluice.common.v1.Usage\x12*\n\x07timings\x18\x04 \x01(\x0b\x32\x19.sluice.common.v1.Timings\x12\x12\n\nreplica_id\x18\x05 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\x96\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05slots\x18\x04 \x01(\r\x12\x12\n\nreplica_id\x18\x05 \x01(\t\x12\x14\n\x0cquantization\x18\x06 \x01(\t\x12\x16\n\x0eprefix_caching\x18\x07 \x01(\x08\"\x10\n\x0eGetLoadRequest\"T\n\x04Load\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x01\x12\x12\n\nreplica_id\x18\x04 \x01(\t2\x8b\x02\n\tInference\x12Y\n\x08Generate\x12$.sluice.inference.v1.GenerateRequest\x1a%.sluice.inference.v1.GenerateResponse0\x01\x12X\n\x0cGetModelInfo\x12(.sluice.inference.v1.GetModelInfoRequest\x1a\x1e.sluice.inference.v1.ModelInfo\x12I\n\x07GetLoad\x12#.sluice.inference.v1.GetLoadRequest\x1a\x19.sluice.inference.v1.Loadb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#sluice/inference/v1/inference.proto\x12\x13sluice.inference.v1\x1a\x1dsluice/common/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x8f\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x32\n\x08messages\x18\x03 \x01(\x0b\x32\x1e.sluice.common.v1.ChatMessagesH\x00\x12\x39\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x1d.sluice.inference.v1.TokenIdsH\x00\x12\x32\n\x08sampling\x18\x05 \x01(\x0b\x32 .sluice.common.v1.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x18\n\x10history_messages\x18\x07 \x01(\rB\x07\n\x05input\"\xb0\x01\n\x10GenerateResponse\x12-\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x1c.sluice.common.v1.TokenDeltaH\x00\x12\x31\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x1d.sluice.inference.v1.FinishedH\x00\x12\x31\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x0b\x32\x1d.sluice.inference.v1.AcceptedH\x00\x42\x07\n\x05\x65vent\"C\n\x08\x41\x63\x63\x65pted\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12 \n\x18history_messages_dropped\x18\x02 \x01(\r\"\xb7\x01\n\x08\x46inished\x12.\n\x06reason\x18\x01 \x01(\x0e\x32\x1e.sluice.common.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x02 \x01(\t\x12&\n\x05usage\x18\x03 \x01(\x0b\x32\x17.sluice.common.v1.Usage\x12*\n\x07timings\x18\x04 \x01(\x0b\x32\x19.sluice.common.v1.Timings\x12\x12\n\nreplica_id\x18\x05 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\x96\x01\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05slots\x18\x04 \x01(\r\x12\x12\n\nreplica_id\x18\x05 \x01(\t\x12\x14\n\x0cquantization\x18\x06 \x01(\t\x12\x16\n\x0eprefix_caching\x18\x07 \x01(\x08\"\x10\n\x0eGetLoadRequest\"T\n\x04Load\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x01\x12\x12\n\nreplica_id\x18\x04 \x01(\t2\x8b\x02\n\tInference\x12Y\n\x08Generate\x12$.sluice.inference.v1.GenerateRequest\x1a%.sluice.inference.v1.GenerateResponse0\x01\x12X\n\x0cGetModelInfo\x12(.sluice.inference.v1.GetModelInfoRequest\x1a\x1e.sluice.inference.v1.ModelInfo\x12I\n\x07GetLoad\x12#.sluice.inference.v1.GetLoadRequest\x1a\x19.sluice.inference.v1.Loadb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sluice.inference.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOKENIDS']._serialized_start=95
-  _globals['_TOKENIDS']._serialized_end=118
-  _globals['_GENERATEREQUEST']._serialized_start=121
-  _globals['_GENERATEREQUEST']._serialized_end=392
-  _globals['_GENERATERESPONSE']._serialized_start=395
-  _globals['_GENERATERESPONSE']._serialized_end=571
-  _globals['_ACCEPTED']._serialized_start=573
-  _globals['_ACCEPTED']._serialized_end=640
-  _globals['_FINISHED']._serialized_start=643
-  _globals['_FINISHED']._serialized_end=826
-  _globals['_GETMODELINFOREQUEST']._serialized_start=828
-  _globals['_GETMODELINFOREQUEST']._serialized_end=849
-  _globals['_MODELINFO']._serialized_start=852
-  _globals['_MODELINFO']._serialized_end=1002
-  _globals['_GETLOADREQUEST']._serialized_start=1004
-  _globals['_GETLOADREQUEST']._serialized_end=1020
-  _globals['_LOAD']._serialized_start=1022
-  _globals['_LOAD']._serialized_end=1106
-  _globals['_INFERENCE']._serialized_start=1109
-  _globals['_INFERENCE']._serialized_end=1376
+  _globals['_TOKENIDS']._serialized_start=91
+  _globals['_TOKENIDS']._serialized_end=114
+  _globals['_GENERATEREQUEST']._serialized_start=117
+  _globals['_GENERATEREQUEST']._serialized_end=388
+  _globals['_GENERATERESPONSE']._serialized_start=391
+  _globals['_GENERATERESPONSE']._serialized_end=567
+  _globals['_ACCEPTED']._serialized_start=569
+  _globals['_ACCEPTED']._serialized_end=636
+  _globals['_FINISHED']._serialized_start=639
+  _globals['_FINISHED']._serialized_end=822
+  _globals['_GETMODELINFOREQUEST']._serialized_start=824
+  _globals['_GETMODELINFOREQUEST']._serialized_end=845
+  _globals['_MODELINFO']._serialized_start=848
+  _globals['_MODELINFO']._serialized_end=998
+  _globals['_GETLOADREQUEST']._serialized_start=1000
+  _globals['_GETLOADREQUEST']._serialized_end=1016
+  _globals['_LOAD']._serialized_start=1018
+  _globals['_LOAD']._serialized_end=1102
+  _globals['_INFERENCE']._serialized_start=1105
+  _globals['_INFERENCE']._serialized_end=1372
 # @@protoc_insertion_point(module_scope)

@@ -11,7 +11,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
-from sluice.common.v1 import generation_pb2 as _generation_pb2
+from sluice.common.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -67,19 +67,19 @@ class GenerateRequest(_message.Message):
     message is kept), until the prompt leaves room for max_tokens.
     """
     @_builtins.property
-    def messages(self) -> _generation_pb2.ChatMessages: ...
+    def messages(self) -> _common_pb2.ChatMessages: ...
     @_builtins.property
     def prompt_token_ids(self) -> Global___TokenIds: ...
     @_builtins.property
-    def sampling(self) -> _generation_pb2.SamplingParams: ...
+    def sampling(self) -> _common_pb2.SamplingParams: ...
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         prompt: _builtins.str = ...,
-        messages: _generation_pb2.ChatMessages | None = ...,
+        messages: _common_pb2.ChatMessages | None = ...,
         prompt_token_ids: Global___TokenIds | None = ...,
-        sampling: _generation_pb2.SamplingParams | None = ...,
+        sampling: _common_pb2.SamplingParams | None = ...,
         priority: _builtins.int = ...,
         history_messages: _builtins.int = ...,
     ) -> None: ...
@@ -101,7 +101,7 @@ class GenerateResponse(_message.Message):
     FINISHED_FIELD_NUMBER: _builtins.int
     ACCEPTED_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def delta(self) -> _generation_pb2.TokenDelta: ...
+    def delta(self) -> _common_pb2.TokenDelta: ...
     @_builtins.property
     def finished(self) -> Global___Finished: ...
     @_builtins.property
@@ -111,7 +111,7 @@ class GenerateResponse(_message.Message):
     def __init__(
         self,
         *,
-        delta: _generation_pb2.TokenDelta | None = ...,
+        delta: _common_pb2.TokenDelta | None = ...,
         finished: Global___Finished | None = ...,
         accepted: Global___Accepted | None = ...,
     ) -> None: ...
@@ -156,22 +156,22 @@ class Finished(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
     REPLICA_ID_FIELD_NUMBER: _builtins.int
-    reason: _generation_pb2.FinishReason.ValueType
+    reason: _common_pb2.FinishReason.ValueType
     stop_reason: _builtins.str
     """The stop string or token id that ended generation, if any."""
     replica_id: _builtins.str
     """Which replica served the request."""
     @_builtins.property
-    def usage(self) -> _generation_pb2.Usage: ...
+    def usage(self) -> _common_pb2.Usage: ...
     @_builtins.property
-    def timings(self) -> _generation_pb2.Timings: ...
+    def timings(self) -> _common_pb2.Timings: ...
     def __init__(
         self,
         *,
-        reason: _generation_pb2.FinishReason.ValueType = ...,
+        reason: _common_pb2.FinishReason.ValueType = ...,
         stop_reason: _builtins.str = ...,
-        usage: _generation_pb2.Usage | None = ...,
-        timings: _generation_pb2.Timings | None = ...,
+        usage: _common_pb2.Usage | None = ...,
+        timings: _common_pb2.Timings | None = ...,
         replica_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings", "usage", b"usage"]  # noqa: Y015
