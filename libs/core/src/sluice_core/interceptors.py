@@ -42,6 +42,7 @@ from opentelemetry import propagate, trace
 from prometheus_client import Counter
 
 from sluice_core import errors
+from sluice_core.background import Background
 from sluice_core.logs import RateLimitedLogger
 from sluice_core.metrics import ended_early
 from sluice_core.telemetry import TRACE_ID_KEY, current_trace_id, method_of, traced
@@ -304,8 +305,8 @@ def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
     return [_UnaryUnaryTracing(), _UnaryStreamTracing(), _StreamUnaryTracing()]
 
 
-# Spans waiting for their call's status (a task each, kept from the garbage collector).
-_ending: set[asyncio.Task[None]] = set()
+# Spans waiting for their call's status.
+_ending = Background("ending a client span")
 
 
 async def _client_call(continuation: Any, details: grpc.aio.ClientCallDetails, request: Any) -> Any:
@@ -328,9 +329,7 @@ async def _client_call(continuation: Any, details: grpc.aio.ClientCallDetails, r
 
 def _call_done(span: trace.Span, call: grpc.aio.Call) -> None:
     # The status is only to be had by awaiting it; the span ends as of now all the same.
-    task = asyncio.ensure_future(_end_client_span(span, call, time.time_ns()))
-    _ending.add(task)
-    task.add_done_callback(_ending.discard)
+    _ending.spawn(_end_client_span(span, call, time.time_ns()))
 
 
 async def _end_client_span(span: trace.Span, call: grpc.aio.Call, end_ns: int) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import AsyncIterable, Awaitable
 from typing import Protocol
 
@@ -26,7 +25,7 @@ from sluice.common.v1 import common_pb2
 from sluice.datastore.v1 import datastore_pb2
 from sluice_core.errors import NotFound
 from sluice_core.ids import canonical_id
-from sluice_queue.flushing import flush_forever
+from sluice_queue.flushing import Kept, flush_forever
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ class Conversations:
         self._store_timeout_s = store_timeout_s
         self._retry_interval_s = retry_interval_s
         self._max_kept = max_kept
-        self._kept: deque[datastore_pb2.AppendMessagesRequest] = deque()
+        self._kept: Kept[datastore_pb2.AppendMessagesRequest] = Kept(max_kept, KEPT)
         self._wake = asyncio.Event()
 
     async def create(self, tenant_id: str, timeout_s: float | None) -> str:
@@ -135,13 +134,10 @@ class Conversations:
             raise
 
     def _keep(self, exchange: datastore_pb2.AppendMessagesRequest) -> None:
-        if len(self._kept) >= self._max_kept:
-            # Memory is finite: past the cap the oldest goes, loudly.
-            dropped = self._kept.popleft()
+        dropped = self._kept.add(exchange)
+        if dropped is not None:
             LOST.inc()
             logger.error("%d exchanges kept; dropped %s's", self._max_kept, dropped.request_id)
-        self._kept.append(exchange)
-        KEPT.set(len(self._kept))
         self._wake.set()
 
     @property
@@ -155,7 +151,7 @@ class Conversations:
     async def flush(self, timeout_s: float = 10.0) -> bool:
         """Append what is kept, in order; False (the rest kept) if the data-access service failed."""
         while self._kept:
-            exchange = self._kept[0]
+            (exchange,) = self._kept.oldest()
             try:
                 await self._datastore.AppendMessages(exchange, timeout=timeout_s)
             except grpc.aio.AioRpcError as exc:
@@ -163,6 +159,5 @@ class Conversations:
                     return False
                 LOST.inc()
                 logger.error("exchange %s not stored: %s", exchange.request_id, exc.details())
-            self._kept.popleft()
-            KEPT.set(len(self._kept))
+            self._kept.remove_oldest()
         return True

@@ -15,8 +15,8 @@ from sluice.common.v1 import common_pb2
 from sluice.datastore.v1 import datastore_pb2
 from sluice.generation.v1 import generation_pb2
 from sluice.inference.v1 import inference_pb2
+from sluice_core.background import Background
 from sluice_queue.auth import Metadata
-from sluice_queue.background import Background
 from sluice_queue.budget import Reservation
 from sluice_queue.ledger import Draft
 from sluice_queue.replica_stream import InferenceCall
@@ -119,4 +119,4 @@ class Dependencies:
     usage: UsageSink
     # How long a finished request's caller waits for its usage record to be written.
     usage_commit_s: float = 1.0
-    background: Background = field(default_factory=Background)
+    background: Background = field(default_factory=lambda: Background("work after a request"))

@@ -4,7 +4,44 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+import itertools
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Generic, TypeVar
+
+from prometheus_client import Gauge
+
+T = TypeVar("T")
+
+
+class Kept(Generic[T]):
+    """What waits in this process to be written, oldest first: at most ``most``, past which the oldest
+    goes (memory is finite; ``add`` returns it, for its owner to count and log). ``gauge`` shows how many wait."""
+
+    def __init__(self, most: int, gauge: Gauge) -> None:
+        self._items: deque[T] = deque()
+        self._most = most
+        self._gauge = gauge
+
+    def add(self, item: T) -> T | None:
+        dropped = self._items.popleft() if len(self._items) >= self._most else None
+        self._items.append(item)
+        self._gauge.set(len(self._items))
+        return dropped
+
+    def oldest(self, n: int = 1) -> list[T]:
+        return list(itertools.islice(self._items, n))
+
+    def remove_oldest(self, n: int = 1) -> None:
+        for _ in range(n):
+            self._items.popleft()
+        self._gauge.set(len(self._items))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self._items)
 
 
 async def flush_forever(

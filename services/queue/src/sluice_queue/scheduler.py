@@ -34,6 +34,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError, RedisError
 
 from sluice.generation.v1 import generation_pb2
+from sluice_core.background import Background
 from sluice_core.errors import ResourceExhausted, Unavailable
 from sluice_core.redis_pool import pooled_redis
 from sluice_core.service import cancel
@@ -159,7 +160,7 @@ class Scheduler:
         self._waiting: dict[str, Ticket] = {}
         self._holding: dict[str, Ticket] = {}
         self._refresh = asyncio.Event()
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = Background("releasing a slot")
         self._closing = False
         self._capacity = 1
         WAITING.set_function(lambda: len(self._waiting))
@@ -234,14 +235,11 @@ class Scheduler:
             logger.warning("could not release %s; its lease will expire", request_id)
 
     def _spawn_leave(self, request_id: str) -> None:
-        task = asyncio.create_task(self._leave(request_id))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background.spawn(self._leave(request_id))
 
     async def drain(self) -> None:
         """Wait for the leaves of callers that left mid-enter (at shutdown): their slots come back now."""
-        if self._background:
-            await asyncio.wait(self._background, timeout=5)
+        await self._background.drain(timeout_s=5)
 
     async def report_engines(self, slots: dict[str, int]) -> int:
         """Record the inference replicas just seen with their slots; returns the total capacity."""

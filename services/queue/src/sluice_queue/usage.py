@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import Awaitable, Iterator
 from typing import Protocol
 
@@ -24,7 +23,7 @@ import grpc
 from prometheus_client import Counter, Gauge
 
 from sluice.datastore.v1 import datastore_pb2
-from sluice_queue.flushing import flush_forever
+from sluice_queue.flushing import Kept, flush_forever
 from sluice_queue.ledger import Draft, Ledger
 
 logger = logging.getLogger(__name__)
@@ -60,7 +59,7 @@ class UsageRecorder:
         self._ledger = ledger
         self._batch_size = batch_size
         self._interval_s = interval_s
-        self._buffer: deque[datastore_pb2.UsageRecord] = deque()
+        self._buffer: Kept[datastore_pb2.UsageRecord] = Kept(max_buffered, BUFFERED)
         self._max_buffered = max_buffered
         self._wake = asyncio.Event()
         self._committing: list[tuple[datastore_pb2.UsageRecord, asyncio.Future[bool]]] = []
@@ -87,13 +86,11 @@ class UsageRecorder:
     def record(self, record: datastore_pb2.UsageRecord) -> None:
         """Write ``record`` with the next batch."""
         self._settle(record)
-        if len(self._buffer) >= self._max_buffered:
-            dropped = self._buffer.popleft()
+        dropped = self._buffer.add(record)
+        if dropped is not None:
             self._done([dropped])
             RECORDED.labels("dropped").inc()
             logger.error("usage buffer full (%d); dropped the oldest record", self._max_buffered)
-        self._buffer.append(record)
-        BUFFERED.set(len(self._buffer))
         if len(self._buffer) >= self._batch_size:
             self._wake.set()
 
@@ -155,7 +152,7 @@ class UsageRecorder:
             self.record(record)
             written.set_result(False)
         while self._buffer:
-            batch = [self._buffer[i] for i in range(min(self._batch_size, len(self._buffer)))]
+            batch = self._buffer.oldest(self._batch_size)
             try:
                 result = await self._datastore.RecordUsage(
                     iter([datastore_pb2.RecordUsageRequest(records=batch)]), timeout=timeout_s
@@ -169,8 +166,8 @@ class UsageRecorder:
                     finally:
                         self._batch_size = size
                 if exc.code() in _REFUSED:
-                    self._done([self._buffer.popleft()])
-                    BUFFERED.set(len(self._buffer))
+                    self._done(batch)
+                    self._buffer.remove_oldest()
                     RECORDED.labels("dropped").inc()
                     logger.error("usage record %s refused: %s", batch[0].request_id, exc.details())
                     continue
@@ -178,9 +175,7 @@ class UsageRecorder:
                     "usage not recorded yet (%s %s); %d records kept", exc.code().name, exc.details(), len(self._buffer)
                 )
                 return False
-            for _ in batch:
-                self._buffer.popleft()
-            BUFFERED.set(len(self._buffer))
+            self._buffer.remove_oldest(len(batch))
             self._written(batch, result)
         return True
 
