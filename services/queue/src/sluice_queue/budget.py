@@ -9,8 +9,8 @@ most the model's context; the end of the stream gives back what was not
 used. A caller that goes away is charged for what it was sent.
 
 A call to the rate-limit service per request cost as much time to first
-token as all the rest of the queue's work (its CPU on the two cores the
-engines use, ~2 ms of 4.4 at low load). So a replica reserves ahead: when a
+token as all the rest of the queue's work (docs/scheduling.md, step 4). So
+a replica reserves ahead: when a
 tenant's *allowance* here cannot cover a request, one call reserves the
 request's share plus ``lease_s`` seconds' worth of the tenant's limits, and
 the next requests draw on that allowance without a call. What a request did

@@ -130,9 +130,9 @@ class Limiter:
 
     ``timeout_s`` bounds Redis's answer to a pipeline, plus ``per_call_s`` for
     each call in it, from when it is sent: a thousand requests at once are not
-    a Redis outage because the last of them waited for the first (a 40 ms
-    bound on each whole call, waiting included, failed open a fifth of a
-    burst on a healthy Redis). ``now_us`` is for tests with a controlled clock
+    a Redis outage because the last of them waited for the first (a bound on
+    each whole call, waiting included, failed part of such bursts open on a
+    healthy Redis; docs/ratelimit.md). ``now_us`` is for tests with a controlled clock
     (Redis' clock otherwise).
     """
 
