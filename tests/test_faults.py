@@ -91,6 +91,8 @@ async def supervised(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
         yield local
         assert local.supervising is not None
         local.supervising.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await local.supervising
     finally:
         await local.stack.stop()
         await postgres.stop()
@@ -208,7 +210,11 @@ async def test_a_killed_replica_aborts_the_streams_it_was_sending_and_resends_th
         prefilling = [Call() for _ in range(4)]
         long_prompt = "the keeper walks the channel and writes the level of the river " * 30
         tasks += [asyncio.create_task(run(client, c, long_prompt, 16)) for c in prefilling]
-        await asyncio.sleep(0.3)
+
+        def on_replicas() -> bool:  # a replica took each (its Started event), still prefilling
+            return all(any(e.HasField("started") for e in c.events) for c in prefilling)
+
+        await eventually(on_replicas, 5, "the long prompts taken by replicas")
         assert not any(c.first_token.is_set() for c in prefilling), "the prompts were prefilled too fast"
         replica = stack.process("inference-1")
         os.kill(replica.pid, signal.SIGKILL)

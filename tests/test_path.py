@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import asyncpg
@@ -17,6 +16,7 @@ from sluice_client import GenerationClient, StreamError
 from sluice_core.errors import ResourceExhausted
 from sluice_devstack.postgres_server import PostgresServer
 from sluice_devstack.stack import LocalStack
+from sluice_devstack.waiting import eventually
 
 from .conftest import tenant_with_key
 
@@ -51,10 +51,14 @@ async def tokens_left(stack: LocalStack, tenant_id: str, per_minute: int) -> int
 
 async def spent_once_refunded(stack: LocalStack, tenant_id: str, per_minute: int, most: int) -> int:
     """Tokens spent from the budget, once the refund (sent shortly after the stream ends) brought it to ``most``."""
-    deadline = time.monotonic() + 3
-    while (spent := per_minute - await tokens_left(stack, tenant_id, per_minute)) > most:
-        assert time.monotonic() < deadline, f"the unused reservation was not refunded (spent {spent})"
-        await asyncio.sleep(0.05)
+    spent = per_minute
+
+    async def refunded() -> bool:
+        nonlocal spent
+        spent = per_minute - await tokens_left(stack, tenant_id, per_minute)
+        return spent <= most
+
+    await eventually(refunded, 3, f"the unused reservation refunded, at most {most} tokens spent", interval_s=0.05)
     return spent
 
 
@@ -67,15 +71,16 @@ async def test_calls_without_a_valid_key_are_unauthenticated(stack: LocalStack) 
     assert (await run(stack, key, request()))[-1].HasField("finished")
     async with stack.channel(stack.internal) as channel:
         await datastore_pb2_grpc.DataStoreStub(channel).RevokeApiKey(datastore_pb2.RevokeApiKeyRequest(api_key=key))
-    deadline = time.monotonic() + 3
-    while True:
+
+    async def key_refused() -> bool:
         try:
             await run(stack, key, request(max_tokens=1))
         except StreamError as exc:
             assert exc.code == grpc.StatusCode.UNAUTHENTICATED
-            break
-        assert time.monotonic() < deadline, "a revoked key still works"
-        await asyncio.sleep(0.1)
+            return True
+        return False
+
+    await eventually(key_refused, 3, "the revoked key refused", interval_s=0.1)
 
 
 async def test_the_token_budget_is_reserved_then_settled_to_what_was_used(stack: LocalStack) -> None:
@@ -179,10 +184,13 @@ async def test_every_request_served_is_recorded_once(stack: LocalStack, postgres
     request_id = events[-1].finished.request_id
     connection = await asyncpg.connect(stack.database_url)
     try:
-        deadline = time.monotonic() + 5
-        while (row := await connection.fetchrow("SELECT * FROM usage WHERE request_id = $1", request_id)) is None:
-            assert time.monotonic() < deadline, "no usage record"
-            await asyncio.sleep(0.1)
+
+        async def recorded() -> bool:
+            return await connection.fetchrow("SELECT 1 FROM usage WHERE request_id = $1", request_id) is not None
+
+        await eventually(recorded, 5, f"a usage record of {request_id}", interval_s=0.1)
+        row = await connection.fetchrow("SELECT * FROM usage WHERE request_id = $1", request_id)
+        assert row is not None
         # A request refused before it was served (here, bad input) did no work and is not recorded.
         assert await connection.fetchval("SELECT count(*) FROM usage WHERE tenant_id = $1", tenant_id) == 1
     finally:

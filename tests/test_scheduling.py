@@ -95,7 +95,7 @@ async def test_interactive_waits_one_slot_turnover_behind_a_batch_flood_and_engi
         nonlocal peak
         while watching:
             peak = max(peak, sum(load.running + load.waiting for load in await engine_loads(stack)))
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # not synchronisation: the sampling interval of the peak
 
     watcher = asyncio.create_task(watch_engines())
     async with (

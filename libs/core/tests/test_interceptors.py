@@ -23,6 +23,7 @@ from sluice_core.channels import insecure_channel
 from sluice_core.server import GrpcServer
 from sluice_core.settings import ServiceSettings
 from sluice_core.telemetry import TRACE_ID_KEY, traced
+from sluice_devstack.waiting import eventually
 
 
 class Failing(inference_pb2_grpc.InferenceServicer):
@@ -46,7 +47,7 @@ class Failing(inference_pb2_grpc.InferenceServicer):
             case "bug":
                 raise RuntimeError("secret database password in a traceback")
             case "wait":
-                await asyncio.sleep(30)
+                await asyncio.sleep(30)  # not synchronisation: a handler still at work when its caller leaves
 
     async def GetLoad(
         self, request: inference_pb2.GetLoadRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -92,10 +93,11 @@ def spans_of(
 
 async def ended(exporter: InMemorySpanExporter, trace_id: int) -> None:
     """Until the call's server and client spans have both ended: the client's ends from a callback."""
-    for _ in range(100):
-        if all(spans_of(exporter, trace_id, kind) for kind in (trace.SpanKind.SERVER, trace.SpanKind.CLIENT)):
-            return
-        await asyncio.sleep(0.02)
+
+    def both() -> bool:
+        return all(spans_of(exporter, trace_id, kind) for kind in (trace.SpanKind.SERVER, trace.SpanKind.CLIENT))
+
+    await eventually(both, 2, f"the server and client spans of trace {trace_id:032x} ended")
 
 
 async def fail(stub: inference_pb2_grpc.InferenceAsyncStub, prompt: str) -> grpc.aio.AioRpcError:
@@ -233,10 +235,7 @@ async def test_a_handler_cancelled_at_a_yield_finishes_its_span_before_it_ends(
     for _ in range(20):
         await anext(responses)
     call.cancel()
-    for _ in range(100):
-        if spans_of(exported, trace_id):
-            break
-        await asyncio.sleep(0.02)
+    await eventually(lambda: bool(spans_of(exported, trace_id)), 2, "the handler's span ended")
     (span,) = spans_of(exported, trace_id)
     assert span.attributes is not None and span.attributes.get("test.handler_closed") is True
 

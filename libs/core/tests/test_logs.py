@@ -29,10 +29,15 @@ def service_log() -> Iterator[io.StringIO]:
 
 async def test_a_stream_dropped_at_a_yield_logs_no_context_traceback(service_log: io.StringIO) -> None:
     # What gRPC's aio server does to a handler whose caller cancelled while it waited at a yield.
+    closed = asyncio.Event()
+
     async def stream() -> AsyncIterator[int]:
-        with trace.get_tracer(__name__).start_as_current_span("stream"):
-            yield 1
-            yield 2
+        try:
+            with trace.get_tracer(__name__).start_as_current_span("stream"):
+                yield 1
+                yield 2
+        finally:
+            closed.set()  # after the span's context was (or failed to be) detached
 
     dropped: list[AsyncIterator[int]] = []
 
@@ -42,7 +47,7 @@ async def test_a_stream_dropped_at_a_yield_logs_no_context_traceback(service_log
 
     await asyncio.create_task(handler())
     dropped.clear()  # asyncio closes the generator in a task of its own
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(closed.wait(), 5)
     logging.getLogger("sluice.test").error("a real error")
     written = service_log.getvalue()
     assert "a real error" in written

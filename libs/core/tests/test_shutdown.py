@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
 from sluice_core.server import GrpcServer
 from sluice_core.settings import ServiceSettings
+from sluice_devstack.waiting import eventually
 
 
 class Slow(inference_pb2_grpc.InferenceServicer):
@@ -23,7 +24,7 @@ class Slow(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         for _ in range(10):
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # not synchronisation: a stream long enough to be in flight at the stop
             yield inference_pb2.GenerateResponse()
 
 
@@ -36,17 +37,17 @@ async def test_stop_drains_in_flight_streams() -> None:
     stub = inference_pb2_grpc.InferenceStub(channel)
     health = health_pb2_grpc.HealthStub(channel)
 
-    async def consume() -> int:
-        return len([r async for r in stub.Generate(inference_pb2.GenerateRequest())])
-
-    in_flight = asyncio.create_task(consume())
-    await asyncio.sleep(0.15)
+    responses = aiter(stub.Generate(inference_pb2.GenerateRequest()))
+    await anext(responses)  # in flight
     stopping = asyncio.create_task(server.stop())
-    await asyncio.sleep(0.1)
-    # While draining, health checkers are told to go elsewhere.
-    status = await health.Check(health_pb2.HealthCheckRequest(service="svc"))
-    assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
-    assert await in_flight == 10  # nothing in flight was dropped
+
+    # While draining, health checkers are told to go elsewhere (a check after the drain would fail).
+    async def not_serving() -> bool:
+        status = await health.Check(health_pb2.HealthCheckRequest(service="svc"))
+        return bool(status.status == health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    await eventually(not_serving, 5, "health NOT_SERVING while the server drains")
+    assert 1 + len([r async for r in responses]) == 10  # nothing in flight was dropped
     await stopping
     await channel.close()
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sluice_core.server import GrpcServer
 from sluice_core.settings import ServiceSettings
 from sluice_devstack.processes import Process
+from sluice_devstack.waiting import eventually
 
 
 @pytest.fixture
@@ -56,8 +55,9 @@ async def test_a_child_keeps_to_its_cpus(tmp_path: Path) -> None:
     assert child.log_path.read_text().strip() == str([cpu])
 
 
-def test_children_die_with_the_process_that_started_them(tmp_path: Path) -> None:
-    # A parent that starts a long-lived child, then is killed without a chance to stop it.
+async def test_children_die_with_the_process_that_started_them(tmp_path: Path) -> None:
+    # A parent that starts a long-lived child, then is killed without a chance to stop it
+    # (both sleep only to live on until then).
     parent = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
@@ -67,14 +67,12 @@ def test_children_die_with_the_process_that_started_them(tmp_path: Path) -> None
         print(child.pid, flush=True)
         time.sleep(60)
     """)
-    with subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True) as starter:
-        assert starter.stdout is not None
-        child_pid = int(starter.stdout.readline())
-        starter.send_signal(signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while _alive(child_pid):
-        assert time.monotonic() < deadline, "the child outlived the process that started it"
-        time.sleep(0.05)
+    starter = await asyncio.create_subprocess_exec(sys.executable, "-c", parent, stdout=asyncio.subprocess.PIPE)
+    assert starter.stdout is not None
+    child_pid = int(await starter.stdout.readline())
+    starter.send_signal(signal.SIGKILL)
+    await starter.wait()
+    await eventually(lambda: not _alive(child_pid), 10, "the child dies with the process that started it")
 
 
 def _alive(pid: int) -> bool:

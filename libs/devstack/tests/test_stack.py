@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -15,6 +13,7 @@ import pytest
 from sluice_core.settings import ServiceSettings
 from sluice_devstack.redis_server import RedisServer
 from sluice_devstack.stack import LocalStack, StackError, StackOptions, StackPorts, free_ports
+from sluice_devstack.waiting import eventually
 
 
 async def test_a_redis_the_stack_started_is_watched_like_its_services(tmp_path: Path) -> None:
@@ -34,15 +33,12 @@ async def test_a_redis_the_stack_started_is_watched_like_its_services(tmp_path: 
 
 async def test_a_process_started_again_takes_what_its_killed_predecessor_left(tmp_path: Path) -> None:
     stack = LocalStack(StackOptions(state_dir=tmp_path, ports=StackPorts.free()))
-    # A replica whose engine runs in a child process of its group, as vLLM's does.
+    # A replica whose engine runs in a child process of its group, as vLLM's does (each sleeps to live on).
     sleep = "import time; time.sleep(60)"
     script = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {sleep!r}]); {sleep}"
     first = stack._spawn("replica", [sys.executable, "-c", script], {})
-    deadline = time.monotonic() + 10
-    while not (children := psutil.Process(first.pid).children()):
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.02)
-    (engine,) = children
+    await eventually(lambda: bool(psutil.Process(first.pid).children()), 10, "the replica's engine process started")
+    (engine,) = psutil.Process(first.pid).children()
     with pytest.raises(StackError, match="already running"):
         stack._spawn("replica", [sys.executable, "-c", script], {})
     os.kill(first.pid, signal.SIGKILL)  # the replica alone: its engine lives on

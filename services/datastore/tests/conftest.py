@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from sluice_datastore.settings import DataStoreSettings
 from sluice_datastore.store import Store
 from sluice_devstack.postgres_server import PostgresServer
 from sluice_devstack.redis_server import RedisServer
+from sluice_devstack.waiting import eventually
 
 
 @pytest.fixture
@@ -101,3 +103,21 @@ def statements(postgres: PostgresServer, tag: str, since: int) -> int:
 
 def log_size(postgres: PostgresServer) -> int:
     return postgres.log_path.stat().st_size
+
+
+async def log_caught_up(postgres: PostgresServer) -> None:
+    """Until PostgreSQL's log holds every statement run so far: it holds a marker statement run after them."""
+    since = log_size(postgres)
+    marker = f"log marker {uuid.uuid4().hex}"
+    connection = await asyncpg.connect(postgres.url)
+    try:
+        await connection.execute(f"SELECT 1 /* {marker} */")
+    finally:
+        await connection.close()
+
+    def logged() -> bool:
+        with postgres.log_path.open("rb") as log:
+            log.seek(since)
+            return marker.encode() in log.read()
+
+    await eventually(logged, 5, f"{marker!r} in PostgreSQL's log")

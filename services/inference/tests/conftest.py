@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sluice.inference.v1 import inference_pb2_grpc
 from sluice_core.server import GrpcServer
+from sluice_devstack.waiting import eventually
 from sluice_inference import SERVICE_NAME
 from sluice_inference.host import ModelHost
 from sluice_inference.servicer import InferenceServicer
@@ -54,7 +56,7 @@ async def replica() -> AsyncIterator[Replica]:
     async with server, grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
         loading = asyncio.create_task(host.start())
-        await asyncio.sleep(0.5)
+        await eventually(lambda: host._building is not None, 60, "the engine being built")
         while_loading = int((await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))).status)
         await loading
         await server.set_serving(True)
@@ -62,4 +64,6 @@ async def replica() -> AsyncIterator[Replica]:
         stub = inference_pb2_grpc.InferenceStub(channel)
         yield Replica(stub, health, host, while_loading)
         watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
     await host.close()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from sluice_devstack.waiting import eventually
 from sluice_inference import host as host_module
 from sluice_inference.host import ModelHost
 from sluice_inference.settings import InferenceSettings
@@ -19,7 +20,7 @@ from sluice_inference.settings import InferenceSettings
 async def test_a_stop_while_loading_still_shuts_down_the_engine_being_built(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    finish_building = threading.Event()
+    building, finish_building = threading.Event(), threading.Event()
     shut_down = threading.Event()
 
     class Engine:
@@ -27,13 +28,14 @@ async def test_a_stop_while_loading_still_shuts_down_the_engine_being_built(
             shut_down.set()
 
     def build(*_: object) -> Engine:
+        building.set()
         finish_building.wait(5)  # a model that takes a while to load
         return Engine()
 
     monkeypatch.setattr(host_module, "engine_module", lambda settings: types.SimpleNamespace(build=build))
     host = ModelHost(InferenceSettings(model=str(tmp_path)))
     starting = asyncio.create_task(host.start())
-    await asyncio.sleep(0.05)
+    await eventually(building.is_set, 5, "the engine being built")
     starting.cancel()  # SIGTERM while loading
     with contextlib.suppress(asyncio.CancelledError):
         await starting

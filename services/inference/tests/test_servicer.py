@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import time
@@ -15,6 +16,7 @@ from grpc_health.v1 import health_pb2
 from sluice.common.v1 import common_pb2
 from sluice.inference.v1 import inference_pb2
 from sluice_core import errors
+from sluice_devstack.waiting import eventually
 from sluice_inference.chunking import hold_s
 from sluice_inference.servicer import InferenceServicer
 
@@ -32,15 +34,10 @@ async def collect(replica: Replica, request: inference_pb2.GenerateRequest) -> l
     return [r async for r in replica.stub.Generate(request)]
 
 
-async def wait_idle(replica: Replica, within_s: float) -> float:
-    """Seconds until the replica reports nothing running or waiting, and the engine agrees."""
-    start = time.monotonic()
-    while time.monotonic() - start < within_s:
-        load = await replica.stub.GetLoad(inference_pb2.GetLoadRequest())
-        if load.running == 0 and load.waiting == 0 and replica.host.unfinished_requests() == 0:
-            return time.monotonic() - start
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"still busy after {within_s}s: {load}")
+async def idle(replica: Replica) -> bool:
+    """Whether the replica reports nothing running or waiting, and the engine agrees."""
+    load = await replica.stub.GetLoad(inference_pb2.GetLoadRequest())
+    return load.running == 0 and load.waiting == 0 and replica.host.unfinished_requests() == 0
 
 
 async def test_reports_not_serving_while_the_model_loads(replica: Replica) -> None:
@@ -119,7 +116,7 @@ async def test_cancelling_a_stream_aborts_the_engine_request(replica: Replica) -
     load = await replica.stub.GetLoad(inference_pb2.GetLoadRequest())
     assert load.running == 1
     call.cancel()
-    assert await wait_idle(replica, within_s=1.0) < 1.0
+    assert await eventually(functools.partial(idle, replica), 1.0, "the replica idle") < 1.0
 
 
 async def test_an_expired_deadline_stops_the_generation(replica: Replica) -> None:
@@ -127,7 +124,7 @@ async def test_an_expired_deadline_stops_the_generation(replica: Replica) -> Non
         async for _ in replica.stub.Generate(generate(max_tokens=500, ignore_eos=True), timeout=0.3):
             pass
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert await wait_idle(replica, within_s=1.0) < 1.0
+    assert await eventually(functools.partial(idle, replica), 1.0, "the replica idle") < 1.0
 
 
 async def test_a_full_engine_queue_sheds_with_a_retry_hint(replica: Replica) -> None:
@@ -144,7 +141,7 @@ async def test_a_full_engine_queue_sheds_with_a_retry_hint(replica: Replica) -> 
     assert outcomes.count("OK") >= MAX_QUEUED
     assert outcomes.count("RESOURCE_EXHAUSTED") >= 1
     assert set(outcomes) == {"OK", "RESOURCE_EXHAUSTED"}
-    await wait_idle(replica, within_s=5.0)
+    await eventually(functools.partial(idle, replica), 5.0, "the replica idle")
 
 
 # Last: it kills the shared engine.
@@ -153,10 +150,11 @@ async def test_a_dead_engine_turns_the_replica_unavailable(replica: Replica) -> 
     assert engine_processes
     for process in engine_processes:
         os.kill(process.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while await replica.status() != health_pb2.HealthCheckResponse.NOT_SERVING:
-        assert time.monotonic() < deadline, "health still SERVING after the engine died"
-        await asyncio.sleep(0.1)
+
+    async def not_serving() -> bool:
+        return await replica.status() == health_pb2.HealthCheckResponse.NOT_SERVING
+
+    await eventually(not_serving, 10, "health NOT_SERVING after the engine died", interval_s=0.1)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await collect(replica, generate())
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +12,7 @@ from prometheus_client import REGISTRY
 
 from sluice_core.errors import ResourceExhausted
 from sluice_core.sampling import Sampling
+from sluice_devstack.waiting import eventually
 from sluice_inference import tiny_model
 from sluice_inference.engines import EngineOutput, engine_module
 from sluice_inference.load import Load
@@ -23,6 +24,9 @@ from sluice_inference.simulated.engine import SimulatedEngine, build
 BASE_MS = 4.0
 PER_SEQUENCE_MS = 1.0
 PREFILL_PER_TOKEN_MS = 0.1
+# Polled every millisecond: a state that lasts a few steps of a few milliseconds is not missed.
+POLL_S = 0.001
+STEPS = "sluice_inference_simulated_engine_steps_total"
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +76,6 @@ def metric(engine: SimulatedEngine, name: str) -> float:
     return REGISTRY.get_sample_value(name, {"model_name": engine.spec.name}) or 0.0
 
 
-async def until(condition: Callable[[], bool], within_s: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"not within {within_s}s")
-        await asyncio.sleep(0.001)
-
-
 def test_the_setting_chooses_the_simulated_engine() -> None:
     module = engine_module(InferenceSettings(engine="simulated"))
     assert module.build.__module__ == "sluice_inference.simulated.engine"
@@ -101,7 +97,12 @@ async def test_requests_beyond_the_slots_wait_in_the_engine(engine: SimulatedEng
     reqs = [request(engine, f"r{i}", max_tokens=20, ignore_eos=True) for i in range(8)]
     tasks = [asyncio.create_task(collect(engine, r)) for r in reqs]
 
-    await until(lambda: engine.unfinished_requests() == 8 and metric(engine, "vllm:num_requests_running") == 4)
+    await eventually(
+        lambda: engine.unfinished_requests() == 8 and metric(engine, "vllm:num_requests_running") == 4,
+        5,
+        "eight requests in the engine, four running",
+        interval_s=POLL_S,
+    )
     assert (metric(engine, "vllm:num_requests_running"), metric(engine, "vllm:num_requests_waiting")) == (4, 4)
     results = await asyncio.gather(*tasks)
     queue_s = sorted(last.queue_s or 0.0 for _, _, last in results)
@@ -113,9 +114,11 @@ async def test_a_full_engine_queue_sheds(model_dir: Path) -> None:
     engine = await started(model_dir, max_num_seqs=1, max_num_queued_reqs=1)
     try:
         first = asyncio.create_task(collect(engine, request(engine, "a", max_tokens=30, ignore_eos=True)))
-        await until(lambda: metric(engine, "vllm:num_requests_running") == 1)
+        await eventually(
+            lambda: metric(engine, "vllm:num_requests_running") == 1, 5, "the first request running", interval_s=POLL_S
+        )
         second = asyncio.create_task(collect(engine, request(engine, "b", max_tokens=30, ignore_eos=True)))
-        await until(lambda: engine.unfinished_requests() == 2)
+        await eventually(lambda: engine.unfinished_requests() == 2, 5, "the second request waiting", interval_s=POLL_S)
         with pytest.raises(ResourceExhausted):
             await collect(engine, request(engine, "c"))
         await asyncio.gather(first, second)
@@ -187,7 +190,8 @@ async def test_end_of_sequence_waits_for_min_tokens_and_ignore_eos_runs_to_max_t
 async def test_a_reader_that_falls_behind_gets_the_tokens_merged(engine: SimulatedEngine) -> None:
     stream = engine.generate(request(engine, "slow", max_tokens=40, ignore_eos=True))
     first = await anext(stream)
-    await asyncio.sleep(20 * BASE_MS / 1e3)  # several steps go by unread
+    steps = metric(engine, STEPS)
+    await eventually(lambda: metric(engine, STEPS) >= steps + 4, 5, "four steps gone by unread", interval_s=POLL_S)
     second = await anext(stream)
     assert len(first.token_ids) == 1 and len(second.token_ids) > 3
     await stream.aclose()
@@ -215,7 +219,9 @@ async def test_in_priority_mode_a_sequence_that_preempts_itself_does_not_stop_th
             request(engine, "batch", prompt="a river " * 5, max_tokens=12, ignore_eos=True), priority=2
         )
         first = asyncio.create_task(collect(engine, batch))
-        await until(lambda: metric(engine, "vllm:num_requests_running") == 1)
+        await eventually(
+            lambda: metric(engine, "vllm:num_requests_running") == 1, 5, "the batch request running", interval_s=POLL_S
+        )
         urgent = dataclasses.replace(request(engine, "urgent", prompt="a", max_tokens=12, ignore_eos=True), priority=1)
         results = await asyncio.gather(first, collect(engine, urgent))
         assert [len(ids) for _, ids, _ in results] == [12, 12]

@@ -12,6 +12,7 @@ import pytest
 from sluice.common.v1 import common_pb2
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
 from sluice_core.server import GrpcServer
+from sluice_devstack.waiting import eventually
 from sluice_inference import SERVICE_NAME
 from sluice_inference.host import ModelHost
 from sluice_inference.servicer import InferenceServicer
@@ -63,9 +64,12 @@ async def test_requests_beyond_the_slots_are_reported_waiting(stub: inference_pb
 
     calls = [stub.Generate(generate(max_tokens=40)) for _ in range(SLOTS + 5)]
     streams = [asyncio.create_task(drain(call)) for call in calls]
-    deadline = time.monotonic() + 5
-    while (load := await stub.GetLoad(inference_pb2.GetLoadRequest())).running < SLOTS:
-        assert time.monotonic() < deadline, f"not all slots taken: {load}"
+
+    async def every_slot_taken() -> bool:
+        return (await stub.GetLoad(inference_pb2.GetLoadRequest())).running >= SLOTS
+
+    await eventually(every_slot_taken, 5, "every slot taken")
+    load = await stub.GetLoad(inference_pb2.GetLoadRequest())
     assert (load.running, load.waiting) == (SLOTS, 5)
     assert load.kv_cache_usage > 0
     await asyncio.gather(*streams)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import grpc
 import pytest
 
 from sluice.datastore.v1 import datastore_pb2
 from sluice_core.errors import Unauthenticated, Unavailable
+from sluice_devstack.waiting import eventually
 from sluice_queue.auth import Authenticator, api_key_from
 
 KEY = [("authorization", "Bearer k1")]
@@ -60,9 +62,9 @@ def clock() -> Clock:
     return Clock()
 
 
-async def settle() -> None:
-    """Let lookups that were answered finish."""
-    await asyncio.sleep(0.01)
+async def settled(authenticator: Authenticator) -> None:
+    """Until the lookups that were answered have finished."""
+    await eventually(lambda: not authenticator._inflight, 1, "no lookup in flight")
 
 
 async def test_a_key_in_use_is_looked_up_again_before_it_expires(clock: Clock) -> None:
@@ -76,7 +78,7 @@ async def test_a_key_in_use_is_looked_up_again_before_it_expires(clock: Clock) -
         async with asyncio.timeout(1):
             assert (await authenticator.tenant(KEY)).id == "t1"
         datastore.answer.set()  # the refresh started by that call ends
-        await settle()
+        await settled(authenticator)
         datastore.answer.clear()
     assert datastore.lookups > 1
 
@@ -89,7 +91,7 @@ async def test_a_revoked_key_stops_working_within_a_second(clock: Clock) -> None
     datastore.revoked.add("k1")
     clock.now += 0.6
     await authenticator.tenant(KEY)  # still known; its refresh finds the key revoked
-    await settle()
+    await settled(authenticator)
     with pytest.raises(Unauthenticated):
         await authenticator.tenant(KEY)
 
@@ -99,9 +101,10 @@ async def test_a_caller_leaving_does_not_fail_the_others_waiting_for_the_same_lo
     authenticator = Authenticator(datastore, clock)
     first = asyncio.create_task(authenticator.tenant(KEY))
     second = asyncio.create_task(authenticator.tenant(KEY))
-    await settle()
+    await eventually(lambda: datastore.running == 1, 1, "the shared lookup under way")
     first.cancel()  # its caller went away
-    await settle()
+    with contextlib.suppress(asyncio.CancelledError):
+        await first
     datastore.answer.set()
     assert (await second).id == "t1"
     assert datastore.lookups == 1

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any, TypedDict, Unpack
 
 import grpc
@@ -17,6 +18,7 @@ from sluice_core.channels import insecure_channel
 from sluice_core.errors import ResourceExhausted, Unavailable
 from sluice_core.server import GrpcServer
 from sluice_core.settings import ServiceSettings
+from sluice_devstack.waiting import eventually
 from sluice_queue.budget import Budgets, reserve_tokens
 
 
@@ -100,12 +102,17 @@ async def test_unused_and_idle_allowances_go_back_so_the_tenant_pays_what_it_use
     for reservation in reservations:
         assert reservation is not None
         budget.settle(reservation, used=40)
-    await asyncio.sleep(0.05)
+
+    def gave_back() -> bool:
+        return any(refund for call in ratelimit.calls for _, _, _, refund in call)
+
+    await eventually(gave_back, 2, "the part beyond one lease given back")
     assert ratelimit.left[("tenant_tokens", "a")] < 6000 - 80, "the unused part is kept here for the next requests"
     clock.now = 1.0
-    await asyncio.sleep(0.05)
-    assert ratelimit.left[("tenant_tokens", "a")] == 6000 - 80
+    await eventually(lambda: ratelimit.left[("tenant_tokens", "a")] == 6000 - 80, 2, "the idle allowance given back")
     running.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await running
 
 
 async def test_near_its_limit_a_tenant_gets_an_exact_reservation_then_a_refusal_with_a_hint() -> None:
@@ -135,8 +142,10 @@ async def test_give_backs_are_gathered_per_tenant_into_one_call_and_sent_at_shut
         reservation = await budget.reserve(tenant(name, 600), 100, timeout_s=1)
         assert reservation is not None
         budget.settle(reservation, used)
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # not a timed wait: one turn of the loop, so that the cancel finds run() in its interval
     running.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await running
     await budget.close()
     assert ratelimit.calls[-1] == [("tenant_tokens", "a", 80, True), ("tenant_tokens", "b", 80, True)]
     assert ratelimit.left == {("tenant_tokens", "a"): 600 - 120, ("tenant_tokens", "b"): 600 - 20}
@@ -158,12 +167,6 @@ class Unreachable(RateLimit):
         return await super().Refund(request, timeout)
 
 
-async def until(check: Callable[[], bool]) -> None:
-    async with asyncio.timeout(2):
-        while not check():  # noqa: ASYNC110 - a stand-in stub, with nothing to wait on
-            await asyncio.sleep(0.01)
-
-
 @pytest.mark.parametrize(
     ("code", "given_back"), [(grpc.StatusCode.UNAVAILABLE, 80), (grpc.StatusCode.DEADLINE_EXCEEDED, 0)]
 )
@@ -178,11 +181,13 @@ async def test_a_give_back_no_service_took_is_sent_again_and_one_that_may_have_l
     ratelimit.code = code
     budget.settle(reservation, used=20)  # 80 to give back
     clock.now = 2.0  # idle: everything goes back
-    await until(lambda: ratelimit.calls[-1] == [])  # a give-back failed
+    await eventually(lambda: ratelimit.calls[-1] == [], 2, "a give-back failed")
     ratelimit.code = None
     if given_back:
-        await until(lambda: ratelimit.left[("tenant_tokens", "a")] == 600 - 20)  # sent again by itself
+        await eventually(lambda: ratelimit.left[("tenant_tokens", "a")] == 600 - 20, 2, "the give-back sent again")
     running.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await running
     await budget.close()  # sends whatever is still owed
     assert ratelimit.left[("tenant_tokens", "a")] == 600 - 100 + given_back
 
@@ -208,7 +213,7 @@ class Stalled(budgets_pb2_grpc.BudgetsServicer):
     async def Reserve(
         self, request: budgets_pb2.ReserveRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> budgets_pb2.ReserveResponse:
-        await asyncio.sleep(30)
+        await asyncio.sleep(30)  # not synchronisation: the stall under test
         return budgets_pb2.ReserveResponse(reserved=True)
 
     async def Refund(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -26,6 +27,7 @@ class FlakyDataStore:
         self.appended: list[tuple[str, str]] = []
         self.messages: dict[str, list[datastore_pb2.Message]] = {}
         self.changed = asyncio.Event()
+        self.stalled = asyncio.Event()  # an append is stuck
 
     async def CreateConversation(
         self,
@@ -54,6 +56,7 @@ class FlakyDataStore:
         if self.away:
             raise _error(grpc.StatusCode.UNAVAILABLE, "no healthy upstream")
         if self.stuck:
+            self.stalled.set()
             await asyncio.Event().wait()
         if request.conversation_id in self.gone:
             raise _error(grpc.StatusCode.NOT_FOUND, "no such conversation")
@@ -103,6 +106,8 @@ async def test_exchanges_wait_while_the_datastore_is_away_then_go_in_order(datas
                 await datastore.changed.wait()
     finally:
         retrying.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await retrying
     assert datastore.appended == [("c2", "elsewhere"), ("c1", "first"), ("c1", "second")]
 
 
@@ -128,7 +133,7 @@ async def test_an_exchange_whose_caller_leaves_mid_append_is_kept(datastore: Fla
     conversations = Conversations(datastore)
     datastore.stuck = True
     storing = asyncio.create_task(store(conversations, "c1", "to the sea"))
-    await asyncio.sleep(0.01)
+    await asyncio.wait_for(datastore.stalled.wait(), 5)
     storing.cancel()
     with pytest.raises(asyncio.CancelledError):
         await storing

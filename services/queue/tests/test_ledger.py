@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
 
 from sluice.datastore.v1 import datastore_pb2
 from sluice_devstack.redis_server import RedisServer
+from sluice_devstack.waiting import eventually
 from sluice_queue.ledger import Ledger
 
 LEASE_S = 0.3
@@ -53,26 +54,17 @@ def usage(request_id: str, completion_tokens: int, status: str = "lost") -> data
     return datastore_pb2.UsageRecord(request_id=request_id, completion_tokens=completion_tokens, status=status)
 
 
-async def until(check: Callable[[], Awaitable[bool]], within_s: float = 3.0) -> None:
-    async with asyncio.timeout(within_s):
-        while not await check():  # noqa: ASYNC110 - polling Redis, which has no event to wait on
-            await asyncio.sleep(0.02)
-
-
 async def mirrored(redis: Redis, prefix: str, record: datastore_pb2.UsageRecord) -> None:
     """Until Redis holds ``record`` as its request's draft."""
 
     async def found() -> bool:
         return await redis.hget(f"{prefix}:usage:drafts", record.request_id) == record.SerializeToString()
 
-    await until(found)
+    await eventually(found, 3, f"{record.request_id}'s draft in Redis")
 
 
 async def owed_within(survivor: Replica, n: int) -> list[datastore_pb2.UsageRecord]:
-    async def owed() -> bool:
-        return len(survivor.owed) >= n
-
-    await until(owed)
+    await eventually(lambda: len(survivor.owed) >= n, 3, f"{n} records owed to the survivor")
     return survivor.owed
 
 
@@ -89,7 +81,8 @@ async def test_a_stopped_replicas_running_requests_are_owed_by_another_as_last_m
             await mirrored(redis, prefix, usage("b", 3))
         # Claimed only once the dead replica's leases have run out, each once.
         owed = await owed_within(survivor, 2)
-        await asyncio.sleep(2 * LEASE_S)  # the survivor renews them now: nobody claims them again
+        # Not synchronisation: two leases in which nobody claims them again (the survivor renews them now).
+        await asyncio.sleep(2 * LEASE_S)
     assert sorted((r.request_id, r.completion_tokens) for r in owed) == [("a", 7), ("b", 3)]
 
 
@@ -102,14 +95,15 @@ async def test_a_settled_record_replaces_the_draft_and_a_written_one_is_gone(red
             dying.ledger.done(["written"])
             await mirrored(redis, prefix, usage("settled", 5, "stop"))
         owed = await owed_within(survivor, 1)
-        await asyncio.sleep(2 * LEASE_S)
+        await asyncio.sleep(2 * LEASE_S)  # not synchronisation: two leases in which nothing more is owed
     assert [(r.request_id, r.completion_tokens, r.status) for r in owed] == [("settled", 5, "stop")]
 
 
 async def test_a_running_replicas_drafts_are_not_claimed(redis: Redis, prefix: str) -> None:
     async with replica(redis, prefix) as owner, replica(redis, prefix) as other:
         owner.ledger.open("running", lambda: usage("running", 1))
-        await asyncio.sleep(4 * LEASE_S)
+        await mirrored(redis, prefix, usage("running", 1))
+        await asyncio.sleep(4 * LEASE_S)  # not synchronisation: four leases in which nobody claims it
     assert other.owed == [] and owner.owed == []
 
 

@@ -11,7 +11,7 @@ import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
@@ -20,6 +20,7 @@ from sluice.generation.v1 import generation_pb2
 from sluice_core.errors import ResourceExhausted, Unavailable
 from sluice_devstack.redis_server import RedisServer
 from sluice_devstack.stack import free_ports
+from sluice_devstack.waiting import eventually
 from sluice_queue.scheduler import Scheduler, SchedulerConfig, Ticket, connect
 
 INTERACTIVE, BATCH = generation_pb2.PRIORITY_INTERACTIVE, generation_pb2.PRIORITY_BATCH
@@ -64,15 +65,6 @@ async def admitted(ticket: Ticket, within_s: float = 2.0) -> None:
     await asyncio.wait_for(wait(), within_s)
 
 
-async def eventually(check: Callable[[], bool], within_s: float) -> None:
-    deadline = time.monotonic() + within_s
-    while True:
-        if check():
-            return
-        assert time.monotonic() < deadline, "not in time"
-        await asyncio.sleep(0.01)
-
-
 async def test_free_slots_admit_at_once_then_callers_wait(redis_server: RedisServer, config: SchedulerConfig) -> None:
     async with running(redis_server.url, config, slots=2) as scheduler:
         first, second, third = [await enter(scheduler, "t") for _ in range(3)]
@@ -103,7 +95,7 @@ async def test_batch_leaves_the_reserve_to_interactive_requests(
         await admitted(chats[2])  # the free slot goes to the interactive request
         await chats[0].release()
         await chats[1].release()
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # not synchronisation: four dispatch intervals that must admit no batch request
         assert not flood[6].admitted  # two slots free: both kept for interactive work
         await flood[1].release()
         await admitted(flood[6])
@@ -121,12 +113,14 @@ async def test_waiters_are_told_when_their_position_changes(redis_server: RedisS
                 told.append(position)
 
         following = asyncio.create_task(follow())
-        await eventually(lambda: told == [1], 2)
+        await eventually(lambda: told == [1], 2, "the waiter told it is next")
         await enter(scheduler, "b", INTERACTIVE)  # jumps ahead
-        await eventually(lambda: told == [1, 2], 2)
+        await eventually(lambda: told == [1, 2], 2, "the waiter told it is second")
         await holder.release()  # the interactive one runs; the waiter is next again
-        await eventually(lambda: told == [1, 2, 1], 2)
+        await eventually(lambda: told == [1, 2, 1], 2, "the waiter told it is next again")
         following.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await following
 
 
 async def test_waiters_far_back_are_told_of_their_moves_less_often(
@@ -142,14 +136,20 @@ async def test_waiters_far_back_are_told_of_their_moves_less_often(
                 told[waiter].append(position)
 
         following = [asyncio.create_task(follow(w)) for w in waiters]
-        await eventually(lambda: [t[-1:] for t in told.values()] == [[p] for p in range(1, 11)], 2)
+        await eventually(
+            lambda: [t[-1:] for t in told.values()] == [[p] for p in range(1, 11)], 2, "each waiter told its place"
+        )
         await holder.release()
         front, back = waiters[1], waiters[-1]
-        await eventually(lambda: told[front] == [2, 1], 2)  # one wave ahead: told within the interval
+        # One wave ahead: told within the interval.
+        await eventually(lambda: told[front] == [2, 1], 2, "the front waiter told it moved")
         assert told[back] == [10]  # nine waves ahead: told within nine intervals
-        await eventually(lambda: told[back] == [10, 9], 2)
+        await eventually(lambda: told[back] == [10, 9], 2, "the last waiter told it moved")
         for task in following:
             task.cancel()
+        for task in following:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def test_tenants_weighted_one_to_three_share_slots_one_to_three(
@@ -163,7 +163,7 @@ async def test_tenants_weighted_one_to_three_share_slots_one_to_three(
         # Saturated: each time a slot frees, whoever is admitted next takes it.
         for _ in range(80):
             await holders.pop(0).release()
-            await eventually(lambda: any(t.admitted for t in waiting), 2)
+            await eventually(lambda: any(t.admitted for t in waiting), 2, "a waiter admitted")
             for ticket in [t for t in waiting if t.admitted]:
                 served[waiting.pop(ticket)] += 1
                 holders.append(ticket)
@@ -222,7 +222,7 @@ async def test_two_replicas_never_hand_out_more_than_the_capacity(
             await admitted(ticket, within_s=20)
             holding += 1
             peak = max(peak, holding)
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # not synchronisation: the slot is held a while, as a request holds it
             holding -= 1
             await ticket.release()
 
@@ -239,7 +239,7 @@ async def test_an_admission_while_the_caller_handles_a_position_is_not_lost(
         positions = waiter.positions()
         assert await anext(positions) == 1  # the caller is now busy sending this position on
         await holder.release()
-        await eventually(lambda: waiter.admitted, 2)
+        await eventually(lambda: waiter.admitted, 2, "the waiter admitted")
         with pytest.raises(StopAsyncIteration):
             await asyncio.wait_for(anext(positions), 1)
 
@@ -262,8 +262,11 @@ async def test_a_running_request_whose_lease_vanished_keeps_its_slot(
         assert first.admitted and second.admitted
         async with Redis.from_url(redis_server.url) as redis:
             await redis.delete(f"{config.prefix}:leases")  # Redis lost its data, say
-            await asyncio.sleep(config.lease_s)  # a renewal or two
-            assert await redis.zcard(f"{config.prefix}:leases") == 2
+
+            async def renewed() -> bool:
+                return bool(await redis.zcard(f"{config.prefix}:leases") == 2)
+
+            await eventually(renewed, config.lease_s, "both leases renewed within the lease")
         assert not (await enter(scheduler, "a")).admitted  # both slots are still taken
 
 
@@ -292,9 +295,13 @@ async def test_positions_follow_the_order_of_service_when_passes_tie(
         told = [r.decode() for r in answer]
         served: list[str] = []
         current = waiters[0]
+
+        def another_admitted() -> bool:
+            return any(t.admitted and t.request_id not in served for t in waiters[1:])
+
         for _ in told:
             await current.release()
-            await eventually(lambda: any(t.admitted and t.request_id not in served for t in waiters[1:]), 2)
+            await eventually(another_admitted, 2, "the next waiter admitted")
             current = next(t for t in waiters[1:] if t.admitted and t.request_id not in served)
             served.append(current.request_id)
         assert told == served

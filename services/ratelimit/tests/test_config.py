@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from pathlib import Path
 
@@ -159,6 +160,8 @@ async def test_watching_goes_on_after_an_unexpected_failure(tmp_path: Path, monk
     watching = asyncio.create_task(store.watch(0.001))
     assert await asyncio.to_thread(went_on.wait, 5)
     watching.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watching
 
 
 @pytest.mark.parametrize("key", ["anonymous", "sk-someone"])

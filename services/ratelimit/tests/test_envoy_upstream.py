@@ -11,7 +11,6 @@ scripts do, a test asserts what the refusal says about when to retry.
 from __future__ import annotations
 
 import asyncio
-import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from sluice_core.settings import ServiceSettings
 from sluice_devstack.processes import Process
 from sluice_devstack.redis_server import RedisServer
 from sluice_devstack.stack import LOOPBACK, free_ports
+from sluice_devstack.waiting import eventually
 from sluice_ratelimit import SERVICE_NAME
 from sluice_ratelimit.decisions import Decider, Policy
 from sluice_ratelimit.limiter import Limiter
@@ -157,13 +157,6 @@ def render(ports: dict[tuple[str, int], int]) -> dict[str, Any]:
     return config
 
 
-async def until(condition: Callable[[], bool], what: str, timeout_s: float = START_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await asyncio.to_thread(condition):
-        assert time.monotonic() < deadline, f"not {what} within {timeout_s:.0f} s"
-        await asyncio.sleep(0.05)
-
-
 def fetch(url: str) -> str:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
@@ -215,9 +208,17 @@ async def running(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pro
     ]  # fmt: skip
     envoy = Process("envoy", argv, {}, state / "envoy.log")
     admin_url = f"http://{LOOPBACK}:{admin}"
+
+    def ready() -> bool:
+        return envoy.returncode is None and fetch(admin_url + "/ready").strip() == "LIVE"
+
+    def healthy() -> bool:
+        return hosts_healthy(admin_url, {"ratelimit": 1, "mock": 1, "multiservice": 2})
+
     try:
-        await until(lambda: envoy.returncode is None and fetch(admin_url + "/ready").strip() == "LIVE", "ready")
-        await until(lambda: hosts_healthy(admin_url, {"ratelimit": 1, "mock": 1, "multiservice": 2}), "healthy")
+        # The admin API is read with urllib, on a thread: the event loop serves the rate-limit service meanwhile.
+        await eventually(lambda: asyncio.to_thread(ready), START_TIMEOUT_S, "Envoy ready")
+        await eventually(lambda: asyncio.to_thread(healthy), START_TIMEOUT_S, "Envoy's clusters healthy")
         async with aiohttp.ClientSession() as session:
             yield Proxy(f"http://{LOOPBACK}:{listener}", admin_url, servicer, session)
     except BaseException:
