@@ -271,7 +271,9 @@ async def test_huge_fields_get_a_bounded_answer_and_other_callers_streams_go_on(
     await bystanders.unaffected()
 
 
-async def raw_call(stack: LocalStack, *headers: str, message: bool = True) -> bytes:
+async def raw_call(
+    stack: LocalStack, *headers: str, message: bool = True, content_type: str = "application/grpc"
+) -> bytes:
     """A Generate call as curl sends it, with headers no gRPC library would send; its response headers.
     Without the ``message``, a reply Envoy gives before reading it does not race the upload."""
     frame = generation_pb2.GenerateRequest(prompt="hi", sampling=sampling(1)).SerializeToString()
@@ -279,13 +281,22 @@ async def raw_call(stack: LocalStack, *headers: str, message: bool = True) -> by
     options = [option for header in headers for option in ("-H", header)]
     curl = await asyncio.create_subprocess_exec(
         "curl", "-sS", "--http2-prior-knowledge", "-D", "-", "-o", "/dev/null", "--max-time", "10",
-        "-H", "content-type: application/grpc", "-H", "te: trailers", *options, "--data-binary", "@-",
+        "-H", f"content-type: {content_type}", "-H", "te: trailers", *options, "--data-binary", "@-",
         f"http://{stack.edge}/sluice.generation.v1.Generation/Generate",
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     answer, error = await curl.communicate(body)
     assert answer, error.decode()
     return answer
+
+
+async def test_a_call_that_is_not_grpc_is_refused_at_the_edge(stack: LocalStack) -> None:
+    # It reached a queue replica, whatever its content-type.
+    key = f"x-api-key: {stack.demo_api_key}"
+    for content_type in ("text/plain", "application/json", "application/grpcx"):
+        headers = await raw_call(stack, key, content_type=content_type, message=False)
+        assert headers.startswith(b"HTTP/2 415"), (content_type, headers)
+    assert b"grpc-status: 0" in await raw_call(stack, key, content_type="application/grpc+proto")
 
 
 async def test_a_malformed_grpc_timeout_is_refused_at_the_edge_and_harms_no_other_call(stack: LocalStack) -> None:
