@@ -1,0 +1,1 @@
+"""The HTTP/SSE stacks an OpenAI-compatible front could use, measured: ``python -m sluice_devstack.http_bench``."""
