@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from importlib.metadata import entry_points
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from sluice_cli import admin, generate, trace_view
 
@@ -28,7 +29,7 @@ class Command(Protocol):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
 
-    def run(self, args: argparse.Namespace) -> Awaitable[int]: ...
+    def run(self, args: argparse.Namespace) -> Coroutine[Any, Any, int]: ...
 
 
 def main() -> None:
@@ -44,11 +45,11 @@ def main() -> None:
     for entry in sorted(entry_points(group=COMMANDS), key=lambda e: e.name):
         command = cast(Command, entry.load())
         command.add_arguments(commands.add_parser(entry.name, help=command.HELP))
-        runs[entry.name] = lambda args, command=command: asyncio.run(_awaited(command.run(args)))  # type: ignore[misc]
+        runs[entry.name] = functools.partial(_run, command)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     sys.exit(runs[args.command](args))
 
 
-async def _awaited(result: Awaitable[int]) -> int:
-    return await result
+def _run(command: Command, args: argparse.Namespace) -> int:
+    return asyncio.run(command.run(args))

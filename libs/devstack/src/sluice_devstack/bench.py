@@ -9,9 +9,9 @@ is named.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Awaitable
+from collections.abc import Coroutine
 from importlib.metadata import entry_points
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 HELP = "benchmarks (the stack vs the bare engine, or one part)"
 BENCHMARKS = "sluice.benchmarks"
@@ -25,7 +25,7 @@ class Benchmark(Protocol):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
 
-    def run(self, args: argparse.Namespace) -> Awaitable[int]: ...
+    def run(self, args: argparse.Namespace) -> Coroutine[Any, Any, int]: ...
 
 
 def _benchmarks() -> dict[str, Benchmark]:
