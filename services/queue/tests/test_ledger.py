@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import uuid
 from collections.abc import AsyncIterator
 
@@ -116,3 +117,18 @@ async def test_drafts_come_back_after_redis_lost_them(redis: Redis, prefix: str)
             await mirrored(redis, prefix, usage("r", 2))  # the next full update writes it again
         owed = await owed_within(survivor, 1)
     assert [r.request_id for r in owed] == ["r"]
+
+
+async def test_a_replica_cancelled_while_it_writes_to_redis_stops(redis_server: RedisServer, prefix: str) -> None:
+    # redis-py lost a cancellation that landed mid-write (as a ConnectionError, or not at all): the
+    # ledger carried on, and the task that should have stopped ran on, within a few tries of this.
+    for _ in range(30):
+        client = Redis.from_url(redis_server.url)
+        ledger = Ledger(client, prefix, interval_s=0.005, lease_s=LEASE_S)
+        ledger.open("a", lambda: usage("a", 1))
+        task = asyncio.create_task(ledger.run(lambda _: None))
+        await asyncio.sleep(random.uniform(0, 0.03))
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=2)
+        assert done, "the ledger outlived its cancellation"
+        await client.aclose()

@@ -32,6 +32,34 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
+def raise_if_cancelled() -> None:
+    """End as cancelled if this task is being cancelled.
+
+    redis-py can lose a cancellation that lands while it writes (turned into a
+    ConnectionError, or dropped): a loop that carries on after Redis errors
+    would outlive its own cancellation. Such a loop calls this on every turn.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def woken(event: asyncio.Event, timeout_s: float | None) -> bool:
+    """Whether ``event`` was set within ``timeout_s`` (None: no limit).
+
+    ``asyncio.timeout`` tells its own expiry from a cancellation by the task's
+    count of cancellations, which a cancellation lost below (see
+    ``raise_if_cancelled``) leaves wrong: the next expiry then swallows the
+    cancellation for good. ``asyncio.wait`` never cancels its caller.
+    """
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        done, _ = await asyncio.wait({waiter}, timeout=timeout_s)
+    finally:
+        waiter.cancel()
+    return bool(done)
+
+
 async def cancel(*tasks: asyncio.Task[Any]) -> None:
     """Stop background jobs and wait until they have (whatever they raise on the way out).
 

@@ -13,10 +13,13 @@ async def eventually(
     """Seconds until ``check`` (a function or a coroutine function) holds; AssertionError past ``within_s``."""
     loop = asyncio.get_running_loop()
     start = loop.time()
-    while not await _holds(check):
-        if loop.time() - start > within_s:
-            raise AssertionError(f"not within {within_s} s: {what}")
-        await asyncio.sleep(interval_s)
+    try:
+        # The whole wait, the checks included: a check that never returns fails too.
+        async with asyncio.timeout(within_s):
+            while not await _holds(check):  # noqa: ASYNC110 - polling is the point: no event says it
+                await asyncio.sleep(interval_s)
+    except TimeoutError:
+        raise AssertionError(f"not within {within_s} s: {what}") from None
     return loop.time() - start
 
 

@@ -15,6 +15,7 @@ import time
 
 from redis.asyncio import Redis
 
+from sluice_core.service import raise_if_cancelled
 from sluice_datastore.records import TenantRecord
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class LocalTenants:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                raise_if_cancelled()
                 if self.subscribed.is_set():
                     logger.warning(
                         "invalidation channel lost (%s); not caching tenants in memory until it is back", exc

@@ -17,6 +17,7 @@ from typing import Protocol
 import grpc
 
 from sluice.inference.v1 import inference_pb2
+from sluice_core.service import raise_if_cancelled
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class Engines:
             try:
                 total = await self._report(alive)
             except Exception as exc:
+                raise_if_cancelled()
                 logger.warning("could not report inference capacity: %s", exc)
             else:
                 if total != capacity:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Generic, TypeVar
 
 from prometheus_client import Gauge
+
+from sluice_core.service import raise_if_cancelled, woken
 
 T = TypeVar("T")
 
@@ -55,9 +56,7 @@ async def flush_forever(
     (doubling, up to ``retry_max_s``) while it returns False. Runs until cancelled."""
     delay = interval_s
     while True:
-        # asyncio.timeout, not wait_for: 3.11's wait_for can swallow the cancellation that stops this.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(delay if waiting() else None):
-                await wake.wait()
+        raise_if_cancelled()
+        await woken(wake, delay if waiting() else None)
         wake.clear()
         delay = interval_s if await flush() else min(retry_max_s, delay * 2)

@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 
 from sluice.datastore.v1 import datastore_pb2
 from sluice_core.logs import RateLimitedLogger
+from sluice_core.service import raise_if_cancelled, woken
 
 logger = logging.getLogger(__name__)
 
@@ -116,12 +117,8 @@ class Ledger:
         loop = asyncio.get_running_loop()
         next_full = loop.time()
         while True:
-            timeout = max(0.0, next_full - loop.time())
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
+            raise_if_cancelled()
+            await woken(self._wake, max(0.0, next_full - loop.time()))
             self._wake.clear()
             if loop.time() < next_full:
                 await self.mirror(only_new=True)
@@ -141,6 +138,7 @@ class Ledger:
         try:
             await self._script(keys=[self._prefix], args=["mirror", self._lease_ms, len(gone), *gone, *pairs])
         except RedisError as exc:
+            raise_if_cancelled()
             self._failed_at = time.monotonic()
             self._log.warning("usage drafts not mirrored (%s); retrying", exc)
             return
@@ -154,6 +152,7 @@ class Ledger:
         try:
             found = await self._script(keys=[self._prefix], args=["claim", self._lease_ms, self._claim_limit])
         except RedisError as exc:
+            raise_if_cancelled()
             self._failed_at = time.monotonic()
             self._log.warning("could not look for other replicas' usage drafts (%s)", exc)
             return []

@@ -21,7 +21,6 @@ CPU the engines need on telling hundreds of waiters of every step.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from sluice.generation.v1 import generation_pb2
 from sluice_core.background import Background
 from sluice_core.errors import ResourceExhausted, Unavailable
 from sluice_core.redis_pool import pooled_redis
-from sluice_core.service import cancel
+from sluice_core.service import cancel, raise_if_cancelled, woken
 
 logger = logging.getLogger(__name__)
 
@@ -277,6 +276,7 @@ class Scheduler:
                     self._refresh.set()
                     while not self._closing:
                         # A timeout, so that the flag is seen even if a cancellation was lost.
+                        raise_if_cancelled()
                         message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                         if message is None or message["type"] != "message":
                             continue
@@ -286,12 +286,14 @@ class Scheduler:
                         for request_id in _text(message["data"]).split():
                             self._admit(request_id)
             except RedisError as exc:
+                raise_if_cancelled()
                 logger.warning("admission channel lost (%s); resubscribing", exc)
                 await asyncio.sleep(0.5)
 
     async def _renew(self) -> None:
         config = self._config
         while not self._closing:
+            raise_if_cancelled()
             await asyncio.sleep(config.lease_s / 3)
             # A request whose enter script has not run yet is in neither set in Redis:
             # renewing it would wrongly find it lost.
@@ -302,6 +304,7 @@ class Scheduler:
             try:
                 lost = await self._call("renew", config.lease_ms, config.lease_ms, len(holding), *holding, *waiting)
             except RedisError as exc:
+                raise_if_cancelled()
                 logger.warning("could not renew leases: %s", exc)
                 continue
             assert isinstance(lost, list)
@@ -315,10 +318,8 @@ class Scheduler:
         """Dispatch into free slots (capacity may have grown) and tell waiters where they stand."""
         config = self._config
         while not self._closing:
-            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(config.position_interval_s):
-                    await self._refresh.wait()
+            raise_if_cancelled()
+            await woken(self._refresh, config.position_interval_s)
             self._refresh.clear()
             if not self._waiting:
                 continue
@@ -329,6 +330,7 @@ class Scheduler:
                 missing = [request_id for request_id in self._waiting if request_id not in places]
                 leased = await self._redis.zmscore(f"{config.prefix}:leases", missing) if missing else []
             except RedisError as exc:
+                raise_if_cancelled()
                 logger.warning("could not read the waiting line: %s", exc)
                 continue
             for request_id, lease in zip(missing, leased, strict=True):
