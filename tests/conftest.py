@@ -73,12 +73,16 @@ async def stack(
         await local.stop()
 
 
+def scraped(port: int, series: str) -> float:
+    """The sum of a Prometheus endpoint's samples whose name and labels match the regex ``series``."""
+    with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return sum(float(v) for v in re.findall(rf"^{series} (\S+)$", text, re.M))
+
+
 def requests_served(stack: LocalStack, index: int) -> float:
     """Requests a replica finished, from its Prometheus endpoint."""
-    url = f"http://{LOOPBACK}:{stack.ports.inference_metrics[index]}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
-    return sum(float(v) for v in re.findall(r"^sluice_inference_requests_total\{[^}]*\} (\S+)$", text, re.M))
+    return scraped(stack.ports.inference_metrics[index], r"sluice_inference_requests_total\{[^}]*\}")
 
 
 async def tenant_with_key(stack: LocalStack, name: str, tokens_per_minute: int = 0, weight: int = 1) -> tuple[str, str]:

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import re
 import subprocess
 import sys
-import urllib.request
 
 import grpc
 import pytest
@@ -27,7 +25,7 @@ from sluice_devstack import floor
 from sluice_devstack.stack import LOOPBACK, LocalStack
 from sluice_devstack.waiting import eventually
 
-from .conftest import LIMITED_KEY, LIMITED_PER_HOUR, RATE_LIMITS, requests_served
+from .conftest import LIMITED_KEY, LIMITED_PER_HOUR, RATE_LIMITS, requests_served, scraped
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -181,13 +179,8 @@ def test_the_cli_streams_and_summarizes(stack: LocalStack) -> None:
     assert "INVALID_ARGUMENT" in bad.stderr and "max_tokens" in bad.stderr
 
 
-def config_loads(stack: LocalStack) -> float:
-    """Configurations the rate-limit service loaded, from its Prometheus endpoint."""
-    url = f"http://{LOOPBACK}:{stack.ports.ratelimit_metrics}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
-    found = re.search(r'^sluice_ratelimit_config_loads_total\{result="ok"\} (\S+)$', text, re.M)
-    return float(found.group(1)) if found else 0.0
+# Configurations the rate-limit service loaded.
+LOADED = r'sluice_ratelimit_config_loads_total\{result="ok"\}'
 
 
 async def test_envoy_refuses_calls_over_the_rate_limit(stack: LocalStack) -> None:
@@ -199,9 +192,11 @@ async def test_envoy_refuses_calls_over_the_rate_limit(stack: LocalStack) -> Non
         )
         key = (await stub.IssueApiKey(datastore_pb2.IssueApiKeyRequest(tenant_id=tenant.id))).api_key
     (config,) = stack.options.ratelimit_config
-    loads = config_loads(stack)
+    loads = scraped(stack.ports.ratelimit_metrics, LOADED)
     config.write_text(RATE_LIMITS.replace(LIMITED_KEY, key))
-    await eventually(lambda: config_loads(stack) > loads, 5, "the rate-limit service loads the new file")
+    await eventually(
+        lambda: scraped(stack.ports.ratelimit_metrics, LOADED) > loads, 5, "the rate-limit service loads the new file"
+    )
     outcomes = []
     message = ""
     async with GenerationClient(stack.edge, api_key=key) as client:

@@ -9,27 +9,18 @@ is named.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Coroutine
 from importlib.metadata import entry_points
-from typing import Any, Protocol, cast
+from typing import cast
+
+from sluice_cli.main import Command
 
 HELP = "benchmarks (the stack vs the bare engine, or one part)"
 BENCHMARKS = "sluice.benchmarks"
 DEFAULT = "path"
 
 
-class Benchmark(Protocol):
-    """What a module registered under ``sluice.benchmarks`` provides."""
-
-    HELP: str
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
-
-    def run(self, args: argparse.Namespace) -> Coroutine[Any, Any, int]: ...
-
-
-def _benchmarks() -> dict[str, Benchmark]:
-    return {e.name: cast(Benchmark, e.load()) for e in sorted(entry_points(group=BENCHMARKS), key=lambda e: e.name)}
+def _benchmarks() -> dict[str, Command]:
+    return {e.name: cast(Command, e.load()) for e in sorted(entry_points(group=BENCHMARKS), key=lambda e: e.name)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -30,6 +30,7 @@ import aiohttp
 from sluice.common.v1 import common_pb2
 from sluice.generation.v1 import generation_pb2
 from sluice_client import GenerationClient, GenerationStream, StreamError
+from sluice_devstack.benchmarks import percentile
 
 _WORDS = (
     "the keeper walks the length of the channel every evening listening to the water and writing the level "
@@ -143,13 +144,13 @@ async def run(args: argparse.Namespace) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    gaps = sorted(window.gaps)
+    gaps = window.gaps
     print(
         json.dumps(
             {
                 "tokens": window.tokens,
                 "messages": window.messages,
-                "gaps_s": {"p50": _at(gaps, 0.5), "p99": _at(gaps, 0.99), "max": _at(gaps, 1.0), "count": len(gaps)},
+                "gaps_s": {**{k: percentile(gaps, q) if gaps else None for k, q in _GAPS}, "count": len(gaps)},
                 "first_tokens": window.first_tokens,
                 "cpu_s": cpu[1] - cpu[0] if len(cpu) == 2 else None,
                 "errors": dict(window.errors),
@@ -159,8 +160,7 @@ async def run(args: argparse.Namespace) -> None:
     )
 
 
-def _at(ordered: list[float], q: float) -> float | None:
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else None
+_GAPS = (("p50", 0.5), ("p99", 0.99), ("max", 1.0))
 
 
 def main() -> None:

@@ -75,6 +75,7 @@ from sluice_devstack.http_bench.servers import serve
 from sluice_devstack.http_bench.transcoder import descriptor_set, envoy_config
 from sluice_devstack.processes import Process
 from sluice_devstack.stack import LOOPBACK, free_ports
+from sluice_devstack.waiting import eventually
 
 HELP = "CPU per chunk of HTTP/SSE stacks for an OpenAI-compatible front, against a gRPC hop"
 
@@ -98,21 +99,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", type=Path, help="where the servers log (default: a temporary folder)")
 
 
-async def _wait_listening(server: Server, deadline_s: float = 60.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline_s
-    while True:
+async def _wait_listening(server: Server) -> None:
+    async def listening() -> bool:
         if server.process.returncode is not None:
             raise RuntimeError(f"{server.name} exited:\n{server.process.log_tail()}")
         try:
             _, writer = await asyncio.open_connection(LOOPBACK, server.port)
         except OSError:
-            if loop.time() > end:
-                raise RuntimeError(f"{server.name} is not listening after {deadline_s:.0f}s") from None
-            await asyncio.sleep(0.1)
-            continue
+            return False
         writer.close()
-        return
+        return True
+
+    await eventually(listening, 60, f"{server.name} listening", interval_s=0.1)
 
 
 async def _start(names: list[str], state_dir: Path) -> dict[str, Server]:
