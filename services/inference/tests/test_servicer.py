@@ -87,7 +87,7 @@ async def test_model_info_describes_the_engine(replica: Replica) -> None:
     assert info.max_model_len == 512
     assert info.slots == MAX_NUM_SEQS
     assert info.dtype == "float32"
-    assert info.model_name.endswith("tiny-model")
+    assert info.model_name == "sluice-tiny"
 
 
 # 600 words are tokenized on the event loop, 3,000 (18,000 characters) on a thread of their own,

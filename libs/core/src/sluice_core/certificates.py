@@ -30,7 +30,7 @@ from sluice_core.tls import TlsFiles
 
 TRUST_DOMAIN = "sluice.local"
 # Each process of the stack, and the operator's tools (``sluice admin``, the local stack's probes).
-IDENTITIES = ("envoy", "queue", "inference", "datastore", "ratelimit", "admin")
+IDENTITIES = ("envoy", "queue", "inference", "datastore", "ratelimit", "openai", "admin")
 # Where a process is reached, for clients that check the name they dialled (gRPC does).
 _HOST_NAMES = ("localhost",)
 _ADDRESSES = (ipaddress.ip_address("127.0.0.1"),)

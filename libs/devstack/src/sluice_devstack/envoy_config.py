@@ -37,6 +37,8 @@ class EnvoyLayout:
     otlp: HostPort | None = None
     ratelimit_hosts: tuple[HostPort, ...] = ()
     datastore_hosts: tuple[HostPort, ...] = ()
+    # OpenAI's HTTP front (services/openai), routed at the edge under /v1/.
+    openai_hosts: tuple[HostPort, ...] = ()
     ratelimit_domain: str = "sluice-edge"
     ratelimit_timeout: str = "1s"
     edge_port: int = 8080
@@ -74,6 +76,7 @@ def compose_layout() -> EnvoyLayout:
         otlp=HostPort("jaeger", 4317),
         ratelimit_hosts=(HostPort("ratelimit", 50071),),
         datastore_hosts=(HostPort("datastore", 50081),),
+        openai_hosts=(HostPort("openai", 8000),),
         listen_address="0.0.0.0",
         cluster_type="STRICT_DNS",
         health_interval="2s",

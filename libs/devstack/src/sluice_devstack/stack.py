@@ -66,11 +66,14 @@ class StackPorts:
     datastore_metrics: int = 9131
     inference: tuple[int, ...] = (50061, 50062)
     inference_metrics: tuple[int, ...] = (9111, 9112)
+    openai: tuple[int, ...] = (50091,)
+    openai_metrics: tuple[int, ...] = (9141,)
 
     @classmethod
-    def free(cls, replicas: int = 2, queues: int = 2) -> StackPorts:
+    def free(cls, replicas: int = 2, queues: int = 2, fronts: int = 1) -> StackPorts:
         """Ports nothing listens on now, for tests and benchmarks beside a running stack."""
-        ports = free_ports(8 + 2 * replicas + 2 * queues)
+        ports = free_ports(8 + 2 * replicas + 2 * queues + 2 * fronts)
+        openai = ports[len(ports) - 2 * fronts :]
         return cls(
             edge=ports[0],
             internal=ports[1],
@@ -83,13 +86,15 @@ class StackPorts:
             inference=tuple(ports[8 : 8 + replicas]),
             inference_metrics=tuple(ports[8 + replicas : 8 + 2 * replicas]),
             queue=tuple(ports[8 + 2 * replicas : 8 + 2 * replicas + queues]),
-            queue_metrics=tuple(ports[8 + 2 * replicas + queues :]),
+            queue_metrics=tuple(ports[8 + 2 * replicas + queues : 8 + 2 * replicas + 2 * queues]),
+            openai=tuple(openai[:fronts]),
+            openai_metrics=tuple(openai[fronts:]),
         )
 
     def all(self) -> list[int]:
         return [self.edge, self.internal, self.admin, self.otlp, self.ratelimit, self.ratelimit_metrics,
                 self.datastore, self.datastore_metrics, *self.inference, *self.inference_metrics,
-                *self.queue, *self.queue_metrics]  # fmt: skip
+                *self.queue, *self.queue_metrics, *self.openai, *self.openai_metrics]  # fmt: skip
 
 
 def replica_cpus(index: int, replicas: int) -> frozenset[int]:
@@ -125,7 +130,7 @@ async def _belongs_to_demo(stub: datastore_pb2_grpc.DataStoreAsyncStub, key: str
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 QUEUE_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 _SERVICE_GRACE_S = sum(ServiceSettings.model_fields[f].default for f in ("drain_delay_s", "shutdown_grace_s")) + 5.0
-_STOP_ORDER = (("queue",), ("inference", "ratelimit", "datastore"), ("envoy", "trace-sink"))
+_STOP_ORDER = (("openai",), ("queue",), ("inference", "ratelimit", "datastore"), ("envoy", "trace-sink"))
 # A process that exits is started again after a pause: 1 s, doubling to 30 s while it keeps
 # failing, 1 s again once it has run for a minute.
 _FIRST_PAUSE_S, _LONGEST_PAUSE_S, _STEADY_S = 1.0, 30.0, 60.0
@@ -251,6 +256,8 @@ class LocalStack:
             self.start_inference(index)
         for index in range(len(self.ports.queue)):
             self.start_queue(index)
+        for index in range(len(self.fronts)):
+            self.start_openai(index)
         await self.wait_ready(replicas=count)
 
     async def _find_or_start_postgres(self) -> str:
@@ -273,6 +280,12 @@ class LocalStack:
         self._redis = RedisServer(free_ports(1)[0], self.options.state_dir / "redis")
         await self._redis.start()
         return self._redis.url
+
+    @property
+    def fronts(self) -> tuple[int, ...]:
+        """The ports of OpenAI's fronts (none for a baseline checkout that predates them)."""
+        root = self.options.code_root
+        return self.ports.openai if root is None or (root / "services" / "openai").is_dir() else ()
 
     @property
     def engine(self) -> str:
@@ -318,6 +331,7 @@ class LocalStack:
             otlp=HostPort(LOOPBACK, self.ports.otlp),
             ratelimit_hosts=(HostPort(LOOPBACK, self.ports.ratelimit),),
             datastore_hosts=(HostPort(LOOPBACK, self.ports.datastore),),
+            openai_hosts=tuple(HostPort(LOOPBACK, p) for p in self.fronts),
             edge_port=self.ports.edge,
             internal_port=self.ports.internal,
             admin_port=self.ports.admin,
@@ -410,6 +424,13 @@ class LocalStack:
         env[f"{prefix}QUEUE_PREFIX"] = f"{{sluice-queue-{self.ports.edge}}}"
         return self._spawn(name, [sys.executable, "-m", "sluice_queue"], {**env, **self.options.queue_env})
 
+    def start_openai(self, index: int) -> Process:
+        prefix = "SLUICE_OPENAI_"
+        name = f"openai-{index + 1}"
+        env = self._common_env(prefix, self.ports.openai[index], self.ports.openai_metrics[index], name)
+        env[f"{prefix}QUEUE_TARGET"] = self.internal
+        return self._spawn(name, [sys.executable, "-m", "sluice_openai"], env)
+
     async def supervise(self, restarted: Callable[[str, int, float], None] = lambda *_: None) -> None:
         """Start again whatever exits, as compose's ``restart: unless-stopped`` does, until cancelled.
 
@@ -452,9 +473,9 @@ class LocalStack:
             await self._redis.start()
         elif name == "postgres" and self._postgres is not None:
             await self._postgres.start()
-        elif (kind := process_kind(name)) in ("inference", "queue"):
+        elif (kind := process_kind(name)) in ("inference", "queue", "openai"):
             index = int(name.rsplit("-", 1)[1]) - 1
-            self.start_inference(index) if kind == "inference" else self.start_queue(index)
+            {"inference": self.start_inference, "queue": self.start_queue, "openai": self.start_openai}[kind](index)
         else:
             {"envoy": self._start_envoy, "ratelimit": self._start_ratelimit, "datastore": self._start_datastore,
              "trace-sink": self._start_trace_sink}[name]()  # fmt: skip
@@ -481,6 +502,7 @@ class LocalStack:
                 and await self.healthy_hosts("ratelimit") >= 1
                 and await self.healthy_hosts("datastore") >= 1
                 and await self.healthy_hosts("queue") >= len(self.ports.queue)
+                and await self.healthy_hosts("openai") >= len(self.fronts)
             )
             if ready and not self.demo_api_key:
                 await self.demo_key()

@@ -52,7 +52,7 @@ async def run(args: argparse.Namespace) -> int:
         if stack.engine == "vllm"
         else "two inference replicas on the simulated GPU engine (made-up tokens)"
     )
-    print(f"starting sluice: Envoy, {replicas}, two queue replicas, ratelimit, datastore ...", flush=True)
+    print(f"starting sluice: Envoy, {replicas}, two queue replicas, an OpenAI front, ratelimit, datastore", flush=True)
     try:
         starting = asyncio.create_task(stack.start())
         stopping = asyncio.create_task(stop.wait())
@@ -68,9 +68,11 @@ async def run(args: argparse.Namespace) -> int:
         print(
             f"sluice is ready.\n"
             f"  public API (gRPC, sluice.generation.v1.Generation): {stack.edge}\n"
+            f"  OpenAI's API (HTTP): http://{stack.edge}/v1\n"
             f"  Envoy admin: http://127.0.0.1:{ports.admin}/clusters   traces: {stack.traces_path}\n"
             f"  metrics: queue {queue_metrics}, inference {inference_metrics}, "
-            f"ratelimit :{ports.ratelimit_metrics}, datastore :{ports.datastore_metrics}\n"
+            f"ratelimit :{ports.ratelimit_metrics}, datastore :{ports.datastore_metrics}, "
+            f"openai {', '.join(f':{p}' for p in ports.openai_metrics)}\n"
             f"  state: Redis {shown(stack.redis_url)}, PostgreSQL {shown(stack.database_url)}\n"
             f"  logs: {args.state_dir / 'logs'}\n"
             f"  internal network: mutual TLS, certificates in {stack.tls_dir} (sluice admin uses admin.pem)\n"

@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from sluice_core.settings import ServiceSettings
 
 DEFAULT_TINY_MODEL_DIR = Path.home() / ".cache" / "sluice" / "tiny-model"
+# Not its folder's path, which names a home directory and differs between machines.
+TINY_MODEL_NAME = "sluice-tiny"
 
 
 class InferenceSettings(ServiceSettings):
@@ -29,7 +31,11 @@ class InferenceSettings(ServiceSettings):
         DEFAULT_TINY_MODEL_DIR,
         description="Where the tiny model is built when `model` is unset.",
     )
-    served_model_name: str | None = Field(None, description="Name reported to callers; defaults to the model path.")
+    served_model_name: str | None = Field(
+        None,
+        description="Name reported to callers, and the model OpenAI's clients ask for; defaults to the model "
+        f"path, or {TINY_MODEL_NAME} for the tiny model.",
+    )
     # bfloat16 crashes vLLM's CPU backend on some CPUs; float32 always runs.
     # On GPUs use "auto" (the model's own dtype) or "bfloat16".
     dtype: str = "float32"
@@ -99,3 +105,9 @@ class InferenceSettings(ServiceSettings):
         description="Chance that a simulated token is end-of-sequence (ignore_eos and min_tokens respected): "
         "0.004 gives answers of about 250 tokens on average.",
     )
+
+    @model_validator(mode="after")
+    def _tiny_model_name(self) -> InferenceSettings:
+        if self.model is None and self.served_model_name is None:
+            object.__setattr__(self, "served_model_name", TINY_MODEL_NAME)
+        return self

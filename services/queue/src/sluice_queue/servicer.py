@@ -63,6 +63,16 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         conversation_id = await self._parts.conversations.create(tenant.id, call_timeout(context.time_remaining()))
         return generation_pb2.Conversation(id=conversation_id)
 
+    async def ListModels(
+        self, request: generation_pb2.ListModelsRequest, context: Context
+    ) -> generation_pb2.ListModelsResponse:
+        await self._parts.auth.tenant(context.invocation_metadata())
+        engines = self._parts.engines
+        if not engines.model_name:
+            return generation_pb2.ListModelsResponse()
+        model = generation_pb2.Model(id=engines.model_name, max_model_len=engines.max_model_len)
+        return generation_pb2.ListModelsResponse(models=[model])
+
     async def Generate(
         self, request: generation_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[generation_pb2.GenerateEvent]:

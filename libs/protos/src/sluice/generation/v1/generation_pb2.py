@@ -25,29 +25,37 @@ _sym_db = _symbol_database.Default()
 from sluice.common.v1 import common_pb2 as sluice_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%sluice/generation/v1/generation.proto\x12\x14sluice.generation.v1\x1a\x1dsluice/common/v1/common.proto\"\x1b\n\x19\x43reateConversationRequest\"\x1a\n\x0c\x43onversation\x12\n\n\x02id\x18\x01 \x01(\t\"\xfa\x01\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\x32\n\x08messages\x18\x02 \x01(\x0b\x32\x1e.sluice.common.v1.ChatMessagesH\x00\x12\x17\n\x0f\x63onversation_id\x18\x03 \x01(\t\x12\x30\n\x08priority\x18\x04 \x01(\x0e\x32\x1e.sluice.generation.v1.Priority\x12\x32\n\x08sampling\x18\x05 \x01(\x0b\x32 .sluice.common.v1.SamplingParams\x12\x19\n\x11\x63lient_request_id\x18\x06 \x01(\tB\x07\n\x05input\"\xdd\x01\n\rGenerateEvent\x12.\n\x06queued\x18\x01 \x01(\x0b\x32\x1c.sluice.generation.v1.QueuedH\x00\x12\x30\n\x07started\x18\x02 \x01(\x0b\x32\x1d.sluice.generation.v1.StartedH\x00\x12-\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x1c.sluice.common.v1.TokenDeltaH\x00\x12\x32\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x1e.sluice.generation.v1.FinishedH\x00\x42\x07\n\x05\x65vent\"\x1a\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\r\"e\n\x07Started\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12 \n\x18history_messages_dropped\x18\x03 \x01(\r\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\"\xbd\x01\n\x08\x46inished\x12.\n\x06reason\x18\x01 \x01(\x0e\x32\x1e.sluice.common.v1.FinishReason\x12&\n\x05usage\x18\x02 \x01(\x0b\x32\x17.sluice.common.v1.Usage\x12*\n\x07timings\x18\x03 \x01(\x0b\x32\x19.sluice.common.v1.Timings\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\x05 \x01(\t*R\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x12\n\x0ePRIORITY_BATCH\x10\x02\x32\xd1\x01\n\nGeneration\x12X\n\x08Generate\x12%.sluice.generation.v1.GenerateRequest\x1a#.sluice.generation.v1.GenerateEvent0\x01\x12i\n\x12\x43reateConversation\x12/.sluice.generation.v1.CreateConversationRequest\x1a\".sluice.generation.v1.Conversationb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%sluice/generation/v1/generation.proto\x12\x14sluice.generation.v1\x1a\x1dsluice/common/v1/common.proto\"\x13\n\x11ListModelsRequest\"*\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\"A\n\x12ListModelsResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.sluice.generation.v1.Model\"\x1b\n\x19\x43reateConversationRequest\"\x1a\n\x0c\x43onversation\x12\n\n\x02id\x18\x01 \x01(\t\"\xfa\x01\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\x32\n\x08messages\x18\x02 \x01(\x0b\x32\x1e.sluice.common.v1.ChatMessagesH\x00\x12\x17\n\x0f\x63onversation_id\x18\x03 \x01(\t\x12\x30\n\x08priority\x18\x04 \x01(\x0e\x32\x1e.sluice.generation.v1.Priority\x12\x32\n\x08sampling\x18\x05 \x01(\x0b\x32 .sluice.common.v1.SamplingParams\x12\x19\n\x11\x63lient_request_id\x18\x06 \x01(\tB\x07\n\x05input\"\xdd\x01\n\rGenerateEvent\x12.\n\x06queued\x18\x01 \x01(\x0b\x32\x1c.sluice.generation.v1.QueuedH\x00\x12\x30\n\x07started\x18\x02 \x01(\x0b\x32\x1d.sluice.generation.v1.StartedH\x00\x12-\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x1c.sluice.common.v1.TokenDeltaH\x00\x12\x32\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x1e.sluice.generation.v1.FinishedH\x00\x42\x07\n\x05\x65vent\"\x1a\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\r\"e\n\x07Started\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12 \n\x18history_messages_dropped\x18\x03 \x01(\r\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\"\xbd\x01\n\x08\x46inished\x12.\n\x06reason\x18\x01 \x01(\x0e\x32\x1e.sluice.common.v1.FinishReason\x12&\n\x05usage\x18\x02 \x01(\x0b\x32\x17.sluice.common.v1.Usage\x12*\n\x07timings\x18\x03 \x01(\x0b\x32\x19.sluice.common.v1.Timings\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x19\n\x11\x63lient_request_id\x18\x05 \x01(\t*R\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x12\n\x0ePRIORITY_BATCH\x10\x02\x32\xb7\x02\n\nGeneration\x12X\n\x08Generate\x12%.sluice.generation.v1.GenerateRequest\x1a#.sluice.generation.v1.GenerateEvent0\x01\x12i\n\x12\x43reateConversation\x12/.sluice.generation.v1.CreateConversationRequest\x1a\".sluice.generation.v1.Conversation\x12\x64\n\nListModels\x12\'.sluice.generation.v1.ListModelsRequest\x1a(.sluice.generation.v1.ListModelsResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sluice.generation.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRIORITY']._serialized_start=951
-  _globals['_PRIORITY']._serialized_end=1033
-  _globals['_CREATECONVERSATIONREQUEST']._serialized_start=94
-  _globals['_CREATECONVERSATIONREQUEST']._serialized_end=121
-  _globals['_CONVERSATION']._serialized_start=123
-  _globals['_CONVERSATION']._serialized_end=149
-  _globals['_GENERATEREQUEST']._serialized_start=152
-  _globals['_GENERATEREQUEST']._serialized_end=402
-  _globals['_GENERATEEVENT']._serialized_start=405
-  _globals['_GENERATEEVENT']._serialized_end=626
-  _globals['_QUEUED']._serialized_start=628
-  _globals['_QUEUED']._serialized_end=654
-  _globals['_STARTED']._serialized_start=656
-  _globals['_STARTED']._serialized_end=757
-  _globals['_FINISHED']._serialized_start=760
-  _globals['_FINISHED']._serialized_end=949
-  _globals['_GENERATION']._serialized_start=1036
-  _globals['_GENERATION']._serialized_end=1245
+  _globals['_GENERATION'].methods_by_name['ListModels']._loaded_options = None
+  _globals['_GENERATION'].methods_by_name['ListModels']._serialized_options = b'\220\002\001'
+  _globals['_PRIORITY']._serialized_start=1083
+  _globals['_PRIORITY']._serialized_end=1165
+  _globals['_LISTMODELSREQUEST']._serialized_start=94
+  _globals['_LISTMODELSREQUEST']._serialized_end=113
+  _globals['_MODEL']._serialized_start=115
+  _globals['_MODEL']._serialized_end=157
+  _globals['_LISTMODELSRESPONSE']._serialized_start=159
+  _globals['_LISTMODELSRESPONSE']._serialized_end=224
+  _globals['_CREATECONVERSATIONREQUEST']._serialized_start=226
+  _globals['_CREATECONVERSATIONREQUEST']._serialized_end=253
+  _globals['_CONVERSATION']._serialized_start=255
+  _globals['_CONVERSATION']._serialized_end=281
+  _globals['_GENERATEREQUEST']._serialized_start=284
+  _globals['_GENERATEREQUEST']._serialized_end=534
+  _globals['_GENERATEEVENT']._serialized_start=537
+  _globals['_GENERATEEVENT']._serialized_end=758
+  _globals['_QUEUED']._serialized_start=760
+  _globals['_QUEUED']._serialized_end=786
+  _globals['_STARTED']._serialized_start=788
+  _globals['_STARTED']._serialized_end=889
+  _globals['_FINISHED']._serialized_start=892
+  _globals['_FINISHED']._serialized_end=1081
+  _globals['_GENERATION']._serialized_start=1168
+  _globals['_GENERATION']._serialized_end=1479
 # @@protoc_insertion_point(module_scope)

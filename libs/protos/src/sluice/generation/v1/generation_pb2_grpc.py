@@ -44,6 +44,11 @@ class GenerationStub:
                 request_serializer=sluice_dot_generation_dot_v1_dot_generation__pb2.CreateConversationRequest.SerializeToString,
                 response_deserializer=sluice_dot_generation_dot_v1_dot_generation__pb2.Conversation.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/sluice.generation.v1.Generation/ListModels',
+                request_serializer=sluice_dot_generation_dot_v1_dot_generation__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=sluice_dot_generation_dot_v1_dot_generation__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -65,6 +70,14 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """The models the inference replicas serve (none until one has answered the
+        queue's probes): what OpenAI's GET /v1/models lists.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +90,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.CreateConversation,
                     request_deserializer=sluice_dot_generation_dot_v1_dot_generation__pb2.CreateConversationRequest.FromString,
                     response_serializer=sluice_dot_generation_dot_v1_dot_generation__pb2.Conversation.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=sluice_dot_generation_dot_v1_dot_generation__pb2.ListModelsRequest.FromString,
+                    response_serializer=sluice_dot_generation_dot_v1_dot_generation__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +151,33 @@ class Generation:
             '/sluice.generation.v1.Generation/CreateConversation',
             sluice_dot_generation_dot_v1_dot_generation__pb2.CreateConversationRequest.SerializeToString,
             sluice_dot_generation_dot_v1_dot_generation__pb2.Conversation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.generation.v1.Generation/ListModels',
+            sluice_dot_generation_dot_v1_dot_generation__pb2.ListModelsRequest.SerializeToString,
+            sluice_dot_generation_dot_v1_dot_generation__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,10 @@ class GenerationStub:
     """
     CreateConversation: _grpc.UnaryUnaryMultiCallable[_generation_pb2.CreateConversationRequest, _generation_pb2.Conversation]
     """A new, empty conversation of the caller's tenant, to pass as conversation_id."""
+    ListModels: _grpc.UnaryUnaryMultiCallable[_generation_pb2.ListModelsRequest, _generation_pb2.ListModelsResponse]
+    """The models the inference replicas serve (none until one has answered the
+    queue's probes): what OpenAI's GET /v1/models lists.
+    """
 
 @_typing.type_check_only
 class GenerationAsyncStub(GenerationStub):
@@ -51,6 +55,10 @@ class GenerationAsyncStub(GenerationStub):
     """
     CreateConversation: _aio.UnaryUnaryMultiCallable[_generation_pb2.CreateConversationRequest, _generation_pb2.Conversation]  # type: ignore[assignment]
     """A new, empty conversation of the caller's tenant, to pass as conversation_id."""
+    ListModels: _aio.UnaryUnaryMultiCallable[_generation_pb2.ListModelsRequest, _generation_pb2.ListModelsResponse]  # type: ignore[assignment]
+    """The models the inference replicas serve (none until one has answered the
+    queue's probes): what OpenAI's GET /v1/models lists.
+    """
 
 class GenerationServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -71,5 +79,15 @@ class GenerationServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_generation_pb2.Conversation, _abc.Awaitable[_generation_pb2.Conversation]]:
         """A new, empty conversation of the caller's tenant, to pass as conversation_id."""
+
+    @_abc_1.abstractmethod
+    def ListModels(
+        self,
+        request: _generation_pb2.ListModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_generation_pb2.ListModelsResponse, _abc.Awaitable[_generation_pb2.ListModelsResponse]]:
+        """The models the inference replicas serve (none until one has answered the
+        queue's probes): what OpenAI's GET /v1/models lists.
+        """
 
 def add_GenerationServicer_to_server(servicer: GenerationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
