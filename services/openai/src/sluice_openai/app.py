@@ -12,7 +12,6 @@ queue aborts the request at the engine.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -24,14 +23,13 @@ from opentelemetry import propagate, trace
 
 from sluice.generation.v1 import generation_pb2, generation_pb2_grpc
 from sluice_core.channels import LONGEST_DEADLINE_S
-from sluice_core.errors import from_rpc_error
+from sluice_core.errors import bounded, from_rpc_error
 from sluice_core.telemetry import TRACE_ID_KEY, current_trace_id
 from sluice_openai import responses
 from sluice_openai.errors import OpenAIError, from_sluice, invalid
 from sluice_openai.requests import Call, Kind, parse
 from sluice_openai.settings import OpenAISettings
 
-logger = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -84,7 +82,8 @@ class Front:
             return
         await self._ask_models(request)
         if model not in self._models:
-            raise OpenAIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+            shown = bounded(model, 128)  # the caller's text
+            raise OpenAIError(404, f"The model `{shown}` does not exist.", param="model", code="model_not_found")
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, "completion")
