@@ -4,7 +4,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PACKAGES := libs/protos libs/core libs/client libs/cli libs/devstack services/inference services/queue services/ratelimit services/datastore
+# Every folder under libs/ and services/ with a pyproject.toml is a package.
+PACKAGES := $(patsubst %/pyproject.toml,%,$(wildcard libs/*/pyproject.toml services/*/pyproject.toml))
 INSTALLED := $(VENV)/.installed
 
 .PHONY: install up test test-fast pytest check lint typecheck gen check-gen lock bench bench-ratelimit bench-datastore bench-scheduler bench-scale clean
@@ -35,9 +36,10 @@ test-fast: install
 
 check: lint typecheck check-gen
 
-# Ruff, and the layers (pyproject.toml's import contracts: no library imports a service,
-# no service another).
+# pyproject.toml's lists of packages, ruff, and the layers (pyproject.toml's import
+# contracts: no library imports a service, no service another).
 lint: install
+	$(PY) scripts/check_workspace.py
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports

