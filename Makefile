@@ -13,12 +13,13 @@ INSTALLED := $(VENV)/.installed
 install: $(INSTALLED)
 
 # Everything is pinned in requirements.lock (`make lock`) and installed without
-# resolving again; the workspace packages are editable installs on top.
+# resolving again, each file checked against its hash; the workspace packages
+# are editable installs on top.
 $(INSTALLED): requirements.lock $(addsuffix /pyproject.toml,$(PACKAGES))
 	@$(PYTHON) -c 'import sys; sys.exit("sluice needs Python 3.11") if sys.version_info[:2] != (3, 11) else None'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=25"
-	$(PY) -m pip install --quiet --no-deps -r requirements.lock
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r requirements.lock
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation $(addprefix -e ,$(PACKAGES))
 	touch $@
 
