@@ -4,7 +4,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PACKAGES := libs/protos libs/core libs/client libs/cli libs/devstack services/inference services/queue services/ratelimit services/datastore services/openai
+# Every folder under libs/ and services/ with a pyproject.toml is a package.
+PACKAGES := $(patsubst %/pyproject.toml,%,$(wildcard libs/*/pyproject.toml services/*/pyproject.toml))
 INSTALLED := $(VENV)/.installed
 
 .PHONY: install up test test-fast pytest check lint typecheck gen check-gen lock bench bench-ratelimit bench-datastore bench-scheduler bench-scale clean
@@ -12,12 +13,13 @@ INSTALLED := $(VENV)/.installed
 install: $(INSTALLED)
 
 # Everything is pinned in requirements.lock (`make lock`) and installed without
-# resolving again; the workspace packages are editable installs on top.
+# resolving again, each file checked against its hash; the workspace packages
+# are editable installs on top.
 $(INSTALLED): requirements.lock $(addsuffix /pyproject.toml,$(PACKAGES))
 	@$(PYTHON) -c 'import sys; sys.exit("sluice needs Python 3.11") if sys.version_info[:2] != (3, 11) else None'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=25"
-	$(PY) -m pip install --quiet --no-deps -r requirements.lock
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r requirements.lock
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation $(addprefix -e ,$(PACKAGES))
 	touch $@
 
@@ -35,9 +37,10 @@ test-fast: install
 
 check: lint typecheck check-gen
 
-# Ruff, and the layers (pyproject.toml's import contracts: no library imports a service,
-# no service another).
+# pyproject.toml's lists of packages, ruff, and the layers (pyproject.toml's import
+# contracts: no library imports a service, no service another).
 lint: install
+	$(PY) scripts/check_workspace.py
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
