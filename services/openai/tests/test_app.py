@@ -13,7 +13,9 @@ from typing import Any
 
 import grpc
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from vllm.benchmarks.lib.endpoint_request_func import StreamedResponseHandler
 
 from sluice.common.v1 import common_pb2
 from sluice.generation.v1 import generation_pb2
@@ -91,6 +93,7 @@ CHAT = {"model": "sluice-tiny", "messages": [{"role": "user", "content": "hi"}],
 
 GOLDEN_CHAT_STREAM = (
     b": queued position=1\n\n"
+    b":\n\n"
     b'data: {"id":"chatcmpl-r1","object":"chat.completion.chunk","created":1700000000,"model":"sluice-tiny",'
     b'"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}],'
     b'"usage":null}\n\n'
@@ -118,6 +121,7 @@ async def test_a_chat_stream_is_exactly_openais_bytes() -> None:
 
 GOLDEN_COMPLETION_STREAM = (
     b": queued position=1\n\n"
+    b":\n\n"
     b'data: {"id":"cmpl-r1","object":"text_completion","created":1700000000,"model":"sluice-tiny",'
     b'"choices":[{"index":0,"text":"A","logprobs":null,"finish_reason":null}]}\n\n'
     b'data: {"id":"cmpl-r1","object":"text_completion","created":1700000000,"model":"sluice-tiny",'
@@ -131,6 +135,28 @@ async def test_a_completion_stream_without_usage_is_exactly_openais_bytes() -> N
     response = await client.post("/v1/completions", json={"prompt": "x", "stream": True})
     assert await response.read() == GOLDEN_COMPLETION_STREAM
     await client.close()
+
+
+async def test_vllms_benchmark_client_reads_every_event_when_each_write_arrives_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # vllm bench serve strips each network read and splits on blank lines: a position comment
+    # read on its own used to stick to the next event, which it then never parsed.
+    writes: list[bytes] = []
+    write = web.StreamResponse.write
+
+    async def recorded(self: web.StreamResponse, data: bytes) -> None:
+        writes.append(bytes(data))
+        await write(self, data)
+
+    monkeypatch.setattr(web.StreamResponse, "write", recorded)
+    client = await served(FakeGeneration(answer("Hel", "lo")))
+    body = await (await client.post("/v1/completions", json={"prompt": "x", "stream": True})).read()
+    await client.close()
+    handler = StreamedResponseHandler()
+    read = [m for data in writes for m in handler.add_chunk(data.strip()) if not m.startswith(":")]
+    assert read == [e for e in body.decode().split("\n\n") if e.startswith("data: ")]
+    assert len(read) == 4  # two chunks of text, the finish, [DONE]
 
 
 async def test_a_whole_chat_answer_has_the_message_and_usage() -> None:

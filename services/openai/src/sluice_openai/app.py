@@ -129,6 +129,13 @@ async def _whole(call: Call, rpc: GenerateCall) -> web.Response:
 async def _stream(request: web.Request, call: Call, rpc: GenerateCall) -> web.StreamResponse:
     answer = responses.Answer(call)
     response = web.StreamResponse(headers={**SSE_HEADERS, TRACE_ID_KEY: current_trace_id()})
+    waited = False
+
+    async def send(events: bytes) -> None:
+        nonlocal waited
+        await response.write(responses.AFTER_COMMENTS + events if waited else events)
+        waited = False
+
     try:
         async for event in rpc:
             kind = event.WhichOneof("event")
@@ -136,20 +143,21 @@ async def _stream(request: web.Request, call: Call, rpc: GenerateCall) -> web.St
                 await response.prepare(request)
             if kind == "queued":
                 await response.write(responses.queued(event.queued.position))
+                waited = True
             elif kind == "started":
                 answer.started(event.started)
             elif kind == "delta" and event.delta.text:
                 # Tokens that end mid-character add no text yet: nothing to tell.
-                await response.write(answer.text_chunk(event.delta.text))
+                await send(answer.text_chunk(event.delta.text))
             elif kind == "finished":
-                await response.write(answer.last_chunks(event.finished))
+                await send(answer.last_chunks(event.finished))
                 await response.write_eof()
                 return response
     except grpc.aio.AioRpcError as exc:
         error = from_sluice(from_rpc_error(exc))
         if not response.prepared:
             raise error from None
-        await response.write(responses.event(error.body()) + responses.DONE)
+        await send(responses.event(error.body()) + responses.DONE)
         await response.write_eof()
         return response
     raise OpenAIError(502, "the generation ended without finishing")

@@ -18,6 +18,11 @@ from sluice.generation.v1 import generation_pb2
 from sluice_openai.requests import Call
 
 DONE = b"data: [DONE]\n\n"
+# Before the first event after the queue positions: an empty comment line. Some clients
+# (vLLM's benchmark among them) strip each network read and split what they have on blank
+# lines, so a comment that arrives alone sticks to the front of the next event, which is
+# then lost; this ends it first. Parsers that follow the SSE spec skip it.
+AFTER_COMMENTS = b":\n\n"
 _FINISH_REASONS = {
     common_pb2.FINISH_REASON_STOP: "stop",
     common_pb2.FINISH_REASON_LENGTH: "length",
