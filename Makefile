@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PACKAGES := $(patsubst %/pyproject.toml,%,$(wildcard libs/*/pyproject.toml services/*/pyproject.toml))
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install up test test-fast pytest check lint typecheck gen check-gen lock bench bench-ratelimit bench-datastore bench-scheduler bench-scale clean
+.PHONY: install up test test-fast pytest check lint typecheck gen check-gen lock bench bench-ratelimit bench-datastore bench-scheduler bench-scale bench-openai clean
 
 install: $(INSTALLED)
 
@@ -74,6 +74,9 @@ bench-scheduler: install
 
 bench-scale: install
 	$(VENV)/bin/sluice bench scale
+
+bench-openai: install
+	$(VENV)/bin/sluice bench openai
 
 clean:
 	rm -rf $(VENV) .sluice .mypy_cache .ruff_cache .pytest_cache
