@@ -3,12 +3,8 @@
 One client, one dataset and one set of settings, in one run, against two
 servers of the tiny model:
 
-- ``vllm serve`` (vLLM's OpenAI server) with the engine settings and layout of
-  sluice's replicas (``cpu_engine_env``), its model on every core of the
-  machine. vLLM's own CPU layout instead pins its model worker to one core,
-  where it busy-waits; started in a session of its own (a scheduling group
-  of its own under Linux's autogroup), as here and as a service runs, that
-  server held whole streams back for 0.3 to 5 s;
+- ``vllm serve`` with the engine settings and layout of sluice's replicas,
+  its model on every core (``bench_scale.vllm_serve``);
 - the local stack with vLLM engines (one replica on every core by default,
   as vllm serve's one engine), through Envoy's edge listener to the OpenAI
   front and on to the queue and the replicas, with the demo tenant's key;
@@ -50,11 +46,10 @@ import redis.asyncio as redis
 
 from sluice_devstack import floor
 from sluice_devstack.benchmarks import unlimited_edge
-from sluice_devstack.processes import Process
-from sluice_devstack.stack import LOOPBACK, LocalStack, StackOptions, StackPorts, cpu_engine_env, free_ports
+from sluice_devstack.stack import LOOPBACK, LocalStack, StackOptions, StackPorts, free_ports
 from sluice_inference import tiny_model
-from sluice_inference.bench_scale import wait_healthy
-from sluice_inference.settings import DEFAULT_TINY_MODEL_DIR, TINY_MODEL_NAME, InferenceSettings
+from sluice_inference.bench_scale import vllm_serve, wait_healthy
+from sluice_inference.settings import DEFAULT_TINY_MODEL_DIR, TINY_MODEL_NAME
 
 HELP = "vllm bench serve against vllm serve and sluice's OpenAI front, side by side"
 
@@ -370,25 +365,9 @@ async def through_sluice(args: argparse.Namespace, folder: Path, model_dir: Path
         await stack.stop()
 
 
-def vllm_serve_argv(model_dir: Path, port: int, max_num_seqs: int) -> list[str]:
-    """``vllm serve`` with the engine settings of sluice's replicas (but for their slots)."""
-    settings = InferenceSettings()
-    return [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model_dir), "--served-model-name", TINY_MODEL_NAME,
-        "--host", LOOPBACK, "--port", str(port),
-        "--dtype", settings.dtype, "--max-model-len", str(settings.max_model_len),
-        "--max-num-seqs", str(max_num_seqs), "--seed", str(settings.seed),
-        "--uvicorn-log-level", "warning", "--disable-uvicorn-access-log",
-    ]  # fmt: skip
-
-
 async def through_vllm_serve(args: argparse.Namespace, folder: Path, model_dir: Path) -> Run:
     port = free_ports(1)[0]
-    argv = vllm_serve_argv(model_dir, port, max(concurrencies(args.concurrency)))
-    # vLLM's CPU build reserves most of the RAM for its KV cache unless told (GiB).
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1", **cpu_engine_env(len(os.sched_getaffinity(0)))}
-    server = Process("vllm-serve", argv, env, folder / "vllm-serve.log")
+    server = vllm_serve(model_dir, port, max(concurrencies(args.concurrency)), folder / "vllm-serve.log")
     try:
         await wait_healthy(server, port)
         base_url = f"http://{LOOPBACK}:{port}"

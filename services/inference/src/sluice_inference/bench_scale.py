@@ -49,16 +49,23 @@ from sluice_devstack.benchmarks import percentile, unlimited_edge
 from sluice_devstack.chart import Series, line_chart
 from sluice_devstack.envoy_config import repo_root
 from sluice_devstack.processes import Process
-from sluice_devstack.stack import LOOPBACK, LocalStack, StackOptions, StackPorts, free_ports, process_kind
+from sluice_devstack.stack import (
+    LOOPBACK,
+    LocalStack,
+    StackOptions,
+    StackPorts,
+    cpu_engine_env,
+    free_ports,
+    process_kind,
+)
 from sluice_inference import tiny_model
-from sluice_inference.settings import DEFAULT_TINY_MODEL_DIR, InferenceSettings
+from sluice_inference.settings import DEFAULT_TINY_MODEL_DIR, TINY_MODEL_NAME, InferenceSettings
 from sluice_inference.simulated.timing import preset
 
 HELP = "concurrent streams the stack carries at GPU speed (simulated engines)"
 
 KNEE_DELIVERED_RATIO = 0.98
 _SIMULATED_ENGINE_CPU = "sluice_inference_simulated_engine_cpu_seconds_total"
-_ANCHOR_MODEL = "tiny"
 _SLUICE = "sluice (all but the load generator)"
 _PLAINTEXT = "this checkout without TLS"
 
@@ -372,26 +379,41 @@ def summary(step: Step) -> str:
     )
 
 
-async def anchor(args: argparse.Namespace, state_dir: Path, concurrencies: list[int]) -> list[Anchor]:
-    """``vllm serve`` (vLLM's own OpenAI server) on the tiny model with the same client load."""
-    model_dir = await asyncio.to_thread(tiny_model.ensure, DEFAULT_TINY_MODEL_DIR)
-    port = free_ports(1)[0]
+def vllm_serve(model_dir: Path, port: int, max_num_seqs: int, log: Path) -> Process:
+    """``vllm serve`` (vLLM's own OpenAI server) with the engine settings and layout of sluice's replicas,
+    its model on every core of the machine, as the tiny model's name.
+
+    vLLM's own CPU layout pins its model worker to one core, where it busy-waits;
+    started in a session of its own (a scheduling group of its own under Linux's
+    autogroup), as a ``Process`` is, that server held whole streams back for
+    0.3 to 5 s.
+    """
+    settings = InferenceSettings()
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model_dir), "--served-model-name", _ANCHOR_MODEL,
+        "--model", str(model_dir), "--served-model-name", TINY_MODEL_NAME,
         "--host", LOOPBACK, "--port", str(port),
-        "--dtype", "float32", "--max-model-len", "2048", "--max-num-seqs", str(max(concurrencies)),
+        "--dtype", settings.dtype, "--max-model-len", str(settings.max_model_len),
+        "--max-num-seqs", str(max_num_seqs), "--seed", str(settings.seed),
         "--uvicorn-log-level", "warning", "--disable-uvicorn-access-log",
     ]  # fmt: skip
     # vLLM's CPU build reserves most of the RAM for its KV cache unless told (GiB).
-    server = Process("vllm-serve", argv, {"VLLM_CPU_KVCACHE_SPACE": "1"}, state_dir / "vllm-serve.log")
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", **cpu_engine_env(len(os.sched_getaffinity(0)))}
+    return Process("vllm-serve", argv, env, log)
+
+
+async def anchor(args: argparse.Namespace, state_dir: Path, concurrencies: list[int]) -> list[Anchor]:
+    """``vllm serve`` on the tiny model with the same client load."""
+    model_dir = await asyncio.to_thread(tiny_model.ensure, DEFAULT_TINY_MODEL_DIR)
+    port = free_ports(1)[0]
+    server = vllm_serve(model_dir, port, max(concurrencies), state_dir / "vllm-serve.log")
     results = []
     try:
         await wait_healthy(server, port)
         for streams in concurrencies:
             print(f"  vllm serve, {streams} streams ...", file=sys.stderr, flush=True)
             load = LoadGenerator(
-                ["--api", "openai", "--target", f"{LOOPBACK}:{port}", "--model", _ANCHOR_MODEL,
+                ["--api", "openai", "--target", f"{LOOPBACK}:{port}", "--model", TINY_MODEL_NAME,
                  *common_load(args, streams)]
             )  # fmt: skip
             await load.start()
