@@ -18,7 +18,10 @@ class OpenAISettings(ServiceSettings):
         512, ge=1, description="max_tokens of a request that sets none (sluice needs a bound; OpenAI's chat has none)."
     )
     max_body_bytes: int = Field(
-        16 * 1024 * 1024, ge=1024, description="Largest request body taken; larger ones are refused with 413."
+        4 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body taken; larger ones are refused with 413. A body is parsed on the event "
+        "loop every stream of this process shares: far more than a model's context holds would only stall them.",
     )
     models_refresh_s: float = Field(
         5.0, gt=0, description="How long the served models' list is reused before the queue is asked again."
