@@ -82,8 +82,10 @@ def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
-async def served(generation: FakeGeneration, callers: frozenset[str] | None = None) -> TestClient[Any, Any]:
-    front = Front(generation, OpenAISettings(max_body_bytes=4096))  # type: ignore[arg-type]
+async def served(
+    generation: FakeGeneration, callers: frozenset[str] | None = None, max_body_bytes: int = 4096
+) -> TestClient[Any, Any]:
+    front = Front(generation, OpenAISettings(max_body_bytes=max_body_bytes))  # type: ignore[arg-type]
     client: TestClient[Any, Any] = TestClient(TestServer(front.app(callers)))
     await client.start_server()
     return client
@@ -245,4 +247,23 @@ async def test_health_says_draining_once_stopping() -> None:
     assert (await client.get("/health")).status == 503
     front.serving = True
     assert (await client.get("/health")).status == 200
+    await client.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status"),
+    [
+        (b"[" * 2000 + b"]" * 2000, {}, 400),  # nested deeper than the parser recurses
+        (b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", {}, 400),  # past the 4,300 digits Python parses
+        (b'{"prompt": "x"}', {"Content-Encoding": "gzip"}, 400),
+        (b'{"prompt": "x"}', {"x-api-key": "sk-\u00e9".encode().decode("latin-1")}, 401),
+    ],
+)
+async def test_bodies_and_keys_no_parser_expects_are_openai_errors_not_500s(
+    body: bytes, headers: dict[str, str], status: int
+) -> None:
+    client = await served(FakeGeneration(answer("A")), max_body_bytes=65536)
+    response = await client.post("/v1/completions", data=body, headers=headers)
+    assert response.status == status
+    assert "error" in json.loads(await response.read())
     await client.close()

@@ -139,3 +139,36 @@ def test_max_tokens_and_max_completion_tokens_must_agree() -> None:
 
 def test_an_unknown_priority_header_is_400() -> None:
     refused("completion", {"prompt": "x"}, {"x-sluice-priority": "urgent"})
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "param"),
+    [
+        ("completion", {"prompt": "half a \ud83d character"}, "prompt"),
+        ("completion", {"prompt": "x", "stop": ["\udc00"]}, "stop"),
+        ("completion", {"prompt": "x", "model": "m\ud800"}, "model"),
+        ("chat", {"messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content"),
+        ("chat", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]},
+         "messages[0].content"),
+        ("chat", {"messages": [{"role": ["user"], "content": "x"}]}, "messages[0]"),
+        ("chat", {"messages": [{"role": "\ud800", "content": "x"}]}, "messages[0]"),
+        ("chat", {"messages": [{"role": "user", "content": "x", "name": {}}]}, "messages[0].name"),
+        ("completion", {"prompt": "x", "n": True}, "n"),
+        ("completion", {"prompt": "x", "logprobs": 0.0}, "logprobs"),
+        ("completion", {"prompt": "x", "model": 0}, "model"),
+        ("completion", {"prompt": "x", "seed": 2**63}, "seed"),
+        ("completion", {"prompt": "x", "stream": True, "stream_options": {"include_usage": 1}},
+         "stream_options.include_usage"),
+    ],
+)  # fmt: skip
+def test_text_that_is_no_unicode_and_values_of_the_wrong_type_are_400_naming_the_field(
+    kind: str, body: object, param: str
+) -> None:
+    assert refused(kind, body).param == param
+
+
+def test_a_header_that_is_no_unicode_is_400() -> None:
+    assert (
+        refused("completion", {"prompt": "x"}, {"x-sluice-conversation": "\udcff\udcfe"}).param
+        == "x-sluice-conversation"
+    )

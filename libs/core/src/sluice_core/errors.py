@@ -30,10 +30,13 @@ _MORE = re.compile(r"; and (\d+) more$")
 
 
 def bounded(text: str, limit: int) -> str:
-    """``text`` cut to at most ``limit`` UTF-8 bytes, whole characters, ending in "…" if it was cut."""
-    encoded = text.encode()
+    """``text`` cut to at most ``limit`` UTF-8 bytes, whole characters, ending in "…" if it was cut.
+
+    Lone surrogates (text a caller cut in the middle of a character) become "?": they cannot be sent.
+    """
+    encoded = text.encode(errors="replace")
     if len(encoded) <= limit:
-        return text
+        return encoded.decode()
     return encoded[: limit - len("…".encode())].decode(errors="ignore") + "…"
 
 

@@ -42,8 +42,14 @@ async def serve(settings: OpenAISettings) -> None:
         front = Front(stub, settings)
         callers = None if tls is None else frozenset((*settings.tls_callers, tls.identity))
         # handler_cancellation: a client that goes away cancels its handler, and the generation with it.
+        # Headers as long as Envoy's edge lets through (60 KiB), so that Envoy's limit is the one callers meet.
         runner = web.AppRunner(
-            front.app(callers), handler_cancellation=True, shutdown_timeout=settings.shutdown_grace_s, access_log=None
+            front.app(callers),
+            handler_cancellation=True,
+            shutdown_timeout=settings.shutdown_grace_s,
+            access_log=None,
+            max_line_size=64 * 1024,
+            max_field_size=64 * 1024,
         )
         await runner.setup()
         stack.push_async_callback(runner.cleanup)

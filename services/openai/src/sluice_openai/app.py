@@ -12,24 +12,29 @@ queue aborts the request at the engine.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
 
 import grpc
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
+from aiohttp.web_protocol import RequestPayloadError
 from opentelemetry import propagate, trace
 
 from sluice.generation.v1 import generation_pb2, generation_pb2_grpc
 from sluice_core.channels import LONGEST_DEADLINE_S
 from sluice_core.errors import bounded, from_rpc_error
+from sluice_core.interceptors import INTERNAL_MESSAGE
 from sluice_core.telemetry import TRACE_ID_KEY, current_trace_id
 from sluice_openai import responses
 from sluice_openai.errors import OpenAIError, from_sluice, invalid
 from sluice_openai.requests import Call, Kind, parse
 from sluice_openai.settings import OpenAISettings
 
+logger = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -93,8 +98,12 @@ class Front:
 
     async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         try:
-            body = json.loads(await request.read())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            raw = await request.read()
+        except (HttpProcessingError, RequestPayloadError):
+            raise invalid("the request body could not be read: its Content-Encoding or length is wrong") from None
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):  # bad JSON or UTF-8, integers past 4,300 digits, deep nesting
             raise invalid("the request body is not valid JSON") from None
         call = parse(kind, body, request.headers, self._settings.default_max_tokens)
         await self._check_model(request, call.model)
@@ -160,6 +169,8 @@ async def _stream(request: web.Request, call: Call, rpc: GenerateCall) -> web.St
         await send(responses.event(error.body()) + responses.DONE)
         await response.write_eof()
         return response
+    except ConnectionResetError:  # the client went away mid-answer: no one to tell
+        return response
     raise OpenAIError(502, "the generation ended without finishing")
 
 
@@ -169,6 +180,9 @@ def _credentials(request: web.Request) -> tuple[tuple[str, str], ...]:
     if key is None:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         key = token.strip() if scheme.lower() == "bearer" else None
+    # gRPC metadata is printable ASCII: no key sluice issues is anything else.
+    if key and not (key.isascii() and key.isprintable()):
+        raise OpenAIError(401, "unknown or revoked API key", code="unauthenticated")
     return (("x-api-key", key),) if key else ()
 
 
@@ -219,6 +233,9 @@ async def _answered(request: web.Request, handler: Handler) -> web.StreamRespons
         if exc.status < 400:
             raise
         return OpenAIError(exc.status, exc.reason).response()
+    except Exception:
+        logger.exception("%s %s failed", request.method, request.path)
+        return OpenAIError(500, INTERNAL_MESSAGE).response()
 
 
 def _only(callers: frozenset[str] | None) -> Middleware:

@@ -25,7 +25,7 @@ Kind = Literal["chat", "completion"]
 # Optional numbers that map onto SamplingParams fields of the same name.
 _FLOATS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 # Whole numbers, with the largest their SamplingParams field holds.
-_UINTS = {"seed": 2**64 - 1, "min_tokens": 2**32 - 1}
+_UINTS = {"seed": 2**63 - 1, "min_tokens": 2**32 - 1}
 _ROLES = {
     "system": common_pb2.ROLE_SYSTEM,
     "developer": common_pb2.ROLE_SYSTEM,  # OpenAI's newer name for the system message
@@ -84,7 +84,7 @@ def parse(kind: Kind, body: object, headers: Mapping[str, str], default_max_toke
     unknown = sorted(set(body) - _FIELDS[kind])
     if unknown:
         raise invalid(f"unrecognized request argument(s): {_names(unknown)}", param=_name(unknown[0]))
-    unsupported = sorted(k for k, defaults in _UNSUPPORTED.items() if k in body and body[k] not in defaults)
+    unsupported = sorted(k for k, defaults in _UNSUPPORTED.items() if k in body and not _default(body[k], defaults))
     if unsupported:
         raise invalid(f"not supported by sluice: {_names(unsupported)}", param=unsupported[0])
     request = generation_pb2.GenerateRequest(
@@ -94,18 +94,19 @@ def parse(kind: Kind, body: object, headers: Mapping[str, str], default_max_toke
         request.messages.CopyFrom(_messages(body.get("messages")))
     else:
         request.prompt = _prompt(body.get("prompt"))
-    request.conversation_id = headers.get("x-sluice-conversation", "")
-    request.client_request_id = headers.get("x-client-request-id", "")
+    request.conversation_id = _text(headers.get("x-sluice-conversation", ""), "x-sluice-conversation")
+    request.client_request_id = _text(headers.get("x-client-request-id", ""), "x-client-request-id")
     stream = _bool(body, "stream")
     options = body.get("stream_options")
     if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
         raise invalid("stream_options takes only include_usage", param="stream_options")
+    include_usage = _bool(options or {}, "include_usage", "stream_options.include_usage")
     if options is not None and not stream:
         raise invalid("stream_options is only allowed when stream is true", param="stream_options")
-    model = body.get("model") or ""
-    if not isinstance(model, str):
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
         raise invalid("model must be a string", param="model")
-    return Call(kind, request, model, stream, _bool(options or {}, "include_usage"))
+    return Call(kind, request, _text(model or "", "model"), stream, include_usage)
 
 
 def _sampling(kind: Kind, body: dict[str, object], default_max_tokens: int) -> common_pb2.SamplingParams:
@@ -155,9 +156,9 @@ def _priority(body: dict[str, object], headers: Mapping[str, str]) -> generation
 
 def _prompt(value: object) -> str:
     if isinstance(value, str):
-        return value
+        return _text(value, "prompt")
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
-        return value[0]
+        return _text(value[0], "prompt")
     if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         raise invalid("prompts of token ids are not supported by sluice: send text", param="prompt")
     if isinstance(value, list) and len(value) > 1:
@@ -174,28 +175,30 @@ def _messages(value: object) -> common_pb2.ChatMessages:
         if not isinstance(message, dict):
             raise invalid(f"{where} must be an object", param=where)
         role = message.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:
             # Bounded: the role is the caller's text.
             shown = bounded(str(role), 32)
             raise invalid(f"{where}.role {shown!r} is not supported: system, developer, user or assistant", where)
         extra = sorted(set(message) - {"role", "content", "name"})
         if extra:
             raise invalid(f"{where} has fields sluice does not support: {_names(extra)}", param=where)
-        messages.messages.add(role=_ROLES[str(role)], content=_content(message.get("content"), where))
+        if not isinstance(message.get("name", ""), str):
+            raise invalid(f"{where}.name must be a string", param=f"{where}.name")
+        messages.messages.add(role=_ROLES[role], content=_content(message.get("content"), where))
     return messages
 
 
 def _content(value: object, where: str) -> str:
     """A message's text: a string, or a list of text parts (joined)."""
     if isinstance(value, str):
-        return value
+        return _text(value, f"{where}.content")
     if isinstance(value, list):
         texts = []
         for part in value:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise invalid(f"{where}.content: only text parts are supported", param=f"{where}.content")
             texts.append(part["text"])
-        return "".join(texts)
+        return _text("".join(texts), f"{where}.content")
     raise invalid(f"{where}.content must be a string or a list of text parts", param=f"{where}.content")
 
 
@@ -203,9 +206,9 @@ def _stop(value: object) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
-        return [value]
+        return [_text(value, "stop")]
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return list(value)
+        return [_text(v, "stop") for v in value]
     raise invalid("stop must be a string or a list of strings", param="stop")
 
 
@@ -227,13 +230,28 @@ def _uint(body: dict[str, object], name: str, largest: int) -> int | None:
     return value
 
 
-def _bool(body: dict[str, object], name: str) -> bool:
+def _bool(body: dict[str, object], name: str, param: str | None = None) -> bool:
     value = body.get(name, False)
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise invalid(f"{name} must be true or false", param=name)
+        raise invalid(f"{param or name} must be true or false", param=param or name)
     return value
+
+
+def _text(value: str, param: str) -> str:
+    """``value``, if it is Unicode text: JSON's escapes (and a header's bytes) can carry lone surrogates,
+    half a character that a client cut in two, which no protocol further on can carry."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise invalid(f"{param} is not valid Unicode text (a lone surrogate: half a character)", param) from None
+    return value
+
+
+def _default(value: object, defaults: tuple[object, ...]) -> bool:
+    """Whether ``value`` is one of ``defaults``, of the same type too (``true`` is no ``1`` here)."""
+    return any(type(value) is type(default) and value == default for default in defaults)
 
 
 def _name(field: str) -> str:
