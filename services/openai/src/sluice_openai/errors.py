@@ -18,15 +18,11 @@ from aiohttp import web
 from sluice_core import errors
 from sluice_core.errors import SluiceError, bounded
 
-# The error JSON's "type", by HTTP status.
+# The error JSON's "type", by HTTP status; any other is an invalid_request_error (4xx) or a server_error (5xx).
 _TYPES = {
-    400: "invalid_request_error",
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    415: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable_error",
     504: "timeout_error",

@@ -68,36 +68,43 @@ class Answer:
         self._object = "chat.completion" if call.kind == "chat" else "text_completion"
         self._chunk_object = "chat.completion.chunk" if call.kind == "chat" else "text_completion"
         self._role_sent = False
+        self._frame_chunks()
 
     def started(self, started: generation_pb2.Started) -> None:
         prefix = "chatcmpl-" if self._call.kind == "chat" else "cmpl-"
         self._id = prefix + started.request_id
         self._model = started.model
+        self._frame_chunks()
+
+    def _frame_chunks(self) -> None:
+        # Every chunk of a stream shares its head (id, object, created, model) and its end: encoded
+        # once here, not once per chunk, which is once per token message.
+        head = _encoder.encode(self._head(self._chunk_object))
+        self._chunk_start = b"data: " + head[:-1].encode() + b',"choices":['
+        self._chunk_end = (b'],"usage":null}' if self._call.include_usage else b"]}") + b"\n\n"
 
     def _head(self, object_name: str) -> dict[str, object]:
         return {"id": self._id, "object": object_name, "created": self._created, "model": self._model}
 
-    def _chunk(self, choice: dict[str, object], finish_reason: str | None = None) -> dict[str, object]:
-        chunk = self._head(self._chunk_object)
-        chunk["choices"] = [{"index": 0, **choice, "logprobs": None, "finish_reason": finish_reason}]
-        if self._call.include_usage:
-            chunk["usage"] = None
-        return chunk
+    def _chunk(self, choice: dict[str, object], finish_reason: str | None = None) -> bytes:
+        """One chunk's SSE event."""
+        body = {"index": 0, **choice, "logprobs": None, "finish_reason": finish_reason}
+        return self._chunk_start + _encoder.encode(body).encode() + self._chunk_end
 
     def text_chunk(self, text: str) -> bytes:
         """A chunk of new text (after the role chunk, for the first of a chat's)."""
         if self._call.kind != "chat":
-            return event(self._chunk({"text": text}))
+            return self._chunk({"text": text})
         head = b""
         if not self._role_sent:
             self._role_sent = True
-            head = event(self._chunk({"delta": {"role": "assistant", "content": ""}}))
-        return head + event(self._chunk({"delta": {"content": text}}))
+            head = self._chunk({"delta": {"role": "assistant", "content": ""}})
+        return head + self._chunk({"delta": {"content": text}})
 
     def last_chunks(self, finished: generation_pb2.Finished) -> bytes:
         """The chunk with the finish reason, the usage chunk if asked for, and ``[DONE]``."""
         empty: dict[str, object] = {"delta": {}} if self._call.kind == "chat" else {"text": ""}
-        answer = event(self._chunk(empty, finish_reason(finished)))
+        answer = self._chunk(empty, finish_reason(finished))
         if self._call.include_usage:
             answer += event({**self._head(self._chunk_object), "choices": [], "usage": usage(finished)})
         return answer + DONE
