@@ -20,6 +20,7 @@ from openai import AsyncOpenAI
 from sluice.common.v1 import common_pb2
 from sluice.generation.v1 import generation_pb2
 from sluice_client import GenerationClient
+from sluice_devstack import floor
 from sluice_devstack.stack import LocalStack
 from sluice_devstack.waiting import eventually
 
@@ -209,3 +210,16 @@ async def test_one_trace_holds_envoy_the_front_the_queue_and_the_engine(stack: L
     (front,) = [s for s in spans if s.name == "POST /v1/completions"]
     (edge,) = [s for s in spans if s.span_id == front.parent_id]
     assert edge.service == "sluice-envoy"
+
+
+async def test_the_fronts_transport_floor_goes_through_the_front(stack: LocalStack) -> None:
+    # `sluice bench openai` sets the front's added time to first token against these round trips.
+    async def to_front() -> int:
+        stats = await stack.envoy_admin("/stats?filter=^cluster[.]openai[.]upstream_rq_total$")
+        return int(stats.split(":")[-1])
+
+    before = await to_front()
+    trips = await floor.transport(stack, over_openai=True)
+    assert set(trips) == {"openai", "inference", "redis", "total"}
+    assert trips["openai"] > trips["redis"] > 0
+    assert await to_front() - before > 200  # every round trip, and the warm-up, crossed the front

@@ -15,6 +15,7 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable
 
+import aiohttp
 import grpc
 import redis.asyncio as redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -73,27 +74,40 @@ def load_report(channel: grpc.aio.Channel) -> Call:
     return lambda: stub.GetLoad(request, timeout=5)
 
 
+def models_listed(http: aiohttp.ClientSession, api_key: str) -> Call:
+    """OpenAI's ``GET /v1/models`` through the edge: its rate-limit check, the front, Envoy's internal
+    listener and a queue replica (which finds the key in its cache and lists the model)."""
+    headers = {"Authorization": f"Bearer {api_key}"}
+
+    async def call() -> None:
+        async with http.get("/v1/models", headers=headers) as response:
+            await response.read()
+
+    return call
+
+
 def redis_ping(client: redis.Redis) -> Call:
     """One Redis round trip, as the scheduler makes to admit a request."""
     return client.ping
 
 
-async def transport(stack: LocalStack) -> dict[str, float]:
+async def transport(stack: LocalStack, over_openai: bool = False) -> dict[str, float]:
     """What the hops the first token crosses beyond the bare engine cost with next to no work at their ends.
 
-    The edge (Envoy, its rate-limit check, a queue replica), the scheduler's
-    one Redis call and the internal hop (Envoy, an inference replica); see
-    the functions above.
+    The edge (Envoy, its rate-limit check, a queue replica; ``over_openai``:
+    the same through OpenAI's front, as ``openai``), the scheduler's one Redis
+    call and the internal hop (Envoy, an inference replica); see the functions
+    above.
     """
     async with (
         redis.Redis.from_url(stack.redis_url) as client,
         insecure_channel(stack.edge) as edge,
+        aiohttp.ClientSession(f"http://{stack.edge}") as http,
         stack.channel(stack.internal) as internal,
     ):
-        return await round_trips_ms(
-            {
-                "edge": health_check(edge, stack.demo_api_key),
-                "inference": load_report(internal),
-                "redis": redis_ping(client),
-            }
+        first = (
+            {"openai": models_listed(http, stack.demo_api_key)}
+            if over_openai
+            else {"edge": health_check(edge, stack.demo_api_key)}
         )
+        return await round_trips_ms({**first, "inference": load_report(internal), "redis": redis_ping(client)})

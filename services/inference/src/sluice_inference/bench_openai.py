@@ -41,9 +41,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-import redis.asyncio as redis
-
 from sluice_devstack import floor
 from sluice_devstack.benchmarks import unlimited_edge
 from sluice_devstack.stack import LOOPBACK, LocalStack, StackOptions, StackPorts, free_ports
@@ -313,30 +310,6 @@ class Run:
     floor_ms: dict[str, float] = field(default_factory=dict)
 
 
-async def transport_floor(stack: LocalStack) -> dict[str, float]:
-    """Do-nothing round trips over the hops a first token crosses beyond the engine, over OpenAI's API.
-
-    ``GET /v1/models`` crosses Envoy's edge with its rate-limit check, the
-    front, Envoy's internal listener and a queue replica (which looks the key
-    up in its cache and lists the model); the scheduler's Redis call and the
-    hop to an inference replica are ``sluice_devstack.floor``'s.
-    """
-    headers = {"Authorization": f"Bearer {stack.demo_api_key}"}
-    async with (
-        aiohttp.ClientSession(f"http://{stack.edge}") as http,
-        redis.Redis.from_url(stack.redis_url) as client,
-        stack.channel(stack.internal) as internal,
-    ):
-
-        async def models() -> None:
-            async with http.get("/v1/models", headers=headers) as response:
-                await response.read()
-
-        return await floor.round_trips_ms(
-            {"openai": models, "inference": floor.load_report(internal), "redis": floor.redis_ping(client)}
-        )
-
-
 async def through_sluice(args: argparse.Namespace, folder: Path, model_dir: Path) -> Run:
     # Per replica: the engine, not the queue, decides how many run at once, as in vllm serve.
     slots = max(concurrencies(args.concurrency))
@@ -360,7 +333,7 @@ async def through_sluice(args: argparse.Namespace, folder: Path, model_dir: Path
         await check_model(base_url, stack.demo_api_key)
         figures = await bench_serve(args, base_url, stack.demo_api_key, model_dir, folder)
         # After the load, on the idle stack the one-stream requests met.
-        return Run(figures, await transport_floor(stack))
+        return Run(figures, await floor.transport(stack, over_openai=True))
     finally:
         await stack.stop()
 
